@@ -1,0 +1,93 @@
+"""Checkpoints: module state, optimizer state and config in one file, written atomically.
+
+A checkpoint is written to a temporary file in the same folder, flushed and fsync'ed, then renamed
+over the old one, so a crash mid-write leaves the previous checkpoint intact. It is read with
+``torch.load(weights_only=True)``: only tensors and plain containers, never arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pyrovae.config import Config, ConfigError
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_vae"]
+
+FORMAT = "pyrovae-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A file is not a usable pyrovae checkpoint."""
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path, *, vae, optimizer, config: Config, epoch: int, extra: dict | None = None) -> None:
+    state = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": config.to_dict(),
+        "image_shape": list(vae.image_shape),
+        "model": vae.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "epoch": epoch,
+        **(extra or {}),
+    }
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path, map_location="cpu") -> dict[str, Any]:
+    """Read and check a checkpoint file; raise :class:`CheckpointError` saying what is wrong."""
+    path = Path(path)
+    if path.is_dir() and (path / "checkpoint.pt").is_file():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}: give the checkpoint.pt file of a run (or its folder)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"{path} could not be read as a pyrovae checkpoint (truncated, corrupt or not a checkpoint): "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a pyrovae checkpoint (no '{FORMAT}' marker)")
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"{path} is checkpoint version {state.get('version')}; this pyrovae reads version {VERSION}")
+    return state
+
+
+def load_vae(path, map_location="cpu"):
+    """(vae, config, state) from a checkpoint; the VAE is rebuilt from the saved config."""
+    from pyrovae.model import build_vae
+
+    state = load_checkpoint(path, map_location)
+    try:
+        config = Config.from_dict(state["config"])
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{path} holds a config this pyrovae cannot use: {e}") from None
+    vae = build_vae(config.model, tuple(state["image_shape"]))
+    try:
+        vae.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: the saved weights do not fit the saved config: {str(e).splitlines()[0]}") from None
+    return vae.to(map_location), config, state

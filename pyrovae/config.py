@@ -1,0 +1,157 @@
+"""Configuration: frozen dataclasses, validated eagerly, saved as JSON next to every run.
+
+Every field has a one-line comment. ``Config.from_dict`` rejects unknown keys and bad values with a
+:class:`ConfigError` that names the field and says what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ConfigError", "ModelConfig", "DataConfig", "TrainConfig", "Config"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown or out of range."""
+
+
+def _names(registry) -> str:
+    return ", ".join(sorted(registry))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    z_dim: int = 50  # size of the latent code z
+    hidden: tuple[int, ...] = (400,)  # hidden-layer widths of the encoder and of the decoder (mirrored)
+    activation: str = "softplus"  # hidden nonlinearity: see pyrovae.networks.ACTIVATIONS
+    prior: str = "normal"  # p(z): see pyrovae.priors.PRIORS
+    likelihood: str = "bernoulli"  # p(x|z): see pyrovae.likelihoods.LIKELIHOODS
+    guide: str = "diagonal"  # q(z|x): see pyrovae.guides.GUIDES
+    min_scale: float = 1e-4  # lower bound on the encoder's standard deviations
+
+    def __post_init__(self) -> None:
+        from pyrovae.guides import GUIDES
+        from pyrovae.likelihoods import LIKELIHOODS
+        from pyrovae.networks import ACTIVATIONS
+        from pyrovae.priors import PRIORS
+
+        if not isinstance(self.z_dim, int) or self.z_dim < 1:
+            raise ConfigError(f"model.z_dim must be a positive integer (the latent size), got {self.z_dim!r}")
+        if not self.hidden or any(not isinstance(h, int) or h < 1 for h in self.hidden):
+            raise ConfigError(f"model.hidden must be one or more positive layer widths, e.g. 400 or 200,200; got {self.hidden!r}")
+        for key, value, registry in [
+            ("activation", self.activation, ACTIVATIONS),
+            ("prior", self.prior, PRIORS),
+            ("likelihood", self.likelihood, LIKELIHOODS),
+            ("guide", self.guide, GUIDES),
+        ]:
+            if value not in registry:
+                raise ConfigError(f"unknown model.{key} {value!r}; valid: {_names(registry)}")
+        if not self.min_scale > 0:
+            raise ConfigError(f"model.min_scale must be positive, got {self.min_scale!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "mnist"  # which dataset: see pyrovae.data.DATASETS
+    data_dir: str | None = None  # data root; None: $PYROVAE_DATA, else the user cache folder
+    binarization: str = "dynamic"  # MNIST training binarization: dynamic (fresh draw per use) or static
+    test_binarization_seed: int = 0  # the one fixed draw of the binarized test set
+
+    def __post_init__(self) -> None:
+        from pyrovae.data import BINARIZATIONS, DATASETS
+
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"unknown data.dataset {self.dataset!r}; valid: {_names(DATASETS)}")
+        if self.binarization not in BINARIZATIONS:
+            raise ConfigError(f"unknown data.binarization {self.binarization!r}; valid: {_names(BINARIZATIONS)}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 20  # passes over the training set
+    batch_size: int = 256  # images per SVI step
+    lr: float = 1e-3  # Adam learning rate
+    seed: int = 0  # seeds initialization, reparameterization noise, data order and binarization
+    device: str = "auto"  # auto (CUDA when present), cpu or cuda
+    objective: str = "trace_elbo"  # loss: see pyrovae.objectives.OBJECTIVES
+    train_subset: int | None = None  # train on the first N images only (quick checks); None: all
+    test_subset: int | None = None  # evaluate on the first N test images only; None: all
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"train.{key} must be a positive integer, got {value!r}")
+        if not isinstance(self.lr, (int, float)) or not self.lr > 0 or self.lr != self.lr:
+            raise ConfigError(f"train.lr must be a positive learning rate such as 1e-3, got {self.lr!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"train.device must be one of auto, cpu, cuda; got {self.device!r}")
+        from pyrovae.objectives import OBJECTIVES
+
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"unknown train.objective {self.objective!r}; valid: {_names(OBJECTIVES)}")
+        for key in ("train_subset", "test_subset"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"train.{key} must be a positive integer or None, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)  # the VAE: networks, prior, likelihood, guide
+    data: DataConfig = field(default_factory=DataConfig)  # what to train on and where it lives
+    train: TrainConfig = field(default_factory=TrainConfig)  # optimization and bookkeeping
+
+    # --- JSON round trip -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config must be a mapping of sections, got {type(d).__name__}")
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = set(d) - set(sections)
+        if unknown:
+            raise ConfigError(f"unknown config section(s) {sorted(unknown)}; valid: {', '.join(sections)}")
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            section_cls = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}[f.name]
+            kwargs[f.name] = _section_from_dict(section_cls, f.name, d.get(f.name, {}))
+        return cls(**kwargs)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Config":
+        try:
+            d = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON ({e})") from None
+        return cls.from_dict(d)
+
+    def replace(self, **sections: dict[str, Any]) -> "Config":
+        """A copy with some fields changed, e.g. ``cfg.replace(train={"epochs": 5})``."""
+        return Config(**{
+            f.name: dataclasses.replace(getattr(self, f.name), **sections.get(f.name, {}))
+            for f in dataclasses.fields(self)
+        })
+
+
+def _section_from_dict(section_cls, name: str, d: dict[str, Any]):
+    if not isinstance(d, dict):
+        raise ConfigError(f"config section {name!r} must be a mapping, got {d!r}")
+    fields = {f.name: f for f in dataclasses.fields(section_cls)}
+    unknown = set(d) - set(fields)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {sorted(unknown)} in config section {name!r}; valid: {', '.join(fields)}")
+    d = dict(d)
+    if "hidden" in d and isinstance(d["hidden"], list):
+        d["hidden"] = tuple(d["hidden"])
+    return section_cls(**d)

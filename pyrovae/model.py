@@ -1,0 +1,135 @@
+"""The variational autoencoder as a pair of Pyro programs: ``model`` (p) and ``guide`` (q).
+
+Generative story (Kingma and Welling 2014), for each image n in the data plate::
+
+    z_n ~ p(z)                          the prior, event shape (z_dim,)
+    x_n ~ p(x | decoder(z_n))           the likelihood, event shape (C, H, W)
+
+Inference (the amortized guide)::
+
+    z_n ~ q(z | x_n) = N(mu(x_n), diag(sigma(x_n)^2))
+
+``VAE.model`` and ``VAE.guide`` share one signature and work with stock Pyro
+(``SVI``, ``Predictive``, ``poutine.trace``). The parameters belong to the ``VAE`` module: under
+Pyro's global parameter store each instance registers them under its own unique name, so two models
+in one process never share parameters; ``pyrovae.train`` keeps them out of the store altogether.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+
+import pyro
+import torch
+from pyro.nn import PyroModule, pyro_method
+from torch import nn
+
+from pyrovae.config import ModelConfig
+from pyrovae.guides import GUIDES
+from pyrovae.likelihoods import LIKELIHOODS
+from pyrovae.networks import MLPDecoder, MLPEncoder
+from pyrovae.priors import PRIORS
+
+__all__ = ["VAE", "build_vae", "ImageShapeError"]
+
+_instance_ids = itertools.count()
+
+
+class ImageShapeError(ValueError):
+    """The images do not have the shape the networks were built for."""
+
+
+class VAE(PyroModule):
+    """A VAE built from swappable parts: ``prior``, ``decoder`` + ``likelihood``, and ``guide_net``.
+
+    Args:
+        prior: module whose ``forward()`` returns p(z) with event shape (z_dim,).
+        decoder: network z -> raw outputs of shape (batch, *image_shape).
+        likelihood: module mapping decoder outputs to p(x|z); has ``check(x)``.
+        guide_net: module mapping x to q(z|x) with event shape (z_dim,).
+        image_shape: (C, H, W) of one image.
+    """
+
+    def __init__(self, prior: nn.Module, decoder: nn.Module, likelihood: nn.Module, guide_net: nn.Module,
+                 image_shape: tuple[int, ...]):
+        # a unique Pyro name keeps parameter-store entries of two instances apart
+        super().__init__(name=f"vae{next(_instance_ids)}")
+        self.prior = prior
+        self.decoder = decoder
+        self.likelihood = likelihood
+        self.guide_net = guide_net
+        self.image_shape = tuple(image_shape)
+        self.check_inputs = True  # model/guide validate x; a loop that checked its data once turns this off
+
+    @contextlib.contextmanager
+    def inputs_checked(self):
+        """Within this block model/guide skip the per-call data check (the caller has done it)."""
+        previous, self.check_inputs = self.check_inputs, False
+        try:
+            yield
+        finally:
+            self.check_inputs = previous
+
+    def check_data(self, x: torch.Tensor) -> None:
+        """Raise a clear error if ``x`` is not a batch of images the model can score."""
+        if tuple(x.shape[1:]) != self.image_shape:
+            raise ImageShapeError(
+                f"expected a batch of images of shape (batch, {', '.join(map(str, self.image_shape))}), "
+                f"got a tensor of shape {tuple(x.shape)}. Reshape the data, e.g. x.view(-1, "
+                f"{', '.join(map(str, self.image_shape))}), or build the model for this image shape."
+            )
+        self.likelihood.check(x)
+
+    @pyro_method
+    def model(self, x: torch.Tensor) -> torch.Tensor:
+        """p(x, z) = p(z) p(x|z); ``x`` of shape (batch, C, H, W) is observed."""
+        if self.check_inputs:
+            self.check_data(x)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", self.prior())  # (batch, z_dim)
+            pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)  # (batch, C, H, W)
+        return z
+
+    @pyro_method
+    def guide(self, x: torch.Tensor) -> torch.Tensor:
+        """q(z|x), amortized by the encoder."""
+        if self.check_inputs:
+            self.check_data(x)
+        with pyro.plate("data", x.shape[0]):
+            return pyro.sample("z", self.guide_net(x))  # (batch, z_dim)
+
+    # --- conveniences for pictures and evaluation (no Pyro machinery) ---------------------------
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean of q(z|x): (batch, z_dim)."""
+        return self.guide_net(x).base_dist.mean
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """E[x|z]: (batch, C, H, W)."""
+        return self.likelihood.mean(self.decoder(z))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    @torch.no_grad()
+    def sample(self, n: int) -> torch.Tensor:
+        """E[x|z] for n codes z ~ p(z): (n, C, H, W)."""
+        return self.decode(self.prior().sample((n,)))
+
+
+def build_vae(config: ModelConfig, image_shape: tuple[int, ...] = (1, 28, 28)) -> VAE:
+    """Build the VAE a :class:`ModelConfig` describes: the one place where names become objects."""
+    likelihood = LIKELIHOODS[config.likelihood]()
+    out_shape = (image_shape[0] * likelihood.outputs_per_pixel, *image_shape[1:])
+    encoder = MLPEncoder(image_shape, config.z_dim, config.hidden, config.activation, config.min_scale)
+    decoder = MLPDecoder(config.z_dim, out_shape, tuple(reversed(config.hidden)), config.activation)
+    return VAE(
+        prior=PRIORS[config.prior](config.z_dim),
+        decoder=decoder,
+        likelihood=likelihood,
+        guide_net=GUIDES[config.guide](encoder),
+        image_shape=image_shape,
+    )

@@ -1,0 +1,40 @@
+"""Training objectives as loss modules: ``loss(x)`` is the negative ELBO summed over the batch.
+
+One training loop trains any of them (``pyrovae.train.fit``). Here, Pyro's estimators wrapped around a
+VAE's model/guide pair.
+"""
+
+from __future__ import annotations
+
+import pyro
+import torch
+from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
+from torch import nn
+
+__all__ = ["OBJECTIVES", "PyroELBO", "build_objective"]
+
+
+class PyroELBO(nn.Module):
+    """-ELBO of ``vae.model``/``vae.guide`` by a Pyro estimator (``Trace_ELBO`` by default).
+
+    The module owns the VAE, so ``loss.parameters()`` are exactly the VAE's parameters.
+    """
+
+    def __init__(self, vae: nn.Module, elbo: ELBO | None = None):
+        super().__init__()
+        self.vae = vae
+        self.elbo = elbo if elbo is not None else Trace_ELBO()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.elbo.differentiable_loss(self.vae.model, self.vae.guide, x)
+
+
+#: Objectives by config name: a factory taking the VAE.
+OBJECTIVES = {
+    "trace_elbo": lambda vae: PyroELBO(vae, Trace_ELBO()),
+    "meanfield_elbo": lambda vae: PyroELBO(vae, TraceMeanField_ELBO()),
+}
+
+
+def build_objective(name: str, vae: nn.Module) -> nn.Module:
+    return OBJECTIVES[name](vae)
