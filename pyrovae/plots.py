@@ -41,7 +41,7 @@ def loss_curve(history: list[dict], path, title: str = "") -> Path:
 
 
 def image_grid(images: torch.Tensor, path, nrow: int, title: str = "") -> Path:
-    pic = _tile(images, nrow)
+    pic = _tile(images, nrow).numpy()
     fig, ax = plt.subplots(figsize=(nrow * 0.5, pic.shape[0] / pic.shape[1] * nrow * 0.5 + 0.3))
     ax.imshow(pic.squeeze(-1) if pic.shape[-1] == 1 else pic, cmap="gray", vmin=0, vmax=1)
     ax.set_axis_off()
@@ -62,7 +62,7 @@ def manifold_grid(vae, path, n: int = 20) -> Path:
 
 def latent_scatter(codes: torch.Tensor, labels: torch.Tensor, path) -> Path:
     """Test-set means of q(z|x) in 2-D, coloured by class."""
-    codes, labels = codes.detach().cpu(), labels.detach().cpu()
+    codes, labels = codes.detach().cpu().numpy(), labels.detach().cpu().numpy()
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     points = ax.scatter(codes[:, 0], codes[:, 1], c=labels, cmap="tab10", s=2, alpha=0.7)
     fig.colorbar(points, ax=ax, ticks=range(10), label="digit")

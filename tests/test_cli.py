@@ -1,0 +1,94 @@
+"""The command line, in process and as a subprocess: outputs, and clear errors for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from pyrovae.cli import main
+
+QUICK = ["--epochs", "1", "--hidden", "32", "--train-subset", "512", "--test-subset", "200", "--quiet"]
+
+
+def _pyrovae(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "pyrovae", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_train_2d_writes_every_output_then_evaluate_and_sample(mnist_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--z-dim", "2", "--data-dir", str(mnist_root), "--out", str(out), *QUICK]) == 0
+    for name in ("config.json", "metrics.json", "checkpoint.pt", "loss_curve.png", "reconstructions.png",
+                 "samples.png", "manifold.png", "latent_scatter.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert main(["evaluate", str(out / "checkpoint.pt"), "--data-dir", str(mnist_root)]) == 0
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert evaluation["test"]["neg_elbo"] == pytest.approx(metrics["epochs"][-1]["test_neg_elbo"], abs=1e-4)
+    assert main(["sample", str(out), "--out", str(tmp_path / "s"), "--n", "16"]) == 0
+    assert (tmp_path / "s" / "samples.png").is_file()
+    assert "test -ELBO" in capsys.readouterr().out
+
+
+def test_python_dash_m_runs_the_cli(mnist_root, tmp_path):
+    result = _pyrovae("train", "--data-dir", str(mnist_root), "--out", str(tmp_path / "r"), *QUICK)
+    assert result.returncode == 0, result.stderr
+    assert "outputs in" in result.stdout
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--lr", "-1", "--lr: must be a positive finite number, got -1"),
+    ("--lr", "abc", "expected a positive number"),
+    ("--z-dim", "0", "--z-dim: must be a positive integer, got 0"),
+    ("--batch-size", "-5", "--batch-size: must be a positive integer"),
+    ("--hidden", "400,0", "--hidden: must be a positive integer, got 0"),
+    ("--activation", "swish", "unknown model.activation 'swish'; valid: elu, gelu, relu, softplus, tanh"),
+    ("--device", "tpu", "invalid choice: 'tpu'"),
+])
+def test_nonsense_flag_values_are_refused_clearly(flag, value, needle, capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        main(["train", flag, value, "--out", str(tmp_path / "never")])
+    assert info.value.code == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+def test_missing_dataset_offline_is_one_message_without_traceback(tmp_path):
+    result = _pyrovae("train", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "r"), *QUICK)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "MNIST was not found in" in result.stderr and "t10k-images-idx3-ubyte" in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"", "could not be read"),
+    (b"not a checkpoint at all", "could not be read"),
+    (None, "not a pyrovae checkpoint"),
+])
+def test_bad_checkpoints_are_refused_clearly(tmp_path, capsys, content, needle):
+    path = tmp_path / "checkpoint.pt"
+    if content is None:
+        torch.save({"weights": torch.zeros(2)}, path)
+    else:
+        path.write_bytes(content)
+    assert main(["sample", str(path), "--out", str(tmp_path / "s")]) == 1
+    assert needle in capsys.readouterr().err
+
+
+def test_truncated_checkpoint_is_refused(mnist_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data-dir", str(mnist_root), "--out", str(out), *QUICK]) == 0
+    data = (out / "checkpoint.pt").read_bytes()
+    (out / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    assert main(["evaluate", str(out), "--data-dir", str(mnist_root)]) == 1
+    assert "truncated, corrupt or not a checkpoint" in capsys.readouterr().err
+
+
+def test_missing_checkpoint_is_refused(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "nope.pt")]) == 1
+    assert "no checkpoint at" in capsys.readouterr().err

@@ -1,0 +1,46 @@
+import json
+
+import pytest
+
+from pyrovae.config import Config, ConfigError, ModelConfig, TrainConfig
+
+
+def test_json_round_trip(tmp_path):
+    cfg = Config().replace(model={"z_dim": 2, "hidden": (200, 200)}, train={"lr": 3e-4})
+    cfg.save(tmp_path / "c.json")
+    assert Config.load(tmp_path / "c.json") == cfg
+    assert Config.from_dict(json.loads((tmp_path / "c.json").read_text())) == cfg
+
+
+@pytest.mark.parametrize("section,key,value,needle", [
+    ("train", "lr", -1.0, "train.lr must be a positive"),
+    ("train", "lr", 0.0, "train.lr must be a positive"),
+    ("train", "batch_size", 0, "train.batch_size must be a positive integer"),
+    ("train", "epochs", -3, "train.epochs must be a positive integer"),
+    ("train", "device", "tpu", "auto, cpu, cuda"),
+    ("train", "objective", "elbo2", "valid: meanfield_elbo, trace_elbo"),
+    ("model", "z_dim", 0, "model.z_dim must be a positive integer"),
+    ("model", "hidden", (), "model.hidden"),
+    ("model", "prior", "gaussian", "valid: normal"),
+    ("model", "likelihood", "poisson", "valid: bernoulli"),
+    ("model", "activation", "swish", "valid: elu, gelu, relu, softplus, tanh"),
+    ("data", "dataset", "imagenet", "valid: mnist"),
+    ("data", "binarization", "threshold", "valid: dynamic, static"),
+])
+def test_bad_values_name_the_field_and_the_valid_choices(section, key, value, needle):
+    with pytest.raises(ConfigError, match=needle):
+        Config().replace(**{section: {key: value}})
+
+
+def test_unknown_keys_are_listed():
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['zdim'\] in config section 'model'; valid: z_dim"):
+        Config.from_dict({"model": {"zdim": 2}})
+    with pytest.raises(ConfigError, match="unknown config section"):
+        Config.from_dict({"optim": {}})
+
+
+def test_sections_validate_on_their_own():
+    with pytest.raises(ConfigError):
+        ModelConfig(z_dim=-1)
+    with pytest.raises(ConfigError):
+        TrainConfig(lr=float("nan"))
