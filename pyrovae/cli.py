@@ -12,12 +12,14 @@ from pyrovae.config import Config, ConfigError
 from pyrovae.data import DatasetNotFoundError
 from pyrovae.likelihoods import DataSupportError
 from pyrovae.model import ImageShapeError
+from pyrovae.run import RunFolderError
+from pyrovae.train import DeviceUnavailableError, NonFiniteLossError
 
 __all__ = ["main", "build_parser"]
 
 #: Errors that are the user's to fix: printed as one message, no traceback.
 USER_ERRORS = (ConfigError, CheckpointError, DatasetNotFoundError, DataSupportError, ImageShapeError,
-               FileExistsError, RuntimeError)
+               RunFolderError, DeviceUnavailableError, NonFiniteLossError)
 
 
 def _positive_int(text: str) -> int:
@@ -59,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=_positive_float, default=defaults.train.lr, help="Adam learning rate")
     t.add_argument("--seed", type=int, default=defaults.train.seed)
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default=defaults.train.device)
-    t.add_argument("--objective", default=defaults.train.objective, help="trace_elbo or meanfield_elbo")
+    t.add_argument("--objective", default=defaults.train.objective, help="trace_elbo, meanfield_elbo, manual_analytic or manual_mc")
     t.add_argument("--binarization", default=defaults.data.binarization, help="dynamic or static")
     t.add_argument("--data-dir", default=None, help="data root (default: $PYROVAE_DATA, else ~/.cache/pyrovae)")
     t.add_argument("--train-subset", type=_positive_int, default=None, help="train on the first N images only")

@@ -1,7 +1,7 @@
 """Training objectives as loss modules: ``loss(x)`` is the negative ELBO summed over the batch.
 
-One training loop trains any of them (``pyrovae.train.fit``). Here, Pyro's estimators wrapped around a
-VAE's model/guide pair.
+One training loop trains any of them (``pyrovae.train.train_epoch``): Pyro's estimators around a VAE's
+model/guide pair, and the hand-coded ELBO of :mod:`pyrovae.elbo_manual`.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import pyro
 import torch
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 from torch import nn
+
+from pyrovae.elbo_manual import ManualELBO
 
 __all__ = ["OBJECTIVES", "PyroELBO", "build_objective"]
 
@@ -33,6 +35,8 @@ class PyroELBO(nn.Module):
 OBJECTIVES = {
     "trace_elbo": lambda vae: PyroELBO(vae, Trace_ELBO()),
     "meanfield_elbo": lambda vae: PyroELBO(vae, TraceMeanField_ELBO()),
+    "manual_analytic": lambda vae: ManualELBO(vae, kl="analytic"),
+    "manual_mc": lambda vae: ManualELBO(vae, kl="mc"),
 }
 
 

@@ -9,7 +9,11 @@ from typing import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["resolve_device", "make_optimizer", "train_epoch", "NonFiniteLossError"]
+__all__ = ["resolve_device", "make_optimizer", "train_epoch", "NonFiniteLossError", "DeviceUnavailableError"]
+
+
+class DeviceUnavailableError(RuntimeError):
+    """The requested device does not exist on this machine."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -21,7 +25,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for, but no CUDA GPU is available here; use --device cpu or auto")
+        raise DeviceUnavailableError("device 'cuda' was asked for, but no CUDA GPU is available here; use --device cpu or auto")
     return torch.device(name)
 
 

@@ -92,3 +92,19 @@ def test_truncated_checkpoint_is_refused(mnist_root, tmp_path, capsys):
 def test_missing_checkpoint_is_refused(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "nope.pt")]) == 1
     assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_existing_run_folder_is_refused_without_overwrite(mnist_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data-dir", str(mnist_root), "--out", str(out), *QUICK]) == 0
+    before = (out / "metrics.json").read_text()
+    assert main(["train", "--data-dir", str(mnist_root), "--out", str(out), "--lr", "0.01", *QUICK]) == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "metrics.json").read_text() == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_refused(tmp_path, capsys):
+    assert main(["train", "--device", "cuda", "--out", str(tmp_path / "r"), *QUICK]) == 1
+    assert "no CUDA GPU is available" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
