@@ -7,6 +7,7 @@ Every field has a one-line comment. ``Config.from_dict`` rejects unknown keys an
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +32,17 @@ class ModelConfig:
     prior: str = "normal"  # p(z): see pyrovae.priors.PRIORS
     likelihood: str = "bernoulli"  # p(x|z): see pyrovae.likelihoods.LIKELIHOODS
     guide: str = "diagonal"  # q(z|x): see pyrovae.guides.GUIDES
+    network: str = "auto"  # encoder/decoder: see pyrovae.networks.NETWORKS; auto picks by image shape
     min_scale: float = 1e-4  # lower bound on the encoder's standard deviations
+    prior_options: dict = field(default_factory=dict)  # keyword options of the prior, e.g. {"components": 10}
+    likelihood_options: dict = field(default_factory=dict)  # keyword options of the likelihood
+    guide_options: dict = field(default_factory=dict)  # keyword options of the guide, e.g. {"flows": 2}
+    network_options: dict = field(default_factory=dict)  # keyword options of the network builder
 
     def __post_init__(self) -> None:
         from pyrovae.guides import GUIDES
         from pyrovae.likelihoods import LIKELIHOODS
-        from pyrovae.networks import ACTIVATIONS
+        from pyrovae.networks import ACTIVATIONS, NETWORKS
         from pyrovae.priors import PRIORS
 
         if not isinstance(self.z_dim, int) or self.z_dim < 1:
@@ -48,9 +54,18 @@ class ModelConfig:
             ("prior", self.prior, PRIORS),
             ("likelihood", self.likelihood, LIKELIHOODS),
             ("guide", self.guide, GUIDES),
+            ("network", self.network, {"auto": None, **NETWORKS}),
         ]:
             if value not in registry:
                 raise ConfigError(f"unknown model.{key} {value!r}; valid: {_names(registry)}")
+        for key, cls, skip in [
+            ("prior", PRIORS[self.prior], {"z_dim", "guide_net", "image_shape"}),
+            ("likelihood", LIKELIHOODS[self.likelihood], {"image_shape"}),
+            ("guide", GUIDES[self.guide], {"encoder", "z_dim"}),
+            ("network", None if self.network == "auto" else NETWORKS[self.network],
+             {"image_shape", "z_dim", "out_channels", "hidden", "activation", "min_scale"}),
+        ]:
+            _check_options(f"model.{key}_options", getattr(self, f"{key}_options"), cls, skip)
         if not self.min_scale > 0:
             raise ConfigError(f"model.min_scale must be positive, got {self.min_scale!r}")
 
@@ -142,6 +157,24 @@ class Config:
             f.name: dataclasses.replace(getattr(self, f.name), **sections.get(f.name, {}))
             for f in dataclasses.fields(self)
         })
+
+
+def _check_options(where: str, options, target, skip: set[str]) -> None:
+    """Options must be a mapping of keyword arguments that ``target``'s constructor accepts."""
+    if not isinstance(options, dict):
+        raise ConfigError(f"{where} must be a mapping of option names to values, got {options!r}")
+    if target is None or not options:
+        return
+    fn = target.__init__ if isinstance(target, type) else target
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [n for n, p in params.items() if n != "self" and n not in skip
+             and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        name = getattr(target, "__name__", str(target))
+        raise ConfigError(f"unknown option(s) {unknown} in {where} for {name}; valid: {', '.join(valid) or 'none'}")
 
 
 def _section_from_dict(section_cls, name: str, d: dict[str, Any]):

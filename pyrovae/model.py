@@ -28,7 +28,7 @@ from torch import nn
 from pyrovae.config import ModelConfig
 from pyrovae.guides import GUIDES
 from pyrovae.likelihoods import LIKELIHOODS
-from pyrovae.networks import MLPDecoder, MLPEncoder
+from pyrovae.networks import NETWORKS, network_for
 from pyrovae.priors import PRIORS
 
 __all__ = ["VAE", "build_vae", "ImageShapeError"]
@@ -103,7 +103,7 @@ class VAE(PyroModule):
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The mean of q(z|x): (batch, z_dim)."""
-        return self.guide_net(x).base_dist.mean
+        return self.guide_net.location(x)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -122,14 +122,12 @@ class VAE(PyroModule):
 
 def build_vae(config: ModelConfig, image_shape: tuple[int, ...] = (1, 28, 28)) -> VAE:
     """Build the VAE a :class:`ModelConfig` describes: the one place where names become objects."""
-    likelihood = LIKELIHOODS[config.likelihood]()
-    out_shape = (image_shape[0] * likelihood.outputs_per_pixel, *image_shape[1:])
-    encoder = MLPEncoder(image_shape, config.z_dim, config.hidden, config.activation, config.min_scale)
-    decoder = MLPDecoder(config.z_dim, out_shape, tuple(reversed(config.hidden)), config.activation)
-    return VAE(
-        prior=PRIORS[config.prior](config.z_dim),
-        decoder=decoder,
-        likelihood=likelihood,
-        guide_net=GUIDES[config.guide](encoder),
-        image_shape=image_shape,
-    )
+    c = config
+    likelihood = LIKELIHOODS[c.likelihood].build(image_shape, **c.likelihood_options)
+    network = network_for(image_shape) if c.network == "auto" else c.network
+    encoder, decoder = NETWORKS[network](
+        image_shape, c.z_dim, image_shape[0] * likelihood.outputs_per_pixel,
+        hidden=c.hidden, activation=c.activation, min_scale=c.min_scale, **c.network_options)
+    guide_net = GUIDES[c.guide].build(encoder, c.z_dim, **c.guide_options)
+    prior = PRIORS[c.prior].build(c.z_dim, guide_net=guide_net, image_shape=image_shape, **c.prior_options)
+    return VAE(prior=prior, decoder=decoder, likelihood=likelihood, guide_net=guide_net, image_shape=image_shape)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["ACTIVATIONS", "MLPEncoder", "MLPDecoder"]
+__all__ = ["ACTIVATIONS", "NETWORKS", "MLPEncoder", "MLPDecoder", "build_mlp", "network_for"]
 
 #: Hidden-layer nonlinearities, by config name.
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -81,3 +81,22 @@ class MLPDecoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         out = self.net(z)  # (batch, prod(image_shape))
         return out.unflatten(-1, self.image_shape)  # (batch, *image_shape)
+
+
+def build_mlp(image_shape: tuple[int, ...], z_dim: int, out_channels: int, *, hidden: tuple[int, ...],
+              activation: str = "softplus", min_scale: float = 1e-4) -> tuple[nn.Module, nn.Module]:
+    """Encoder x -> (loc, scale) and decoder z -> (batch, out_channels, H, W), mirrored MLPs."""
+    encoder = MLPEncoder(image_shape, z_dim, hidden, activation, min_scale)
+    decoder = MLPDecoder(z_dim, (out_channels, *image_shape[1:]), tuple(reversed(hidden)), activation)
+    return encoder, decoder
+
+
+#: Encoder/decoder pairs by config name: a builder taking (image_shape, z_dim, out_channels, **options).
+NETWORKS = {
+    "mlp": build_mlp,
+}
+
+
+def network_for(image_shape: tuple[int, ...]) -> str:
+    """The network ``network = "auto"`` picks: convolutional for colour images when available, else MLP."""
+    return "conv" if image_shape[0] == 3 and "conv" in NETWORKS else "mlp"
