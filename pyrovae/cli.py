@@ -8,11 +8,11 @@ from datetime import datetime
 from pathlib import Path
 
 from pyrovae.checkpoint import CheckpointError
-from pyrovae.config import Config, ConfigError
+from pyrovae.config import Config, ConfigError, apply_overrides, read_config_file
 from pyrovae.data import DatasetNotFoundError
 from pyrovae.likelihoods import DataSupportError
 from pyrovae.model import ImageShapeError
-from pyrovae.run import RunFolderError
+from pyrovae.run import Interrupted, RunFolderError
 from pyrovae.train import DeviceUnavailableError, NonFiniteLossError
 
 __all__ = ["main", "build_parser"]
@@ -50,24 +50,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyrovae", description="Variational autoencoders as Pyro programs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    defaults = Config()
-    t = sub.add_parser("train", help="train a VAE with SVI and write a run folder")
-    t.add_argument("--epochs", type=_positive_int, default=defaults.train.epochs, help="passes over the training set")
-    t.add_argument("--z-dim", type=_positive_int, default=defaults.model.z_dim, help="latent size")
-    t.add_argument("--hidden", type=_widths, default=defaults.model.hidden,
-                   help="hidden widths, e.g. 400 or 200,200 (decoder mirrors encoder)")
-    t.add_argument("--activation", default=defaults.model.activation, help="hidden nonlinearity")
-    t.add_argument("--batch-size", type=_positive_int, default=defaults.train.batch_size)
-    t.add_argument("--lr", type=_positive_float, default=defaults.train.lr, help="Adam learning rate")
-    t.add_argument("--seed", type=int, default=defaults.train.seed)
-    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default=defaults.train.device)
-    t.add_argument("--objective", default=defaults.train.objective, help="trace_elbo, meanfield_elbo, manual_analytic or manual_mc")
-    t.add_argument("--binarization", default=defaults.data.binarization, help="dynamic or static")
-    t.add_argument("--data-dir", default=None, help="data root (default: $PYROVAE_DATA, else ~/.cache/pyrovae)")
-    t.add_argument("--train-subset", type=_positive_int, default=None, help="train on the first N images only")
-    t.add_argument("--test-subset", type=_positive_int, default=None, help="evaluate on the first N test images")
+    d = Config()
+    t = sub.add_parser("train", help="train a VAE with SVI and write a run folder",
+                       description="Flags override --config, and --set overrides both. Defaults: "
+                                   "pyrovae.config.Config.")
+    t.add_argument("--config", help="a TOML (or JSON) config file, e.g. experiments/configs/mnist.toml")
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value, e.g. --set model.prior=vamp (repeatable)")
+    t.add_argument("--epochs", type=_positive_int, help=f"passes over the training set ({d.train.epochs})")
+    t.add_argument("--z-dim", type=_positive_int, help=f"latent size ({d.model.z_dim})")
+    t.add_argument("--hidden", type=_widths, help="hidden widths, e.g. 400 or 200,200 (decoder mirrors encoder)")
+    t.add_argument("--activation", help=f"hidden nonlinearity ({d.model.activation})")
+    t.add_argument("--prior", help=f"p(z) by name ({d.model.prior})")
+    t.add_argument("--likelihood", help=f"p(x|z) by name ({d.model.likelihood})")
+    t.add_argument("--guide", help=f"q(z|x) by name ({d.model.guide})")
+    t.add_argument("--batch-size", type=_positive_int, help=f"images per step ({d.train.batch_size})")
+    t.add_argument("--lr", type=_positive_float, help=f"Adam learning rate ({d.train.lr})")
+    t.add_argument("--seed", type=int, help=f"random seed ({d.train.seed})")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], help=f"({d.train.device})")
+    t.add_argument("--objective", help="trace_elbo, meanfield_elbo, manual_analytic or manual_mc")
+    t.add_argument("--binarization", help="dynamic or static (MNIST training images)")
+    t.add_argument("--data-dir", help="data root (default: $PYROVAE_DATA, else ~/.cache/pyrovae)")
+    t.add_argument("--train-subset", type=_positive_int, help="train on the first N images only")
+    t.add_argument("--test-subset", type=_positive_int, help="evaluate on the first N test images")
+    t.add_argument("--max-steps", type=_positive_int, help="stop after N optimizer steps in all")
+    t.add_argument("--grad-clip", type=_positive_float, help="clip the gradient norm to this value")
+    t.add_argument("--checkpoint-every", type=_positive_int, help="also checkpoint every N steps")
     t.add_argument("--out", default=None, help="run folder (default: runs/mnist-<date>-<time>)")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue this run to --epochs epochs in all")
     t.add_argument("--quiet", action="store_true", help="no progress bar, no per-epoch lines")
 
     e = sub.add_parser("evaluate", help="test metrics of a checkpoint")
@@ -84,20 +95,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: train flags and the config fields they set
+FLAG_FIELDS = {
+    "epochs": "train.epochs", "z_dim": "model.z_dim", "hidden": "model.hidden",
+    "activation": "model.activation", "prior": "model.prior", "likelihood": "model.likelihood",
+    "guide": "model.guide", "batch_size": "train.batch_size", "lr": "train.lr", "seed": "train.seed",
+    "device": "train.device", "objective": "train.objective", "binarization": "data.binarization",
+    "data_dir": "data.data_dir", "train_subset": "train.train_subset", "test_subset": "train.test_subset",
+    "max_steps": "train.max_steps", "grad_clip": "train.grad_clip",
+    "checkpoint_every": "train.checkpoint_every_steps",
+}
+BUDGET_FLAGS = {"epochs", "max_steps"}
+
+
+def config_from_args(args) -> Config:
+    """--config file, then flags, then --set overrides."""
+    d = read_config_file(args.config) if args.config else {}
+    for flag, field in FLAG_FIELDS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            section, key = field.split(".")
+            d.setdefault(section, {})[key] = list(value) if isinstance(value, tuple) else value
+    return Config.from_dict(apply_overrides(d, args.set))
+
+
 def _train(args) -> int:
+    from pyrovae.checkpoint import load_checkpoint
     from pyrovae.run import train_run
 
-    config = Config.from_dict({
-        "model": {"z_dim": args.z_dim, "hidden": list(args.hidden), "activation": args.activation},
-        "data": {"data_dir": args.data_dir, "binarization": args.binarization},
-        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-                  "device": args.device, "objective": args.objective,
-                  "train_subset": args.train_subset, "test_subset": args.test_subset},
-    })
-    out = Path(args.out or f"runs/mnist-{datetime.now():%Y%m%d-%H%M%S}")
-    metrics = train_run(config, out, quiet=args.quiet, overwrite=args.overwrite)
-    last = metrics["epochs"][-1]
-    print(f"test -ELBO {last['test_neg_elbo']:.2f} nats/image after {last['epoch']} epochs; outputs in {out}")
+    if args.resume:
+        changed = [f"--{f.replace('_', '-')}" for f in FLAG_FIELDS if f not in BUDGET_FLAGS
+                   and getattr(args, f) is not None] + (["--config"] if args.config else []) + \
+                  (["--set"] if args.set else []) + (["--out"] if args.out else [])
+        if changed:
+            raise ConfigError(f"--resume continues a run with its saved config; only --epochs and --max-steps "
+                              f"may be given with it, not {', '.join(changed)}")
+        out = Path(args.resume)
+        saved = Config.from_dict(load_checkpoint(out / "checkpoint.pt")["config"])
+        config = saved.replace(train={"epochs": args.epochs or saved.train.epochs, "max_steps": args.max_steps})
+    else:
+        config = config_from_args(args)
+        out = Path(args.out or f"runs/{config.data.dataset}-{datetime.now():%Y%m%d-%H%M%S}")
+    metrics = train_run(config, out, quiet=args.quiet, overwrite=args.overwrite, resume=bool(args.resume))
+    last = metrics["epochs"][-1] if metrics["epochs"] else None
+    if last:
+        print(f"test -ELBO {last['test_neg_elbo']:.2f} nats/image after {last['epoch']} epochs; outputs in {out}")
     return 0
 
 
@@ -150,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"pyrovae {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        print(f"pyrovae {args.command}: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print(f"pyrovae {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -9,9 +9,15 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 __all__ = ["ConfigError", "ModelConfig", "DataConfig", "TrainConfig", "Config"]
 
@@ -94,6 +100,9 @@ class TrainConfig:
     seed: int = 0  # seeds initialization, reparameterization noise, data order and binarization
     device: str = "auto"  # auto (CUDA when present), cpu or cuda
     objective: str = "trace_elbo"  # loss: see pyrovae.objectives.OBJECTIVES
+    grad_clip: float | None = None  # clip the gradient norm to this value; None: no clipping
+    max_steps: int | None = None  # stop after this many optimizer steps in all (quick checks); None: no cap
+    checkpoint_every_steps: int | None = None  # also checkpoint every N steps within an epoch; None: per epoch
     train_subset: int | None = None  # train on the first N images only (quick checks); None: all
     test_subset: int | None = None  # evaluate on the first N test images only; None: all
 
@@ -110,7 +119,9 @@ class TrainConfig:
 
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"unknown train.objective {self.objective!r}; valid: {_names(OBJECTIVES)}")
-        for key in ("train_subset", "test_subset"):
+        if self.grad_clip is not None and (not isinstance(self.grad_clip, (int, float)) or not self.grad_clip > 0):
+            raise ConfigError(f"train.grad_clip must be a positive number or None, got {self.grad_clip!r}")
+        for key in ("max_steps", "checkpoint_every_steps", "train_subset", "test_subset"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"train.{key} must be a positive integer or None, got {value!r}")
@@ -144,12 +155,9 @@ class Config:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "Config":
-        try:
-            d = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON ({e})") from None
-        return cls.from_dict(d)
+    def load(cls, path: str | Path, overrides: list[str] = ()) -> "Config":
+        """Read a ``.toml`` or ``.json`` config file, then apply ``section.key=value`` overrides."""
+        return cls.from_dict(apply_overrides(read_config_file(path), overrides))
 
     def replace(self, **sections: dict[str, Any]) -> "Config":
         """A copy with some fields changed, e.g. ``cfg.replace(train={"epochs": 5})``."""
@@ -157,6 +165,45 @@ class Config:
             f.name: dataclasses.replace(getattr(self, f.name), **sections.get(f.name, {}))
             for f in dataclasses.fields(self)
         })
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a TOML or JSON config file, with a clear error for a missing or broken one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no config file at {path}")
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            return json.loads(text)
+        return tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{path} is not a valid {'JSON' if path.suffix == '.json' else 'TOML'} file: {e}") from None
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value read as TOML (numbers, booleans, lists, quoted strings), else a plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(d: dict[str, Any], overrides) -> dict[str, Any]:
+    """``d`` with ``section.key=value`` (or ``section.key.option=value``) overrides applied."""
+    d = json.loads(json.dumps(d))  # a deep copy
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) < 2 or not all(parts):
+            raise ConfigError(f"an override must look like section.key=value (e.g. model.prior=vamp), got {item!r}")
+        node = d
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"cannot set {key}: {part} is not a section or an options mapping")
+        node[parts[-1]] = parse_value(value.strip())
+    return d
 
 
 def _check_options(where: str, options, target, skip: set[str]) -> None:
@@ -187,4 +234,9 @@ def _section_from_dict(section_cls, name: str, d: dict[str, Any]):
     d = dict(d)
     if "hidden" in d and isinstance(d["hidden"], list):
         d["hidden"] = tuple(d["hidden"])
-    return section_cls(**d)
+    if "hidden" in d and isinstance(d["hidden"], int):
+        d["hidden"] = (d["hidden"],)
+    try:
+        return section_cls(**d)
+    except TypeError as e:
+        raise ConfigError(f"config section {name!r}: {e}") from None

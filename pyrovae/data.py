@@ -63,13 +63,25 @@ def _mnist(root: Path, train: bool, download: bool):
 
     try:
         return MNIST(root=str(root), train=train, download=False)
-    except RuntimeError:
+    except RuntimeError as e:
+        if "not found" not in str(e).lower():
+            raise DatasetNotFoundError(_unreadable(root, e)) from None
         if not download:
             raise DatasetNotFoundError(_missing_mnist_message(root, "downloading is switched off")) from None
     try:
         return MNIST(root=str(root), train=train, download=True)
+    except (RuntimeError, ValueError, AssertionError) as e:
+        if (root / "MNIST" / "raw").is_dir() and all((root / "MNIST" / "raw" / f).is_file() for f in MNIST_FILES):
+            raise DatasetNotFoundError(_unreadable(root, e)) from None
+        raise DatasetNotFoundError(_missing_mnist_message(root, f"the download failed: {e}")) from None
     except Exception as e:  # offline: URLError, timeouts, HTTP errors; all mean "not here"
         raise DatasetNotFoundError(_missing_mnist_message(root, f"the download failed: {e}")) from None
+
+
+def _unreadable(root: Path, error: Exception) -> str:
+    return (f"the MNIST files in {root / 'MNIST' / 'raw'} could not be read ({type(error).__name__}: {error}); "
+            "they may be truncated or corrupt: delete them to download afresh, or point --data-dir / "
+            "PYROVAE_DATA at a good copy")
 
 
 def _missing_mnist_message(root: Path, why: str) -> str:

@@ -1,35 +1,54 @@
-"""A training run: config in, a folder of outputs out.
+"""A training run: config in, a folder of outputs out; resumable, and safe to interrupt.
 
 Outputs: ``config.json``, ``metrics.json`` (per epoch and provenance), ``checkpoint.pt``,
 ``loss_curve.png``, ``reconstructions.png``, ``samples.png``, and for a 2-D latent space
 ``manifold.png`` and ``latent_scatter.png``.
+
+The checkpoint is rewritten atomically after every epoch (and every ``train.checkpoint_every_steps``
+steps). It holds the module and optimizer state, every random state (torch's, and the data order
+and binarization generator's), the progress through the current epoch, the config and the metrics so
+far, so ``train_run(..., resume=True)`` continues exactly where the run stopped: a run trained in
+pieces has the same parameters and metrics as one trained straight through.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import platform
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pyro
 import torch
 
-from pyrovae.checkpoint import atomic_write, save_checkpoint
+from pyrovae.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from pyrovae.config import Config
 from pyrovae.data import batches, binarize, load_dataset
 from pyrovae.evaluate import evaluate
 from pyrovae.model import build_vae
 from pyrovae.objectives import build_objective
-from pyrovae.train import make_optimizer, resolve_device, train_epoch
+from pyrovae.train import EpochState, NonFiniteLossError, make_optimizer, resolve_device, train_epoch
 
-__all__ = ["RunFolderError", "train_run", "provenance", "write_json", "write_figures", "prepare_data"]
+__all__ = ["RunFolderError", "Interrupted", "train_run", "provenance", "write_json", "write_figures",
+           "prepare_data"]
 
 
 class RunFolderError(FileExistsError):
     """The output folder already holds another run."""
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after writing a checkpoint."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
 
 
 def provenance(device: torch.device | str | None = None) -> dict:
@@ -77,54 +96,166 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
     if markers and not overwrite:
         raise RunFolderError(
             f"{out} already holds a run ({', '.join(markers)}); choose another --out folder, "
-            "or pass --overwrite to replace it"
+            "resume it with --resume, or pass --overwrite to replace it"
         )
 
 
-def train_run(config: Config, out_dir, *, quiet: bool = False, overwrite: bool = False,
-              download: bool = True, log=print) -> dict:
-    """Train the configured VAE and write every output into ``out_dir``; returns the metrics."""
+def _resumable_config(out: Path, config: Config | None, state: dict) -> Config:
+    """The saved config, with the training budget (epochs, max_steps) taken from ``config``."""
+    saved = Config.from_dict(state["config"])
+    if config is None:
+        return saved
+    budget = {"epochs": config.train.epochs, "max_steps": config.train.max_steps}
+    mine = config.replace(train={"epochs": saved.train.epochs, "max_steps": saved.train.max_steps})
+    if mine != saved:
+        a, b = _flat(saved.to_dict()), _flat(mine.to_dict())
+        diff = [f"{k}: saved {a.get(k)!r}, given {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        raise CheckpointError(f"cannot resume {out}: its config differs from the one given ({'; '.join(diff)}); "
+                              "only the budget (train.epochs, train.max_steps) may change on resume")
+    return saved.replace(train=budget)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k in ("model", "data", "train"):
+            out.update(_flat(v, f"{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """Turn SIGINT/SIGTERM into a flag the loop checks after each step (main thread only)."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, lambda signum, frame: received.append(signum))
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def train_run(config: Config | None, out_dir, *, quiet: bool = False, overwrite: bool = False,
+              download: bool = True, resume: bool = False, log=print) -> dict:
+    """Train the configured VAE and write every output into ``out_dir``; returns the metrics.
+
+    With ``resume=True`` the run in ``out_dir`` continues from its checkpoint; ``config`` (may be
+    None) then only sets a new budget, ``train.epochs`` counting all epochs.
+    """
     out = Path(out_dir)
-    _check_out_dir(out, overwrite)
-    device = resolve_device(config.train.device)
+    state = None
+    if resume:
+        state = load_checkpoint(out / "checkpoint.pt")
+        config = _resumable_config(out, config, state)
+    else:
+        _check_out_dir(out, overwrite)
+    t = config.train
+    device = resolve_device(t.device)
     train_images, test_binary, test_labels = prepare_data(config, device, download)
     out.mkdir(parents=True, exist_ok=True)
-    config.save(out / "config.json")
+    if not resume:
+        config.save(out / "config.json")
 
-    t = config.train
     pyro.set_rng_seed(t.seed)  # initialization and reparameterization noise
     data_rng = torch.Generator(device=device).manual_seed(t.seed + 1)  # data order and binarization
     vae = build_vae(config.model, tuple(train_images.shape[1:])).to(device)
     loss_fn = build_objective(t.objective, vae)
     optimizer = make_optimizer(vae.parameters(), t.lr, device)
-    first = next(batches(train_images[: t.batch_size], t.batch_size, torch.Generator(device=device),
-                         config.data.binarization))
-    vae.check_data(first)  # once, here: the loop feeds only batches cut from this same tensor
+    vae.check_data(next(batches(train_images[: t.batch_size], t.batch_size, torch.Generator(device=device),
+                                config.data.binarization)))  # once: the loop only cuts batches from this tensor
 
     metrics = {"config": config.to_dict(), "seed": t.seed, **provenance(device),
                "units": "nats per image; test set binarized once with seed data.test_binarization_seed",
                "binarization": {"train": config.data.binarization, "test": "static (fixed seed)"},
                "epochs": []}
+    epoch, global_step, partial = 0, 0, EpochState()
+    epoch_start_rng = data_rng.get_state()
+    if state is not None:
+        vae.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        metrics["epochs"] = state["metrics"]
+        epoch, global_step = state["epoch"], state["global_step"]
+        partial = EpochState(**state["partial_epoch"])
+        epoch_start_rng = state["rng"]["data_epoch_start"]
+
+    def checkpoint():
+        save_checkpoint(out / "checkpoint.pt", vae=vae, optimizer=optimizer, config=config, epoch=epoch, extra={
+            "global_step": global_step, "partial_epoch": dataclasses.asdict(partial), "metrics": metrics["epochs"],
+            "rng": {"torch": torch.get_rng_state(), "data_epoch_start": epoch_start_rng,
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}})
+
     num_batches = -(-train_images.shape[0] // t.batch_size)
-    for epoch in range(1, t.epochs + 1):
-        vae.train()
-        with vae.inputs_checked():
-            stats = train_epoch(loss_fn, optimizer,
-                                batches(train_images, t.batch_size, data_rng, config.data.binarization),
-                                num_batches=num_batches, progress=None if not quiet else False,
-                                description=f"epoch {epoch}/{t.epochs}")
-        vae.eval()
-        test = evaluate(vae, test_binary, seed=config.data.test_binarization_seed)
-        row = {"epoch": epoch, "train_neg_elbo": stats["loss"], "test_neg_elbo": test["neg_elbo"],
-               "test_reconstruction": test["reconstruction"], "test_kl": test["kl"],
-               "seconds": stats["seconds"]}
-        metrics["epochs"].append(row)
-        if not quiet:
-            log(f"epoch {epoch:3d}  train -ELBO {row['train_neg_elbo']:8.2f}  test -ELBO "
-                f"{row['test_neg_elbo']:8.2f} nats/image  ({row['seconds']:.2f} s)")
-        save_checkpoint(out / "checkpoint.pt", vae=vae, optimizer=optimizer, config=config, epoch=epoch,
-                        extra={"metrics": metrics["epochs"]})
-        write_json(out / "metrics.json", metrics)
+    budget_left = lambda: t.max_steps is None or global_step < t.max_steps  # noqa: E731
+    with _stop_on_signals() as signals:
+        while epoch < t.epochs and budget_left():
+            data_rng.set_state(epoch_start_rng)
+            epoch_batches = batches(train_images, t.batch_size, data_rng, config.data.binarization)
+            for _ in range(partial.step):  # resuming part-way: replay the same draws up to where it stopped
+                next(epoch_batches)
+            if state is not None:  # resuming: the noise stream goes on from where it stopped
+                torch.set_rng_state(state["rng"]["torch"])
+                if device.type == "cuda" and state["rng"]["cuda"] is not None:
+                    torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+                state = None
+            steps_before = global_step - partial.step
+
+            def pause() -> bool:
+                step = steps_before + partial.step
+                return bool(signals) or (t.max_steps is not None and step >= t.max_steps) or (
+                    t.checkpoint_every_steps is not None and step % t.checkpoint_every_steps == 0)
+
+            vae.train()
+            while True:
+                try:
+                    with vae.inputs_checked():
+                        train_epoch(loss_fn, optimizer, epoch_batches, state=partial, num_batches=num_batches,
+                                    progress=None if not quiet else False, should_stop=pause,
+                                    description=f"epoch {epoch + 1}/{t.epochs}", grad_clip=t.grad_clip,
+                                    where=f"epoch {epoch + 1}, ")
+                except NonFiniteLossError as e:
+                    raise NonFiniteLossError(f"{e}; training stopped. The last good checkpoint (epoch {epoch}) "
+                                             f"is kept in {out / 'checkpoint.pt'}. Try a lower --lr, or set "
+                                             "train.grad_clip") from None
+                finally:
+                    global_step = steps_before + partial.step
+                if signals:
+                    checkpoint()
+                    raise Interrupted(signals[0], (
+                        f"stopped by {signal.Signals(signals[0]).name} at epoch {epoch + 1}, step {partial.step} "
+                        f"of the epoch; checkpoint written to {out / 'checkpoint.pt'}. Resume with: "
+                        f"pyrovae train --resume {out} --epochs {t.epochs}"))
+                if not partial.interrupted:
+                    break  # the epoch is over
+                partial.interrupted = False
+                checkpoint()  # every train.checkpoint_every_steps steps, and where the step budget ends
+                if not budget_left():
+                    break
+            if partial.step < num_batches:  # the step budget ended the run inside this epoch
+                metrics["stopped_at_step"] = global_step
+                write_json(out / "metrics.json", metrics)
+                break
+
+            epoch += 1
+            epoch_start_rng = data_rng.get_state()
+            vae.eval()
+            test = evaluate(vae, test_binary, seed=config.data.test_binarization_seed)
+            row = {"epoch": epoch, "train_neg_elbo": partial.loss, "test_neg_elbo": test["neg_elbo"],
+                   "test_reconstruction": test["reconstruction"], "test_kl": test["kl"],
+                   "seconds": partial.seconds, "steps": global_step}
+            metrics["epochs"].append(row)
+            partial = EpochState()
+            if not quiet:
+                log(f"epoch {epoch:3d}  train -ELBO {row['train_neg_elbo']:8.2f}  test -ELBO "
+                    f"{row['test_neg_elbo']:8.2f} nats/image  ({row['seconds']:.2f} s)")
+            checkpoint()
+            write_json(out / "metrics.json", metrics)
 
     write_figures(vae, out, metrics["epochs"], test_binary, test_labels, seed=t.seed)
     return metrics

@@ -23,7 +23,7 @@ def test_training_lowers_the_loss(mnist_small):
     opt = make_optimizer(vae.parameters(), 1e-3, torch.device("cpu"))
     before = evaluate(vae, test_binary)["neg_elbo"]
     g = torch.Generator().manual_seed(0)
-    losses = [train_epoch(PyroELBO(vae), opt, batches(train, 64, g), progress=False)["loss"] for _ in range(3)]
+    losses = [train_epoch(PyroELBO(vae), opt, batches(train, 64, g), progress=False).loss for _ in range(3)]
     after = evaluate(vae, test_binary)["neg_elbo"]
     assert losses[-1] < losses[0] - 20
     assert after < before - 100  # from ~545 nats (untrained) to ~200

@@ -1,0 +1,321 @@
+"""Reliability: bad input and faults each end in a clear error or a clean recovery, losing nothing.
+
+``FAULTS`` lists every case this module proves; ``test_the_module_counts_its_cases`` keeps the count
+honest.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, binary_images
+from pyrovae import Config, ModelConfig, build_vae
+from pyrovae.checkpoint import CheckpointError, load_checkpoint, load_vae, save_checkpoint
+from pyrovae.cli import main
+from pyrovae.config import ConfigError
+from pyrovae.data import DatasetNotFoundError, MNIST_FILES, load_mnist
+from pyrovae.likelihoods import DataSupportError
+from pyrovae.model import ImageShapeError
+from pyrovae.run import RunFolderError, train_run
+from pyrovae.train import NonFiniteLossError, make_optimizer, train_epoch
+
+FAULTS = []  # (case name) for every bad input or fault proved below
+
+
+def case(name):
+    FAULTS.append(name)
+    return name
+
+
+TINY = Config().replace(model={"z_dim": 4, "hidden": (32,)},
+                        train={"train_subset": 600, "test_subset": 100, "batch_size": 100})
+
+
+def _cfg(mnist_root, **train):
+    return TINY.replace(data={"data_dir": str(mnist_root)}, train=train)
+
+
+def _params(path):
+    return load_checkpoint(path)["model"]
+
+
+def _rows(metrics):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in metrics["epochs"]]
+
+
+# --- resume, interruption, atomic checkpoints ------------------------------------------------------
+def test_resume_is_exact(mnist_root, tmp_path):
+    case("a run stopped after 2 epochs and resumed to 4 equals 4 epochs straight, bit for bit")
+    straight = train_run(_cfg(mnist_root, epochs=4), tmp_path / "straight", quiet=True)
+    train_run(_cfg(mnist_root, epochs=2), tmp_path / "pieces", quiet=True)
+    resumed = train_run(_cfg(mnist_root, epochs=4), tmp_path / "pieces", quiet=True, resume=True)
+    assert _rows(resumed) == _rows(straight)
+    a, b = _params(tmp_path / "straight" / "checkpoint.pt"), _params(tmp_path / "pieces" / "checkpoint.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ca = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")["optimizer"]["state"]
+    cb = load_checkpoint(tmp_path / "pieces" / "checkpoint.pt")["optimizer"]["state"]
+    assert all(torch.equal(ca[i]["exp_avg_sq"], cb[i]["exp_avg_sq"]) for i in ca)
+
+
+def test_step_budget_stops_mid_epoch_and_resumes_exactly(mnist_root, tmp_path):
+    case("a run stopped mid-epoch (step budget) and resumed equals the straight run, bit for bit")
+    straight = train_run(_cfg(mnist_root, epochs=2), tmp_path / "straight", quiet=True)
+    partial = train_run(_cfg(mnist_root, epochs=2, max_steps=8), tmp_path / "pieces", quiet=True)
+    assert partial["stopped_at_step"] == 8 and len(partial["epochs"]) == 1  # 6 steps an epoch
+    state = load_checkpoint(tmp_path / "pieces" / "checkpoint.pt")
+    assert state["global_step"] == 8 and state["partial_epoch"]["step"] == 2
+    resumed = train_run(_cfg(mnist_root, epochs=2), tmp_path / "pieces", quiet=True, resume=True)
+    assert _rows(resumed) == _rows(straight)
+    a, b = _params(tmp_path / "straight" / "checkpoint.pt"), _params(tmp_path / "pieces" / "checkpoint.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _cli_run(args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "pyrovae", "train", *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def _wait_for(path, proc, timeout=120):
+    start = time.time()
+    while not path.exists():
+        if proc.poll() is not None or time.time() - start > timeout:
+            raise AssertionError(f"no {path} (exit {proc.poll()}): {proc.stderr.read() if proc.poll() is not None else ''}")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_checkpoints_and_resume_matches_the_straight_run(mnist_root, tmp_path, signum):
+    case(f"{signal.Signals(signum).name} mid-run: checkpoint, resume hint, non-zero exit, exact resume")
+    args = ["--z-dim", "4", "--hidden", "32", "--train-subset", "600", "--test-subset", "100", "--batch-size", "100",
+            "--data-dir", str(mnist_root), "--quiet"]
+    out = tmp_path / "run"
+    proc = _cli_run([*args, "--epochs", "50", "--checkpoint-every", "2", "--out", str(out)])
+    _wait_for(out / "checkpoint.pt", proc)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err
+    assert "Resume with: pyrovae train --resume" in err and "Traceback" not in err
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert 2 <= state["global_step"] < 300
+    if signum == signal.SIGINT:
+        return  # the exact resume is proved once, after SIGTERM
+    epochs = state["epoch"] + 1
+    assert main(["train", "--resume", str(out), "--epochs", str(epochs), "--quiet"]) == 0
+    straight = tmp_path / "straight"
+    assert main(["train", *args, "--epochs", str(epochs), "--out", str(straight)]) == 0
+    a, b = _params(out / "checkpoint.pt"), _params(straight / "checkpoint.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (out, straight))
+    assert _rows(ma) == _rows(mb)
+
+
+def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one_intact(tmp_path):
+    case("SIGKILL in the middle of writing a checkpoint: the previous checkpoint still loads")
+    path = tmp_path / "checkpoint.pt"
+    script = f"""
+import torch
+from pyrovae import Config, build_vae
+from pyrovae.checkpoint import save_checkpoint
+vae = build_vae(Config().model)
+opt = torch.optim.Adam(vae.parameters())
+big = {{"ballast": torch.randn(10_000_000)}}   # ~40 MB: a write takes a while
+save_checkpoint({str(path)!r}, vae=vae, optimizer=opt, config=Config(), epoch=0)
+print("ready", flush=True)
+epoch = 1
+while True:
+    save_checkpoint({str(path)!r}, vae=vae, optimizer=opt, config=Config(), epoch=epoch, extra=big)
+    epoch += 1
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.7)  # inside the second or a later write
+    proc.kill()
+    proc.wait()
+    state = load_checkpoint(path)  # loads: the old or a complete new checkpoint, never a torn one
+    assert state["epoch"] >= 0
+    vae, _, _ = load_vae(path)
+    assert sum(p.numel() for p in vae.parameters()) > 0
+
+
+# --- numerics ------------------------------------------------------------------------------------
+class _NaNAt(torch.nn.Module):
+    """A loss that turns NaN at a chosen call."""
+
+    def __init__(self, inner, at):
+        super().__init__()
+        self.inner, self.at, self.calls = inner, at, 0
+
+    def forward(self, x):
+        self.calls += 1
+        loss = self.inner(x)
+        return loss * float("nan") if self.calls == self.at else loss
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(mnist_root, tmp_path, monkeypatch):
+    case("a NaN loss: stops, names epoch and step, keeps the last good checkpoint")
+    import pyrovae.run as run
+
+    real = run.build_objective
+    monkeypatch.setattr(run, "build_objective", lambda name, vae: _NaNAt(real(name, vae), at=8))
+    with pytest.raises(NonFiniteLossError, match=r"the loss is nan at epoch 2, step 2 of the epoch.*epoch 1"):
+        train_run(_cfg(mnist_root, epochs=3), tmp_path / "run", quiet=True)
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_non_finite_gradient_names_the_parameter():
+    case("an infinite gradient with a finite loss: stops and names the parameter")
+    vae = build_vae(ModelConfig(z_dim=2, hidden=(8,)))
+
+    def loss_fn(x):  # d/dw sqrt(w - w) is infinite at 0 while the value is 0
+        w = vae.decoder.net[0].weight
+        return (w - w.detach()).abs().sqrt().sum()
+
+    loss_fn.named_parameters = vae.named_parameters
+    opt = make_optimizer(vae.parameters(), 1e-3, torch.device("cpu"))
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    with pytest.raises(NonFiniteLossError, match=r"gradient of decoder.net.0.weight is not finite at step 1"):
+        train_epoch(loss_fn, opt, [binary_images(4)], progress=False)
+    assert all(torch.equal(before[k], v) for k, v in vae.state_dict().items())  # no update was applied
+
+
+def test_gradient_clipping_bounds_the_gradient_norm():
+    case("gradient clipping from the config bounds the gradient norm")
+    from pyrovae.objectives import PyroELBO
+
+    vae = build_vae(ModelConfig(z_dim=2, hidden=(8,)))
+    opt = make_optimizer(vae.parameters(), 1e-3, torch.device("cpu"))
+    train_epoch(PyroELBO(vae), opt, [binary_images(16)], progress=False, grad_clip=0.5)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in vae.parameters()])
+    assert norm <= 0.5 + 1e-5
+
+
+# --- bad input: each a clear error ---------------------------------------------------------------
+def _grey_to_bernoulli():
+    build_vae(ModelConfig(z_dim=2, hidden=(8,))).model(torch.rand(2, 1, 28, 28))
+
+
+def _wrong_shape():
+    build_vae(ModelConfig(z_dim=2, hidden=(8,))).model(torch.zeros(2, 3, 32, 32))
+
+
+BAD_INPUTS = [
+    (case("grey levels given to the Bernoulli likelihood"), _grey_to_bernoulli, DataSupportError, "Binarize"),
+    (case("images of the wrong shape for the network"), _wrong_shape, ImageShapeError, "expected a batch of images"),
+    (case("an unknown prior name"), lambda: Config().replace(model={"prior": "cauchy"}), ConfigError, "valid: "),
+    (case("an unknown likelihood name"), lambda: Config().replace(model={"likelihood": "x"}), ConfigError, "valid: "),
+    (case("an unknown guide name"), lambda: Config().replace(model={"guide": "x"}), ConfigError, "valid: "),
+    (case("an unknown network name"), lambda: Config().replace(model={"network": "x"}), ConfigError, "valid: auto"),
+    (case("a zero learning rate"), lambda: Config().replace(train={"lr": 0.0}), ConfigError, "train.lr"),
+    (case("a negative learning rate"), lambda: Config().replace(train={"lr": -1e-3}), ConfigError, "train.lr"),
+    (case("a zero batch size"), lambda: Config().replace(train={"batch_size": 0}), ConfigError, "batch_size"),
+    (case("a zero latent size"), lambda: Config().replace(model={"z_dim": 0}), ConfigError, "z_dim"),
+    (case("a negative gradient clip"), lambda: Config().replace(train={"grad_clip": -1.0}), ConfigError, "grad_clip"),
+    (case("an unknown config key"), lambda: Config.from_dict({"train": {"epoch": 3}}), ConfigError, "valid: epochs"),
+    (case("a malformed --set override"), lambda: Config.load(ROOT / "pyproject.toml", ["lr=3"]), ConfigError,
+     "section.key=value"),
+]
+
+
+@pytest.mark.parametrize("name,fn,error,needle", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_is_refused_clearly(name, fn, error, needle):
+    with pytest.raises(error, match=needle):
+        fn()
+
+
+def test_config_files_missing_broken_or_wrong(tmp_path):
+    case("a missing, malformed or wrong config file")
+    with pytest.raises(ConfigError, match="no config file at"):
+        Config.load(tmp_path / "nope.toml")
+    (tmp_path / "bad.toml").write_text("[model\nz_dim = 2")
+    with pytest.raises(ConfigError, match="not a valid TOML file"):
+        Config.load(tmp_path / "bad.toml")
+    (tmp_path / "wrong.toml").write_text("[model]\nzdim = 2\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['zdim'\]"):
+        Config.load(tmp_path / "wrong.toml")
+
+
+def test_missing_and_unreadable_datasets(tmp_path):
+    case("a missing dataset with downloading off")
+    with pytest.raises(DatasetNotFoundError, match="MNIST was not found"):
+        load_mnist(tmp_path / "empty", train=True, download=False)
+    case("truncated dataset files")
+    raw = tmp_path / "bad" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in MNIST_FILES:
+        (raw / f).write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 100)
+    with pytest.raises(DatasetNotFoundError, match="could not be read.*truncated or corrupt"):
+        load_mnist(tmp_path / "bad", train=False, download=False)
+
+
+@pytest.mark.parametrize("kind", ["empty", "garbage", "truncated", "foreign", "incompatible", "missing"])
+def test_bad_checkpoints(tmp_path, kind):
+    case(f"a {kind} checkpoint")
+    path = tmp_path / "checkpoint.pt"
+    vae = build_vae(ModelConfig(z_dim=2, hidden=(8,)))
+    save_checkpoint(path, vae=vae, optimizer=None, config=Config().replace(model={"z_dim": 2, "hidden": (8,)}),
+                    epoch=1)
+    good = path.read_bytes()
+    needle = {"empty": "could not be read", "garbage": "could not be read", "truncated": "could not be read",
+              "foreign": "not a pyrovae checkpoint", "incompatible": "do not fit the saved config",
+              "missing": "no checkpoint at"}[kind]
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "garbage":
+        path.write_bytes(os.urandom(4096))
+    elif kind == "truncated":
+        path.write_bytes(good[: len(good) // 2])
+    elif kind == "foreign":
+        torch.save({"state_dict": vae.state_dict()}, path)
+    elif kind == "incompatible":
+        state = torch.load(path, weights_only=True)
+        state["config"]["model"]["z_dim"] = 3
+        torch.save(state, path)
+    else:
+        path.unlink()
+    with pytest.raises(CheckpointError, match=needle):
+        load_vae(path)
+
+
+def test_checkpoints_load_without_unpickling_objects(tmp_path):
+    case("a checkpoint holding an arbitrary pickled object is refused")
+    path = tmp_path / "checkpoint.pt"
+    import argparse
+
+    torch.save({"format": "pyrovae-checkpoint", "version": 1, "payload": argparse.Namespace(x=1)}, path)
+    with pytest.raises(CheckpointError, match="could not be read"):
+        load_checkpoint(path)
+
+
+def test_output_folder_with_another_run_is_refused(mnist_root, tmp_path):
+    case("an output folder that already holds a run")
+    train_run(_cfg(mnist_root, epochs=1), tmp_path / "run", quiet=True)
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    with pytest.raises(RunFolderError, match="--overwrite"):
+        train_run(_cfg(mnist_root, epochs=1, lr=0.01), tmp_path / "run", quiet=True)
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_refuses_a_changed_config_or_a_missing_run(mnist_root, tmp_path, capsys):
+    case("resuming with a different config")
+    train_run(_cfg(mnist_root, epochs=1), tmp_path / "run", quiet=True)
+    with pytest.raises(CheckpointError, match=r"train.lr: saved 0.001, given 0.01"):
+        train_run(_cfg(mnist_root, epochs=2, lr=0.01), tmp_path / "run", quiet=True, resume=True)
+    case("resuming a folder with no run")
+    assert main(["train", "--resume", str(tmp_path / "none"), "--epochs", "2"]) == 1
+    assert "no checkpoint at" in capsys.readouterr().err
+    case("--resume with flags that would change the run")
+    with pytest.raises(SystemExit):
+        main(["train", "--resume", str(tmp_path / "run"), "--lr", "0.1"])
+    assert "only --epochs and --max-steps" in capsys.readouterr().err
+
+
+def test_the_module_counts_its_cases():
+    # the parametrized cases are registered at import; the rest when their tests have run in this session
+    assert len(FAULTS) >= 20, FAULTS
