@@ -39,7 +39,7 @@ def _as_tensor(p) -> torch.Tensor:
 
 def surprise(p, base: float = 2) -> torch.Tensor:
     """Self-information I(p) = -log_base p: 1 bit for p = 1/2, 0 for a sure event, inf for p = 0."""
-    return -_log(_as_tensor(p), base)
+    return -_log(_as_tensor(p), base) + 0.0  # + 0.0 turns the -0.0 of a sure event into 0.0
 
 
 def entropy(probs, base: float = 2) -> torch.Tensor:

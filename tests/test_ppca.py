@@ -36,6 +36,15 @@ def generator():
     return torch.Generator().manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is fastest, and leaves the other cores alone."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("d, k", [(5, 2), (3, 1), (10, 4)])
 def test_log_marginal_matches_multivariate_normal(generator, d, k):
     params = random_params(d, k, generator)
@@ -134,6 +143,7 @@ def test_maximum_likelihood_is_invariant_to_rotating_w(generator):
 def test_model_and_guide_traces():
     ppca = PPCA(5, 2, dtype=DTYPE)
     x = torch.randn(7, 5, dtype=DTYPE)
+    stored = set(pyro.get_param_store().keys())
     guide_trace = poutine.trace(ppca.guide).get_trace(x)
     model_trace = poutine.trace(poutine.replay(ppca.model, trace=guide_trace)).get_trace(x)
     assert model_trace.nodes["z"]["value"].shape == (7, 2)
@@ -142,21 +152,19 @@ def test_model_and_guide_traces():
     assert model_trace.nodes["x"]["fn"].event_shape == (5,)
     assert model_trace.nodes["x"]["fn"].batch_shape == (7,)
     assert guide_trace.nodes["z"]["fn"].event_shape == (2,)
-    assert not pyro.get_param_store().keys()  # the parameters live in the module only
+    assert set(pyro.get_param_store().keys()) == stored  # the parameters live in the module only
+    assert all(site["type"] != "param" for site in [*guide_trace.nodes.values(), *model_trace.nodes.values()])
 
 
 def test_pyro_elbo_matches_the_closed_form_elbo_of_the_guide(generator):
     pyro.set_rng_seed(1)
     ppca = PPCA(5, 2, generator=generator, dtype=DTYPE)
     x = random_params(5, 2, generator).sample(20, generator)
-    particles = 20_000
-    elbo = pyro.infer.Trace_ELBO(num_particles=particles, vectorize_particles=True)
-    estimate = -elbo.differentiable_loss(ppca.model, ppca.guide, x).detach()
     exact = ppca.closed_form_elbo(x).sum().detach()
-    # one-particle spread of the summed ELBO, from a smaller batch of single-particle estimates
-    singles = torch.stack([-pyro.infer.Trace_ELBO().differentiable_loss(ppca.model, ppca.guide, x).detach()
-                           for _ in range(200)])
-    assert abs(estimate - exact) < 4 * singles.std() / math.sqrt(particles)
+    # 20 independent estimates of 500 particles each: their mean and its standard error
+    elbo = pyro.infer.Trace_ELBO(num_particles=500, vectorize_particles=True, max_plate_nesting=1)
+    estimates = torch.stack([-elbo.differentiable_loss(ppca.model, ppca.guide, x).detach() for _ in range(20)])
+    assert abs(estimates.mean() - exact) < 4 * estimates.std() / math.sqrt(len(estimates))
 
 
 def train_ppca(x: torch.Tensor, k: int, covariance: str, steps: int, seed: int) -> PPCA:
@@ -185,17 +193,18 @@ def test_svi_recovers_the_maximum_likelihood_optimum(covariance):
     x = truth.sample(n, generator)
     _, optimum = maximum_likelihood(x, k)
 
-    ppca = train_ppca(x, k, covariance, steps=800, seed=0)
+    ppca = train_ppca(x, k, covariance, steps=600, seed=0)
     with torch.no_grad():
         log_likelihood = ppca.params().log_marginal(x)  # (n,) exact, in closed form
         elbo = ppca.closed_form_elbo(x)  # (n,) exact ELBO of the trained guide
 
-    # Tolerance: 0.02 nats per point. The per-point log-likelihoods spread by about 1.6 nats, so the
-    # average over n = 300 points has a standard error near 0.1 nats; a gap below a fifth of that is
-    # smaller than the noise of the data itself. The remaining gap comes from the one-sample gradient
-    # noise left at the final learning rate (measured at 1e-4 to 5e-3 nats over seeds).
+    # Tolerance: 0.02 nats per point. The per-point log-likelihoods spread by about 1.5 nats, so the
+    # average over n = 300 points has a standard error near 0.09 nats; a gap below a quarter of that
+    # is smaller than the sampling noise of the data itself. The gap that remains comes from the
+    # one-sample gradient noise left at the final learning rate: over 3 data sets x 2 seeds x both
+    # guides, 4e-5 to 1e-4 nats for log p(x) and 8e-4 to 3e-3 nats for the ELBO.
     tolerance = 0.02
-    assert log_likelihood.std() / math.sqrt(n) > 5 * tolerance
+    assert log_likelihood.std() / math.sqrt(n) > 4 * tolerance
     # the optimum is a maximum of log p(x), and the ELBO lies below log p(x) for any guide
     assert log_likelihood.mean() <= optimum + 1e-9
     assert (elbo <= log_likelihood + 1e-9).all()
