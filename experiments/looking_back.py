@@ -146,7 +146,8 @@ def load_model_and_images(args, log=print):
     if args.data_dir:
         config = config.replace(data={"data_dir": args.data_dir})
     try:
-        train_images, test_binary, _ = prepare_data(config, torch.device("cpu"), download=False)
+        prepared = prepare_data(config, torch.device("cpu"), download=False)
+        train_images, test_binary = prepared.train, prepared.test
     except DatasetNotFoundError as e:
         log(f"skipping: MNIST is not available ({str(e).splitlines()[0]})")
         return None

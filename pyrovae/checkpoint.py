@@ -7,13 +7,12 @@ over the old one, so a crash mid-write leaves the previous checkpoint intact. It
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pyrovae.atomic import atomic_write
 from pyrovae.config import Config, ConfigError
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_vae"]
@@ -24,21 +23,6 @@ VERSION = 1
 
 class CheckpointError(ValueError):
     """A file is not a usable pyrovae checkpoint."""
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(path, *, vae, optimizer, config: Config, epoch: int, extra: dict | None = None) -> None:

@@ -64,12 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prior", help=f"p(z) by name ({d.model.prior})")
     t.add_argument("--likelihood", help=f"p(x|z) by name ({d.model.likelihood})")
     t.add_argument("--guide", help=f"q(z|x) by name ({d.model.guide})")
+    t.add_argument("--network", help=f"encoder/decoder by name ({d.model.network})")
     t.add_argument("--batch-size", type=_positive_int, help=f"images per step ({d.train.batch_size})")
     t.add_argument("--lr", type=_positive_float, help=f"Adam learning rate ({d.train.lr})")
     t.add_argument("--seed", type=int, help=f"random seed ({d.train.seed})")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], help=f"({d.train.device})")
     t.add_argument("--objective", help="trace_elbo, meanfield_elbo, manual_analytic or manual_mc")
     t.add_argument("--binarization", help="dynamic or static (MNIST training images)")
+    t.add_argument("--dataset", help="mnist, fashion_mnist, cifar10, or folder:PATH")
+    t.add_argument("--image-size", type=_positive_int, help="resize and centre-crop images to NxN")
     t.add_argument("--data-dir", help="data root (default: $PYROVAE_DATA, else ~/.cache/pyrovae)")
     t.add_argument("--train-subset", type=_positive_int, help="train on the first N images only")
     t.add_argument("--test-subset", type=_positive_int, help="evaluate on the first N test images")
@@ -99,9 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
 FLAG_FIELDS = {
     "epochs": "train.epochs", "z_dim": "model.z_dim", "hidden": "model.hidden",
     "activation": "model.activation", "prior": "model.prior", "likelihood": "model.likelihood",
-    "guide": "model.guide", "batch_size": "train.batch_size", "lr": "train.lr", "seed": "train.seed",
+    "guide": "model.guide", "network": "model.network", "batch_size": "train.batch_size", "lr": "train.lr", "seed": "train.seed",
     "device": "train.device", "objective": "train.objective", "binarization": "data.binarization",
-    "data_dir": "data.data_dir", "train_subset": "train.train_subset", "test_subset": "train.test_subset",
+    "data_dir": "data.data_dir", "dataset": "data.dataset", "image_size": "data.image_size", "train_subset": "train.train_subset", "test_subset": "train.test_subset",
     "max_steps": "train.max_steps", "grad_clip": "train.grad_clip",
     "checkpoint_every": "train.checkpoint_every_steps",
 }
@@ -135,7 +138,8 @@ def _train(args) -> int:
         config = saved.replace(train={"epochs": args.epochs or saved.train.epochs, "max_steps": args.max_steps})
     else:
         config = config_from_args(args)
-        out = Path(args.out or f"runs/{config.data.dataset}-{datetime.now():%Y%m%d-%H%M%S}")
+        name = config.data.dataset.split(":")[0]
+        out = Path(args.out or f"runs/{name}-{datetime.now():%Y%m%d-%H%M%S}")
     metrics = train_run(config, out, quiet=args.quiet, overwrite=args.overwrite, resume=bool(args.resume))
     last = metrics["epochs"][-1] if metrics["epochs"] else None
     if last:
@@ -153,12 +157,12 @@ def _evaluate(args) -> int:
     vae, config, state = load_vae(args.checkpoint, map_location=device)
     if args.data_dir:
         config = config.replace(data={"data_dir": args.data_dir})
-    _, test_binary, _ = prepare_data(config, device)
-    metrics = evaluate(vae, test_binary, seed=config.data.test_binarization_seed)
+    metrics = evaluate(vae, prepare_data(config, device).test, seed=config.data.test_binarization_seed)
     ckpt = Path(args.checkpoint)
     out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "evaluation.json"
     write_json(out, {"checkpoint": str(ckpt), "epoch": state["epoch"], "test": metrics,
-                     "units": "nats per image; test set binarized once with a fixed seed", **provenance(device)})
+                     "units": "nats per image (bits/dim for 8-bit likelihoods); binary data: test set "
+                              "binarized once with a fixed seed", **provenance(device)})
     print(f"test -ELBO {metrics['neg_elbo']:.3f} nats/image  (reconstruction {metrics['reconstruction']:.3f}, "
           f"KL {metrics['kl']:.3f}) on {metrics['images']} images; written to {out}")
     return 0

@@ -78,16 +78,19 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "mnist"  # which dataset: see pyrovae.data.DATASETS
+    dataset: str = "mnist"  # mnist, fashion_mnist, cifar10, or folder:PATH (any folder of images)
     data_dir: str | None = None  # data root; None: $PYROVAE_DATA, else the user cache folder
     binarization: str = "dynamic"  # MNIST training binarization: dynamic (fresh draw per use) or static
     test_binarization_seed: int = 0  # the one fixed draw of the binarized test set
+    image_size: int | None = None  # resize and centre-crop every image to this square size; None: as stored
 
     def __post_init__(self) -> None:
-        from pyrovae.data import BINARIZATIONS, DATASETS
+        from pyrovae.data import BINARIZATIONS, DATASETS, dataset_is_known
 
-        if self.dataset not in DATASETS:
-            raise ConfigError(f"unknown data.dataset {self.dataset!r}; valid: {_names(DATASETS)}")
+        if not isinstance(self.dataset, str) or not dataset_is_known(self.dataset):
+            raise ConfigError(f"unknown data.dataset {self.dataset!r}; valid: {_names(DATASETS)}, or folder:PATH")
+        if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 4):
+            raise ConfigError(f"data.image_size must be an integer of at least 4, or None; got {self.image_size!r}")
         if self.binarization not in BINARIZATIONS:
             raise ConfigError(f"unknown data.binarization {self.binarization!r}; valid: {_names(BINARIZATIONS)}")
 

@@ -7,6 +7,8 @@ are comparable between epochs and runs, and without touching the caller's random
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = ["elbo_terms", "evaluate"]
@@ -23,7 +25,11 @@ def elbo_terms(vae, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def evaluate(vae, images: torch.Tensor, batch_size: int = 1000, seed: int = 0) -> dict[str, float]:
-    """Mean -ELBO, reconstruction log-likelihood and KL per image (nats) on binary ``images``."""
+    """Mean -ELBO, reconstruction log-likelihood and KL per image (nats) on model-ready ``images``.
+
+    For 8-bit likelihoods also ``bits_per_dim`` = -ELBO / (C * H * W * ln 2), an upper bound on the
+    model's bits/dim.
+    """
     vae.check_data(images[:batch_size])
     devices = [images.device] if images.device.type == "cuda" else []
     totals = {"elbo": 0.0, "reconstruction": 0.0, "kl": 0.0}
@@ -34,9 +40,12 @@ def evaluate(vae, images: torch.Tensor, batch_size: int = 1000, seed: int = 0) -
             for key in totals:
                 totals[key] += terms[key].sum().item()
     n = images.shape[0]
-    return {
+    result = {
         "neg_elbo": -totals["elbo"] / n,
         "reconstruction": totals["reconstruction"] / n,
         "kl": totals["kl"] / n,
         "images": n,
     }
+    if getattr(vae.likelihood, "data_kind", None) == "8bit":  # a discrete likelihood: bits per dimension
+        result["bits_per_dim"] = result["neg_elbo"] / (math.prod(vae.image_shape) * math.log(2))
+    return result

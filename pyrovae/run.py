@@ -23,19 +23,22 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import pyro
 import torch
 
-from pyrovae.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from pyrovae.atomic import atomic_write
+from pyrovae.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pyrovae.config import Config
-from pyrovae.data import batches, binarize, load_dataset
+from pyrovae.data import batches, binarize, load_dataset, to_unit
 from pyrovae.evaluate import evaluate
+from pyrovae.likelihoods import LIKELIHOODS
 from pyrovae.model import build_vae
 from pyrovae.objectives import build_objective
 from pyrovae.train import EpochState, NonFiniteLossError, make_optimizer, resolve_device, train_epoch
 
-__all__ = ["RunFolderError", "Interrupted", "train_run", "provenance", "write_json", "write_figures",
+__all__ = ["RunFolderError", "Interrupted", "Prepared", "train_run", "provenance", "write_json", "write_figures",
            "prepare_data"]
 
 
@@ -75,20 +78,40 @@ def write_json(path, obj) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def prepare_data(config: Config, device: torch.device, download: bool = True):
-    """(train images on the device, binary test images on the device, test labels)."""
+class Prepared(NamedTuple):
+    """A dataset made ready for a model: what the training loop and the evaluation read."""
+
+    train: torch.Tensor  # (N, C, H, W) on the device: uint8 grey levels, or floats when prepared once
+    per_batch: Callable | None  # turns a training batch into model inputs (binarize, to_unit) or None
+    test: torch.Tensor  # (M, C, H, W) float model inputs on the device, fixed for every run
+    test_labels: torch.Tensor  # (M,) on the CPU
+    kind: str  # what the likelihood models: binary, unit or 8bit
+
+
+def prepare_data(config: Config, device: torch.device, download: bool = True) -> Prepared:
+    """Load the configured dataset and turn it into what the configured likelihood models.
+
+    Binary likelihoods: training images binarized dynamically (per batch) or statically (once, from
+    the run's seed); the test set binarized once from ``data.test_binarization_seed``, on the CPU, so
+    it is the same for every run and device. Other likelihoods: grey levels / 255.
+    """
     d, t = config.data, config.train
-    train = load_dataset(d.dataset, d.data_dir, train=True, download=download, device=device)
-    test = load_dataset(d.dataset, d.data_dir, train=False, download=download, device="cpu")
+    kind = LIKELIHOODS[config.model.likelihood].data_kind
+    train = load_dataset(d.dataset, d.data_dir, train=True, download=download, device=device,
+                         image_size=d.image_size)
+    test = load_dataset(d.dataset, d.data_dir, train=False, download=download, device="cpu",
+                        image_size=d.image_size)
     train_images = train.images[: t.train_subset] if t.train_subset else train.images
     test_images, test_labels = test.images, test.labels
     if t.test_subset:
         test_images, test_labels = test_images[: t.test_subset], test_labels[: t.test_subset]
-    # the test set is binarized once, on the CPU, from a fixed seed: the same for every run and device
-    test_binary = binarize(test_images, torch.Generator().manual_seed(d.test_binarization_seed)).to(device)
+    if kind != "binary":
+        return Prepared(train_images, to_unit, to_unit(test_images).to(device), test_labels, kind)
+    test_inputs = binarize(test_images, torch.Generator().manual_seed(d.test_binarization_seed)).to(device)
     if d.binarization == "static":
         train_images = binarize(train_images.cpu(), torch.Generator().manual_seed(t.seed)).to(device)
-    return train_images, test_binary, test_labels
+        return Prepared(train_images, None, test_inputs, test_labels, kind)
+    return Prepared(train_images, binarize, test_inputs, test_labels, kind)
 
 
 def _check_out_dir(out: Path, overwrite: bool) -> None:
@@ -158,7 +181,8 @@ def train_run(config: Config | None, out_dir, *, quiet: bool = False, overwrite:
         _check_out_dir(out, overwrite)
     t = config.train
     device = resolve_device(t.device)
-    train_images, test_binary, test_labels = prepare_data(config, device, download)
+    data = prepare_data(config, device, download)
+    train_images, test_inputs = data.train, data.test
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         config.save(out / "config.json")
@@ -169,11 +193,13 @@ def train_run(config: Config | None, out_dir, *, quiet: bool = False, overwrite:
     loss_fn = build_objective(t.objective, vae)
     optimizer = make_optimizer(vae.parameters(), t.lr, device)
     vae.check_data(next(batches(train_images[: t.batch_size], t.batch_size, torch.Generator(device=device),
-                                config.data.binarization)))  # once: the loop only cuts batches from this tensor
+                                data.per_batch)))  # once: the loop only cuts batches from this tensor
 
     metrics = {"config": config.to_dict(), "seed": t.seed, **provenance(device),
-               "units": "nats per image; test set binarized once with seed data.test_binarization_seed",
-               "binarization": {"train": config.data.binarization, "test": "static (fixed seed)"},
+               "units": "nats per image (bits/dim for 8-bit likelihoods)",
+               "data": {"kind": data.kind, **({"train_binarization": config.data.binarization,
+                        "test_binarization": "once, seed data.test_binarization_seed"} if data.kind == "binary"
+                        else {"inputs": "grey levels / 255"})},
                "epochs": []}
     epoch, global_step, partial = 0, 0, EpochState()
     epoch_start_rng = data_rng.get_state()
@@ -196,7 +222,7 @@ def train_run(config: Config | None, out_dir, *, quiet: bool = False, overwrite:
     with _stop_on_signals() as signals:
         while epoch < t.epochs and budget_left():
             data_rng.set_state(epoch_start_rng)
-            epoch_batches = batches(train_images, t.batch_size, data_rng, config.data.binarization)
+            epoch_batches = batches(train_images, t.batch_size, data_rng, data.per_batch)
             for _ in range(partial.step):  # resuming part-way: replay the same draws up to where it stopped
                 next(epoch_batches)
             if state is not None:  # resuming: the noise stream goes on from where it stopped
@@ -245,9 +271,10 @@ def train_run(config: Config | None, out_dir, *, quiet: bool = False, overwrite:
             epoch += 1
             epoch_start_rng = data_rng.get_state()
             vae.eval()
-            test = evaluate(vae, test_binary, seed=config.data.test_binarization_seed)
+            test = evaluate(vae, test_inputs, seed=config.data.test_binarization_seed)
             row = {"epoch": epoch, "train_neg_elbo": partial.loss, "test_neg_elbo": test["neg_elbo"],
                    "test_reconstruction": test["reconstruction"], "test_kl": test["kl"],
+                   **({"test_bits_per_dim": test["bits_per_dim"]} if "bits_per_dim" in test else {}),
                    "seconds": partial.seconds, "steps": global_step}
             metrics["epochs"].append(row)
             partial = EpochState()
@@ -257,7 +284,7 @@ def train_run(config: Config | None, out_dir, *, quiet: bool = False, overwrite:
             checkpoint()
             write_json(out / "metrics.json", metrics)
 
-    write_figures(vae, out, metrics["epochs"], test_binary, test_labels, seed=t.seed)
+    write_figures(vae, out, metrics["epochs"], test_inputs, data.test_labels, seed=t.seed)
     return metrics
 
 

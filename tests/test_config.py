@@ -3,6 +3,9 @@ import json
 import pytest
 
 from pyrovae.config import Config, ConfigError, ModelConfig, TrainConfig
+from pyrovae.likelihoods import LIKELIHOODS
+from pyrovae.networks import NETWORKS
+from pyrovae.priors import PRIORS
 
 
 def test_json_round_trip(tmp_path):
@@ -21,10 +24,10 @@ def test_json_round_trip(tmp_path):
     ("train", "objective", "elbo2", "valid: manual_analytic, manual_mc, meanfield_elbo, trace_elbo"),
     ("model", "z_dim", 0, "model.z_dim must be a positive integer"),
     ("model", "hidden", (), "model.hidden"),
-    ("model", "prior", "gaussian", "valid: normal"),
-    ("model", "likelihood", "poisson", "valid: bernoulli"),
+    ("model", "prior", "gaussian", "valid: " + ", ".join(sorted(PRIORS))),
+    ("model", "likelihood", "poisson", "valid: " + ", ".join(sorted(LIKELIHOODS))),
     ("model", "activation", "swish", "valid: elu, gelu, relu, softplus, tanh"),
-    ("data", "dataset", "imagenet", "valid: mnist"),
+    ("data", "dataset", "imagenet", "valid: cifar10, fashion_mnist, mnist, or folder:PATH"),
     ("data", "binarization", "threshold", "valid: dynamic, static"),
 ])
 def test_bad_values_name_the_field_and_the_valid_choices(section, key, value, needle):
@@ -51,5 +54,5 @@ def test_unknown_component_options_are_refused_with_the_valid_ones():
         Config().replace(model={"prior_options": {"components": 3}})
     with pytest.raises(ConfigError, match="must be a mapping"):
         Config().replace(model={"guide_options": [1, 2]})
-    with pytest.raises(ConfigError, match="unknown model.network 'resnet'; valid: auto, mlp"):
+    with pytest.raises(ConfigError, match="unknown model.network 'resnet'; valid: auto, " + ", ".join(sorted(NETWORKS))):
         Config().replace(model={"network": "resnet"})

@@ -61,7 +61,7 @@ def test_run_writes_outputs_and_checkpoint_reloads(mnist_root, tmp_path):
     assert state["epoch"] == 2 and set(state["optimizer"]) == {"state", "param_groups"}
     from pyrovae.run import prepare_data
 
-    _, test_binary, _ = prepare_data(config, torch.device("cpu"), download=False)
+    test_binary = prepare_data(config, torch.device("cpu"), download=False).test
     assert evaluate(vae, test_binary)["neg_elbo"] == pytest.approx(metrics["epochs"][-1]["test_neg_elbo"], abs=1e-4)
 
 
