@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", default=None)
     e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     e.add_argument("--out", default=None, help="metrics JSON file (default: evaluation.json beside the checkpoint)")
+    e.add_argument("--k", type=_positive_int, default=None,
+                   help="also estimate -log p(x) by importance sampling with K samples per image (IWAE-K)")
 
     s = sub.add_parser("sample", help="decode samples from the prior of a checkpoint")
     s.add_argument("checkpoint", help="checkpoint.pt of a run, or the run folder")
@@ -157,7 +159,15 @@ def _evaluate(args) -> int:
     vae, config, state = load_vae(args.checkpoint, map_location=device)
     if args.data_dir:
         config = config.replace(data={"data_dir": args.data_dir})
-    metrics = evaluate(vae, prepare_data(config, device).test, seed=config.data.test_binarization_seed)
+    from pyrovae.evaluate import importance_log_likelihood
+
+    test = prepare_data(config, device).test
+    metrics = evaluate(vae, test, seed=config.data.test_binarization_seed)
+    if args.k:
+        iwae = importance_log_likelihood(vae, test, k=args.k)
+        metrics.update({"neg_log_likelihood": iwae["neg_log_likelihood"], "k": args.k})
+        if "bits_per_dim" in iwae:
+            metrics["iwae_bits_per_dim"] = iwae["bits_per_dim"]
     ckpt = Path(args.checkpoint)
     out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "evaluation.json"
     write_json(out, {"checkpoint": str(ckpt), "epoch": state["epoch"], "test": metrics,
@@ -165,6 +175,8 @@ def _evaluate(args) -> int:
                               "binarized once with a fixed seed", **provenance(device)})
     print(f"test -ELBO {metrics['neg_elbo']:.3f} nats/image  (reconstruction {metrics['reconstruction']:.3f}, "
           f"KL {metrics['kl']:.3f}) on {metrics['images']} images; written to {out}")
+    if args.k:
+        print(f"test -log p(x) {metrics['neg_log_likelihood']:.3f} nats/image (importance sampling, K={args.k})")
     return 0
 
 

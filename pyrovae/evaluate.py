@@ -11,7 +11,7 @@ import math
 
 import torch
 
-__all__ = ["elbo_terms", "evaluate"]
+__all__ = ["elbo_terms", "evaluate", "importance_log_likelihood"]
 
 
 def elbo_terms(vae, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -48,4 +48,44 @@ def evaluate(vae, images: torch.Tensor, batch_size: int = 1000, seed: int = 0) -
     }
     if getattr(vae.likelihood, "data_kind", None) == "8bit":  # a discrete likelihood: bits per dimension
         result["bits_per_dim"] = result["neg_elbo"] / (math.prod(vae.image_shape) * math.log(2))
+    return result
+
+
+@torch.no_grad()
+def importance_log_likelihood(vae, images: torch.Tensor, k: int = 1000, batch_size: int = 100,
+                              max_rows: int = 8192, seed: int = 0) -> dict[str, float]:
+    """-log p(x) per image by importance sampling with the encoder (the IWAE bound, Burda et al. 2015).
+
+    log p(x) >= log (1/K) sum_k p(x, z_k) / q(z_k|x),  z_k ~ q(z|x),
+
+    which tends to log p(x) as K grows. The K samples are drawn in chunks of at most ``max_rows``
+    decoder rows (images x samples), so memory stays bounded whatever K is. Also returns the
+    single-sample ELBO from the same draws (the mean log weight) and, for 8-bit likelihoods, bits/dim.
+    """
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"the number of importance samples K must be a positive integer, got {k!r}")
+    vae.check_data(images[:batch_size])
+    devices = [images.device] if images.device.type == "cuda" else []
+    total_log_px, total_elbo, n = 0.0, 0.0, images.shape[0]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        prior = vae.prior()
+        for start in range(0, n, batch_size):
+            x = images[start:start + batch_size]  # (B, C, H, W)
+            q = vae.guide_net(x)  # batch (B,), event (z_dim,)
+            per_chunk = max(1, max_rows // x.shape[0])
+            log_w = []
+            for done in range(0, k, per_chunk):
+                m = min(per_chunk, k - done)
+                z = q.sample((m,))  # (m, B, z_dim)
+                outputs = vae.decoder(z.flatten(0, 1))  # (m*B, channels, H, W)
+                x_rep = x.expand(m, *x.shape).flatten(0, 1)  # (m*B, C, H, W)
+                log_px_z = vae.likelihood(outputs).log_prob(x_rep).view(m, -1)  # (m, B)
+                log_w.append(log_px_z + prior.log_prob(z) - q.log_prob(z))  # (m, B)
+            log_w = torch.cat(log_w)  # (K, B)
+            total_log_px += (torch.logsumexp(log_w, 0) - math.log(k)).sum().item()
+            total_elbo += log_w.mean(0).sum().item()
+    result = {"neg_log_likelihood": -total_log_px / n, "neg_elbo": -total_elbo / n, "k": k, "images": n}
+    if getattr(vae.likelihood, "data_kind", None) == "8bit":
+        result["bits_per_dim"] = result["neg_log_likelihood"] / (math.prod(vae.image_shape) * math.log(2))
     return result

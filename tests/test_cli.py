@@ -25,8 +25,9 @@ def test_train_2d_writes_every_output_then_evaluate_and_sample(mnist_root, tmp_p
     for name in ("config.json", "metrics.json", "checkpoint.pt", "loss_curve.png", "reconstructions.png",
                  "samples.png", "manifold.png", "latent_scatter.png"):
         assert (out / name).stat().st_size > 0, name
-    assert main(["evaluate", str(out / "checkpoint.pt"), "--data-dir", str(mnist_root)]) == 0
+    assert main(["evaluate", str(out / "checkpoint.pt"), "--data-dir", str(mnist_root), "--k", "20"]) == 0
     evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["test"]["neg_log_likelihood"] < evaluation["test"]["neg_elbo"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert evaluation["test"]["neg_elbo"] == pytest.approx(metrics["epochs"][-1]["test_neg_elbo"], abs=1e-4)
     assert main(["sample", str(out), "--out", str(tmp_path / "s"), "--n", "16"]) == 0

@@ -1,0 +1,69 @@
+"""Evaluation: the -ELBO and the importance-sampled log-likelihood against oracles."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import binary_images
+from pyrovae import ModelConfig, build_vae
+from pyrovae.evaluate import evaluate, importance_log_likelihood
+
+
+def test_iwae_with_one_sample_is_the_elbo_and_grows_with_k():
+    torch.manual_seed(0)
+    vae = build_vae(ModelConfig(z_dim=3, hidden=(32,)))
+    x = binary_images(20)
+    one = importance_log_likelihood(vae, x, k=1, seed=5)
+    assert one["neg_log_likelihood"] == pytest.approx(one["neg_elbo"], abs=1e-4)
+    bounds = [importance_log_likelihood(vae, x, k=k, seed=s)["neg_log_likelihood"]
+              for k in (1, 10, 100) for s in range(3)]
+    means = [sum(bounds[i:i + 3]) / 3 for i in (0, 3, 6)]
+    assert means[0] > means[1] > means[2]  # -IWAE_K decreases (the bound tightens) as K grows
+
+
+def _exact_case():
+    """A VAE whose decoder ignores z and whose encoder returns the prior: every weight is p(x) exactly."""
+    torch.manual_seed(0)
+    vae = build_vae(ModelConfig(z_dim=3, hidden=(16,)))
+    with torch.no_grad():
+        vae.decoder.net[-1].weight.zero_()  # p(x|z) = p(x)
+        head = vae.guide_net.encoder.head
+        head.weight.zero_()
+        head.bias[:3] = 0.0  # loc = 0
+        head.bias[3:] = math.log(math.expm1(1.0 - vae.guide_net.encoder.min_scale))  # scale = 1
+    x = binary_images(8)
+    exact = -vae.likelihood(vae.decoder(torch.zeros(8, 3))).log_prob(x).mean().item()
+    return vae, x, exact
+
+
+def test_iwae_equals_the_exact_marginal_when_every_weight_is_p_x():
+    vae, x, exact = _exact_case()
+    for k in (1, 7, 50):
+        assert importance_log_likelihood(vae, x, k=k)["neg_log_likelihood"] == pytest.approx(exact, rel=1e-6)
+
+
+def test_iwae_chunking_changes_nothing_but_memory():
+    vae, x, exact = _exact_case()
+    a = importance_log_likelihood(vae, x, k=64, max_rows=10_000)
+    b = importance_log_likelihood(vae, x, k=64, max_rows=30)
+    assert a["neg_log_likelihood"] == pytest.approx(b["neg_log_likelihood"], rel=1e-6)
+
+
+def test_bad_k_is_refused():
+    vae = build_vae(ModelConfig(z_dim=2, hidden=(8,)))
+    with pytest.raises(ValueError, match="positive integer"):
+        importance_log_likelihood(vae, binary_images(2), k=0)
+
+
+def test_evaluate_is_seeded_and_leaves_the_callers_random_stream_alone():
+    vae = build_vae(ModelConfig(z_dim=2, hidden=(8,)))
+    x = binary_images(50)
+    torch.manual_seed(123)
+    a = evaluate(vae, x)
+    after = torch.rand(1)
+    torch.manual_seed(123)
+    b = evaluate(vae, x)
+    assert a == b and torch.equal(torch.rand(1), after)
+    assert a["neg_elbo"] == pytest.approx(a["kl"] - a["reconstruction"])
+    assert not math.isnan(a["neg_elbo"])
