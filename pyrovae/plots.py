@@ -10,7 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-__all__ = ["loss_curve", "image_grid", "manifold_grid", "latent_scatter"]
+__all__ = ["loss_curve", "image_grid", "manifold_grid", "latent_scatter", "curves", "coin_entropy", "surprise_curve",
+           "gaussian_kl_asymmetry", "log_likelihood_estimates"]
 
 
 def _tile(images: torch.Tensor, nrow: int) -> torch.Tensor:
@@ -30,8 +31,8 @@ def loss_curve(history: list[dict], path, title: str = "") -> Path:
     """Train and test -ELBO per image against epochs."""
     epochs = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(epochs, [h["train_neg_elbo"] for h in history], label="train (running, dynamic binarization)")
-    ax.plot(epochs, [h["test_neg_elbo"] for h in history], label="test (fixed binarization)")
+    ax.plot(epochs, [h["train_neg_elbo"] for h in history], label="train (running mean over the epoch)")
+    ax.plot(epochs, [h["test_neg_elbo"] for h in history], label="test (fixed inputs)")
     ax.set_xlabel("epoch")
     ax.set_ylabel("-ELBO per image (nats)")
     ax.set_title(title)
@@ -73,7 +74,6 @@ def latent_scatter(codes: torch.Tensor, labels: torch.Tensor, path) -> Path:
 
 
 # --- information theory (experiments/information_theory.py, experiments/looking_back.py) -------
-__all__ += ["coin_entropy", "surprise_curve", "gaussian_kl_asymmetry", "log_likelihood_estimates"]
 
 
 def coin_entropy(p, entropy_bits, path) -> Path:
@@ -165,4 +165,17 @@ def log_likelihood_estimates(counts, curves: dict[str, dict[str, torch.Tensor]],
     if zoom:
         axes[0][1].set_title("zoomed in", fontsize=9)
         fig.tight_layout()
+    return _save(fig, path)
+
+
+def curves(series: dict[str, list[float]], path, ylabel: str, title: str = "", xlabel: str = "epoch") -> Path:
+    """Several curves against epochs (1, 2, ...), one per name."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for name, values in series.items():
+        ax.plot(range(1, len(values) + 1), values, marker="o", ms=3, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return _save(fig, path)
