@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import pyro.distributions as dist
 import torch
+from pyro.distributions.transforms import spline_autoregressive
 from torch import nn
 
-__all__ = ["PRIORS", "Prior", "StandardNormalPrior"]
+__all__ = [
+    "PRIORS", "Prior", "StandardNormalPrior", "LearnedNormalPrior", "MixtureOfGaussiansPrior",
+    "VampPrior", "FlowPrior", "LaplacePrior", "StudentTPrior",
+]
 
 
 class Prior(nn.Module):
@@ -39,7 +43,163 @@ class StandardNormalPrior(Prior):
         return dist.Normal(self.loc, self.scale).to_event(1)
 
 
+class LearnedNormalPrior(Prior):
+    """p(z) = N(m, diag(s^2)) with m and log s learned (initially N(0, I))."""
+
+    def __init__(self, z_dim: int):
+        super().__init__()
+        self.z_dim = z_dim
+        self.loc = nn.Parameter(torch.zeros(z_dim))
+        self.log_scale = nn.Parameter(torch.zeros(z_dim))
+
+    def forward(self) -> dist.Distribution:
+        return dist.Normal(self.loc, self.log_scale.exp()).to_event(1)
+
+
+class MixtureOfGaussiansPrior(Prior):
+    """p(z) = sum_k pi_k N(z; m_k, diag(s_k^2)): K diagonal Gaussians, all learned.
+
+    Args:
+        components: K, the number of Gaussians.
+        init_spread: the means start as draws from N(0, init_spread^2 I), so that the components
+            differ from the first step (identical components would receive identical gradients);
+            the scales start at 1 and the weights uniform.
+    """
+
+    def __init__(self, z_dim: int, components: int = 10, init_spread: float = 1.0):
+        super().__init__()
+        if components < 1:
+            raise ValueError(f"a mixture needs at least one component, got components={components}")
+        self.z_dim = z_dim
+        self.logits = nn.Parameter(torch.zeros(components))  # (K,) unnormalized log weights
+        self.loc = nn.Parameter(init_spread * torch.randn(components, z_dim))  # (K, z_dim)
+        self.log_scale = nn.Parameter(torch.zeros(components, z_dim))  # (K, z_dim)
+
+    def forward(self) -> dist.Distribution:
+        weights = dist.Categorical(logits=self.logits)
+        gaussians = dist.Normal(self.loc, self.log_scale.exp()).to_event(1)  # batch (K,), event (z_dim,)
+        return dist.MixtureSameFamily(weights, gaussians)
+
+
+class VampPrior(Prior):
+    """The VampPrior (Tomczak and Welling 2018): p(z) = (1/K) sum_k q(z | u_k).
+
+    A uniform mixture of the guide's own posteriors at K learned pseudo-inputs u_k, each of the image
+    shape. The pseudo-inputs are ``sigmoid`` of unconstrained parameters, so they stay inside the
+    data range (0, 1) of every likelihood here; they start near mid-grey, with small noise so that
+    the components differ.
+
+    The guide is shared with the VAE, not owned: it is kept as a plain reference rather than a
+    submodule, so its parameters appear once in ``vae.parameters()`` and ``vae.state_dict()`` (under
+    ``guide_net``), and this module's own state is the pseudo-inputs alone. Moving the VAE moves both.
+
+    With a flow guide every component is a flow distribution, and scoring z runs the flow's
+    (sequential) inverse, which is slower than with the diagonal guide; it also replaces the values the
+    flow cached while drawing z, so that log q(z|x), if scored afterwards, is recomputed the same way.
+
+    Args:
+        components: K, the number of pseudo-inputs.
+        init_noise: standard deviation of the initial pseudo-inputs around grey 0.5, in logit units.
+    """
+
+    def __init__(self, z_dim: int, guide_net: nn.Module, image_shape: tuple[int, ...],
+                 components: int = 500, init_noise: float = 0.1):
+        super().__init__()
+        if components < 1:
+            raise ValueError(f"the VampPrior needs at least one pseudo-input, got components={components}")
+        self.z_dim = z_dim
+        object.__setattr__(self, "guide_net", guide_net)  # a reference, not a submodule: see above
+        self.raw_pseudo_inputs = nn.Parameter(init_noise * torch.randn(components, *image_shape))
+        self.register_buffer("logits", torch.zeros(components))  # uniform weights 1/K
+
+    @classmethod
+    def build(cls, z_dim: int, *, guide_net: nn.Module, image_shape: tuple[int, ...], **options) -> "VampPrior":
+        return cls(z_dim, guide_net, image_shape, **options)
+
+    @property
+    def pseudo_inputs(self) -> torch.Tensor:
+        """The K pseudo-inputs u_k in the data range: (K, C, H, W)."""
+        return torch.sigmoid(self.raw_pseudo_inputs)
+
+    def forward(self) -> dist.Distribution:
+        posteriors = self.guide_net(self.pseudo_inputs)  # q(z|u_k): batch (K,), event (z_dim,)
+        return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), posteriors)
+
+
+class FlowPrior(Prior):
+    """p(z): a standard Normal pushed through learned autoregressive rational-quadratic spline flows.
+
+    The flows are neural spline flows (Durkan et al. 2019), written in the direction that makes
+    scoring cheap: log p(z) maps z to the base space in one pass per flow (as a masked autoregressive
+    flow does), while drawing z ~ p(z) inverts each flow one coordinate at a time. Training scores z
+    at every step; drawing happens only for pictures.
+
+    Args:
+        flows: the number of spline flows.
+        hidden: hidden widths of each flow's autoregressive network; ``None``: Pyro's default, one
+            layer of ``3 * z_dim + 1``.
+        bins: spline segments per coordinate on [-bound, bound]; outside it each flow is the identity.
+        bound: half-width of the interval the splines act on.
+    """
+
+    def __init__(self, z_dim: int, flows: int = 2, hidden: tuple[int, ...] | None = None,
+                 bins: int = 8, bound: float = 3.0):
+        super().__init__()
+        if flows < 1:
+            raise ValueError(f"a flow prior needs at least one flow, got flows={flows}")
+        self.z_dim = z_dim
+        widths = list(hidden) if hidden is not None else None
+        self.flows = nn.ModuleList(
+            spline_autoregressive(z_dim, hidden_dims=widths, count_bins=bins, bound=bound) for _ in range(flows))
+        self.register_buffer("loc", torch.zeros(z_dim))
+        self.register_buffer("scale", torch.ones(z_dim))
+
+    def forward(self) -> dist.Distribution:
+        base = dist.Normal(self.loc, self.scale).to_event(1)
+        # z = f^{-1}(eps): log p(z) = log N(f(z)) + log|det df/dz|, with f the parallel direction
+        return dist.TransformedDistribution(base, [flow.inv for flow in reversed(self.flows)])
+
+
+class LaplacePrior(Prior):
+    """p(z) = prod_j Laplace(z_j; 0, 1): heavier tails than N(0, I), fixed."""
+
+    def __init__(self, z_dim: int):
+        super().__init__()
+        self.z_dim = z_dim
+        self.register_buffer("loc", torch.zeros(z_dim))
+        self.register_buffer("scale", torch.ones(z_dim))
+
+    def forward(self) -> dist.Distribution:
+        return dist.Laplace(self.loc, self.scale).to_event(1)
+
+
+class StudentTPrior(Prior):
+    """p(z) = prod_j StudentT(z_j; df, 0, 1): heavy tails, fixed.
+
+    Args:
+        df: degrees of freedom; small values give heavy tails, large ones approach N(0, I).
+    """
+
+    def __init__(self, z_dim: int, df: float = 3.0):
+        super().__init__()
+        if not df > 0:
+            raise ValueError(f"the Student-t prior needs positive degrees of freedom, got df={df}")
+        self.z_dim = z_dim
+        self.register_buffer("df", torch.full((z_dim,), float(df)))
+        self.register_buffer("loc", torch.zeros(z_dim))
+        self.register_buffer("scale", torch.ones(z_dim))
+
+    def forward(self) -> dist.Distribution:
+        return dist.StudentT(self.df, self.loc, self.scale).to_event(1)
+
+
 #: Priors by config name.
 PRIORS: dict[str, type[Prior]] = {
     "normal": StandardNormalPrior,
+    "learned_normal": LearnedNormalPrior,
+    "mog": MixtureOfGaussiansPrior,
+    "vamp": VampPrior,
+    "flow": FlowPrior,
+    "laplace": LaplacePrior,
+    "student_t": StudentTPrior,
 }

@@ -1,0 +1,197 @@
+"""Every prior in the registry: shapes, normalization, samples against the density, gradients, devices.
+
+Driven by ``PRIORS``: a new prior is tested here without editing this file. Priors that take
+``components`` are built with three of them to keep the tests quick.
+"""
+
+import inspect
+import math
+
+import pytest
+import torch
+
+from pyrovae.guides import GUIDES
+from pyrovae.networks import MLPEncoder
+from pyrovae.priors import PRIORS, FlowPrior, MixtureOfGaussiansPrior, StudentTPrior, VampPrior
+
+NAMES = sorted(PRIORS)
+IMAGE_SHAPE = (1, 4, 4)
+
+
+def small_options(cls) -> dict:
+    """Options that keep a part small: three components where it takes ``components``."""
+    return {"components": 3} if "components" in inspect.signature(cls.__init__).parameters else {}
+
+
+def make_prior(name, z_dim=3, seed=0, guide=None):
+    """(prior, guide): the guide is the one a prior such as the VampPrior calls."""
+    torch.manual_seed(seed)
+    if guide is None:
+        guide = GUIDES["diagonal"].build(MLPEncoder(IMAGE_SHAPE, z_dim, (16,)), z_dim)
+    cls = PRIORS[name]
+    prior = cls.build(z_dim, guide_net=guide, image_shape=IMAGE_SHAPE, **small_options(cls))
+    return prior, guide
+
+
+def grid_2d(lim, step, dtype=torch.float64):
+    """Midpoints of a square grid on [-lim, lim]^2: (points, (n*n, 2)) with z_1 varying slowest."""
+    g = torch.arange(-lim, lim, step, dtype=dtype) + step / 2
+    return g, torch.cartesian_prod(g, g)
+
+
+def ks_distance(samples, g, marginal_density, step):
+    """Kolmogorov-Smirnov distance of 1-d samples from a density tabulated at grid midpoints g."""
+    mass = marginal_density * step / (marginal_density * step).sum()  # per grid cell
+    below = torch.cumsum(mass, 0) - mass  # CDF at the lower edge of each cell
+    s = samples.sort().values.to(g.dtype)
+    cell = torch.searchsorted(g + step / 2, s).clamp(max=len(g) - 1)
+    within = ((s - (g[cell] - step / 2)) / step).clamp(0, 1)
+    model_cdf = below[cell] + within * mass[cell]  # linear within a cell
+    n = len(s)
+    above_steps = (torch.arange(1, n + 1, dtype=g.dtype) / n - model_cdf).abs().max()
+    below_steps = (torch.arange(0, n, dtype=g.dtype) / n - model_cdf).abs().max()
+    return max(above_steps, below_steps).item()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shapes_and_finite_log_prob(name):
+    prior, _ = make_prior(name, z_dim=3)
+    p = prior()
+    assert p.batch_shape == () and p.event_shape == (3,)
+    z = p.sample((5,))
+    assert z.shape == (5, 3)
+    for codes in (z, 2 * torch.randn(7, 3)):
+        lp = p.log_prob(codes)
+        assert lp.shape == codes.shape[:1] and torch.isfinite(lp).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_density_is_normalized_and_draws_follow_it(name):
+    """For z_dim = 2, on a grid over [-12, 12]^2: a Riemann sum of p(z) is 1, and the first
+    coordinate of 4000 draws follows the marginal CDF of p(z) (Kolmogorov-Smirnov)."""
+    prior, guide = make_prior(name, z_dim=2)
+    prior.double(), guide.double()
+    step = 0.06
+    g, z = grid_2d(12.0, step)
+    with torch.no_grad():
+        p = prior()
+        density = p.log_prob(z).exp().reshape(len(g), len(g))  # [i, j]: z_1 = g[i], z_2 = g[j]
+        torch.manual_seed(1)
+        draws = p.sample((4000,))
+    # tolerance: the Student-t (df = 3) leaves 2.5e-3 outside the square, and a randomly initialized
+    # spline flow has ridges that the midpoint rule resolves to a few 1e-3 at this step
+    assert abs(density.sum().item() * step**2 - 1) < 1e-2
+    # 1.63 / sqrt(4000) = 0.026 is the 1% critical value of the KS statistic
+    assert ks_distance(draws[:, 0], g, density.sum(1) * step, step) < 0.026
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradients_reach_every_prior_parameter(name):
+    prior, _ = make_prior(name, z_dim=3)
+    log_prob = prior().log_prob(torch.randn(16, 3)).sum()
+    if not log_prob.requires_grad:  # a fixed prior: nothing to reach
+        assert not list(prior.parameters())
+        return
+    log_prob.backward()
+    for pname, param in prior.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), pname
+        assert param.grad.abs().sum() > 0, f"no gradient reaches {pname}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_moves_with_its_module(name):
+    prior, guide = make_prior(name, z_dim=3)
+    prior.double(), guide.double()
+    p = prior()
+    z = p.sample((4,))
+    assert z.dtype == torch.float64
+    assert p.log_prob(z).dtype == torch.float64
+    for tensor in [*prior.parameters(), *prior.buffers()]:
+        assert tensor.dtype == torch.float64 or not tensor.is_floating_point()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_round_trip(name):
+    a, guide = make_prior(name, z_dim=3, seed=0)
+    b, _ = make_prior(name, z_dim=3, seed=1, guide=guide)
+    b.load_state_dict(a.state_dict())
+    z = torch.randn(6, 3)
+    assert torch.equal(a().log_prob(z), b().log_prob(z))
+
+
+# --- oracles for the priors written here -----------------------------------------------------------
+def _log_normal(z, loc, scale):
+    return (-0.5 * ((z - loc) / scale) ** 2 - torch.log(scale) - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def test_mixture_of_gaussians_matches_a_direct_computation():
+    prior = MixtureOfGaussiansPrior(3, components=4).double()
+    with torch.no_grad():
+        prior.logits.copy_(torch.randn(4))
+        prior.log_scale.copy_(0.3 * torch.randn(4, 3))
+    z = torch.randn(5, 3, dtype=torch.float64)
+    weights = torch.softmax(prior.logits, 0)
+    direct = sum(weights[k] * _log_normal(z, prior.loc[k], prior.log_scale[k].exp()).exp() for k in range(4)).log()
+    torch.testing.assert_close(prior().log_prob(z), direct)
+
+
+def test_vamp_prior_is_the_mean_of_the_guide_posteriors_at_the_pseudo_inputs():
+    prior, guide = make_prior("vamp", z_dim=3)
+    prior.double(), guide.double()
+    assert isinstance(prior, VampPrior)
+    u = prior.pseudo_inputs
+    assert u.shape == (3, *IMAGE_SHAPE) and ((u > 0) & (u < 1)).all()
+    z = torch.randn(5, 3, dtype=torch.float64)
+    loc, scale = guide.encoder(u)  # (3, z_dim) each
+    direct = torch.stack([_log_normal(z, loc[k], scale[k]) for k in range(3)]).exp().mean(0).log()
+    torch.testing.assert_close(prior().log_prob(z), direct)
+
+
+def test_vamp_prior_shares_the_guide_without_owning_it():
+    prior, guide = make_prior("vamp", z_dim=3)
+    assert [n for n, _ in prior.named_parameters()] == ["raw_pseudo_inputs"]
+    assert prior.guide_net is guide
+    prior().log_prob(torch.randn(8, 3)).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in guide.parameters())
+
+
+def test_flow_prior_is_a_change_of_variables():
+    """log p(z) = log N(f(z); 0, I) + log |det df/dz|, with the Jacobian of f by autograd."""
+    prior = FlowPrior(3, flows=2).double()
+    z = torch.randn(4, 3, dtype=torch.float64)
+
+    def to_base(v):
+        for flow in prior.flows:
+            v = flow(v)
+        return v
+
+    for i in range(4):
+        jacobian = torch.autograd.functional.jacobian(to_base, z[i])
+        eps = to_base(z[i])
+        direct = _log_normal(eps, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+        direct = direct + torch.linalg.slogdet(jacobian).logabsdet
+        torch.testing.assert_close(prior().log_prob(z[i]), direct)
+
+
+def test_student_t_matches_its_closed_form():
+    df = 4.5
+    prior = StudentTPrior(2, df=df).double()
+    z = 3 * torch.randn(6, 2, dtype=torch.float64)
+    per_dim = (math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+               - (df + 1) / 2 * torch.log1p(z**2 / df))
+    torch.testing.assert_close(prior().log_prob(z), per_dim.sum(-1))
+
+
+def test_laplace_matches_its_closed_form():
+    prior = PRIORS["laplace"](2).double()
+    z = 3 * torch.randn(6, 2, dtype=torch.float64)
+    torch.testing.assert_close(prior().log_prob(z), (-z.abs() - math.log(2)).sum(-1))
+
+
+@pytest.mark.parametrize("cls", [MixtureOfGaussiansPrior, VampPrior, FlowPrior, StudentTPrior])
+def test_nonsense_options_are_refused(cls):
+    key = {MixtureOfGaussiansPrior: "components", VampPrior: "components", FlowPrior: "flows",
+           StudentTPrior: "df"}[cls]
+    guide = GUIDES["diagonal"].build(MLPEncoder(IMAGE_SHAPE, 2, (8,)), 2)
+    with pytest.raises(ValueError, match=key):
+        cls.build(2, guide_net=guide, image_shape=IMAGE_SHAPE, **{key: 0})
