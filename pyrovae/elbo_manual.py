@@ -44,10 +44,11 @@ class ManualELBO(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.vae.guide_net(x)  # q(z|x), batch (batch,), event (z_dim,)
         z = q.rsample()  # reparameterization: z = mu + sigma * eps, (batch, z_dim)
-        p = self.vae.prior()  # p(z), event (z_dim,)
+        p = self.vae.prior().expand(q.batch_shape)  # p(z), one copy per image like Pyro's plate
         log_px_z = self.vae.likelihood(self.vae.decoder(z)).log_prob(x)  # log p(x|z), (batch,)
         if self.kl == "analytic" and has_analytic_kl(q, p):
             kl = kl_divergence(q, p)  # closed form, e.g. Gaussian to Gaussian, (batch,)
         else:
-            kl = q.log_prob(z) - p.log_prob(z)  # one-sample estimate of KL, (batch,)
+            log_pz = p.log_prob(z)  # scored before q, in the order Pyro's trace does: same rounding
+            kl = q.log_prob(z) - log_pz  # one-sample estimate of KL, (batch,)
         return -(log_px_z - kl).sum()  # -ELBO, summed like Pyro's losses

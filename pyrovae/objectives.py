@@ -26,9 +26,11 @@ class PyroELBO(nn.Module):
         super().__init__()
         self.vae = vae
         self.elbo = elbo if elbo is not None else Trace_ELBO()
+        # bound once: `vae.model` is a new object at every access, and Pyro's JIT caches by identity
+        self._model, self._guide = vae.model, vae.guide
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.elbo.differentiable_loss(self.vae.model, self.vae.guide, x)
+        return self.elbo.differentiable_loss(self._model, self._guide, x)
 
 
 #: Objectives by config name: a factory taking the VAE.
