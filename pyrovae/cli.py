@@ -159,10 +159,11 @@ def _evaluate(args) -> int:
     vae, config, state = load_vae(args.checkpoint, map_location=device)
     if args.data_dir:
         config = config.replace(data={"data_dir": args.data_dir})
-    from pyrovae.evaluate import importance_log_likelihood
+    from pyrovae.evaluate import active_units, importance_log_likelihood
 
     test = prepare_data(config, device).test
     metrics = evaluate(vae, test, seed=config.data.test_binarization_seed)
+    metrics["active_units"] = active_units(vae, test)["active_units"]
     if args.k:
         iwae = importance_log_likelihood(vae, test, k=args.k)
         metrics.update({"neg_log_likelihood": iwae["neg_log_likelihood"], "k": args.k})
@@ -174,7 +175,8 @@ def _evaluate(args) -> int:
                      "units": "nats per image (bits/dim for 8-bit likelihoods); binary data: test set "
                               "binarized once with a fixed seed", **provenance(device)})
     print(f"test -ELBO {metrics['neg_elbo']:.3f} nats/image  (reconstruction {metrics['reconstruction']:.3f}, "
-          f"KL {metrics['kl']:.3f}) on {metrics['images']} images; written to {out}")
+          f"KL {metrics['kl']:.3f}) on {metrics['images']} images; {metrics['active_units']} active units; "
+          f"written to {out}")
     if args.k:
         print(f"test -log p(x) {metrics['neg_log_likelihood']:.3f} nats/image (importance sampling, K={args.k})")
     return 0

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-__all__ = ["elbo_terms", "evaluate", "importance_log_likelihood"]
+__all__ = ["elbo_terms", "evaluate", "importance_log_likelihood", "active_units"]
 
 
 def elbo_terms(vae, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -89,3 +89,16 @@ def importance_log_likelihood(vae, images: torch.Tensor, k: int = 1000, batch_si
     if getattr(vae.likelihood, "data_kind", None) == "8bit":
         result["bits_per_dim"] = result["neg_log_likelihood"] / (math.prod(vae.image_shape) * math.log(2))
     return result
+
+
+@torch.no_grad()
+def active_units(vae, images: torch.Tensor, threshold: float = 0.01, batch_size: int = 1000) -> dict:
+    """Latent dimensions the model uses (Burda et al. 2015): Var_x(E_q[z_i | x]) > ``threshold``.
+
+    E_q[z|x] is the guide's representative code (the encoder mean; for a flow guide, the mean pushed
+    through the flows).
+    """
+    codes = torch.cat([vae.guide_net.location(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    variance = codes.var(0)  # (z_dim,)
+    return {"active_units": int((variance > threshold).sum()), "z_dim": int(codes.shape[1]),
+            "threshold": threshold, "variances": variance.tolist()}

@@ -67,3 +67,18 @@ def test_evaluate_is_seeded_and_leaves_the_callers_random_stream_alone():
     assert a == b and torch.equal(torch.rand(1), after)
     assert a["neg_elbo"] == pytest.approx(a["kl"] - a["reconstruction"])
     assert not math.isnan(a["neg_elbo"])
+
+
+def test_active_units_count_the_dimensions_the_encoder_uses():
+    from pyrovae.evaluate import active_units
+
+    torch.manual_seed(0)
+    vae = build_vae(ModelConfig(z_dim=4, hidden=(16,)))
+    with torch.no_grad():
+        head = vae.guide_net.encoder.head
+        head.weight[1:4].zero_()  # only the mean of z_0 depends on x
+        head.bias[1:4] = 0.0
+        head.weight[0] *= 50
+    result = active_units(vae, binary_images(200))
+    assert result["active_units"] == 1 and result["z_dim"] == 4
+    assert result["variances"][1:] == [0.0, 0.0, 0.0] and result["variances"][0] > 0.01
