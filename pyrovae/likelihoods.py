@@ -70,7 +70,7 @@ class BernoulliLikelihood(Likelihood):
 
     def forward(self, logits: torch.Tensor) -> dist.Distribution:
         # logits: (batch, C, H, W); the three image dims are one event
-        return dist.Bernoulli(logits=logits, validate_args=False).to_event(logits.dim() - 1)
+        return dist.Bernoulli(logits=logits, validate_args=False).to_event(3)  # (C, H, W) is one event; any batch dims before it
 
     def mean(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits)
@@ -113,7 +113,7 @@ class ContinuousBernoulliLikelihood(Likelihood):
 
     def forward(self, logits: torch.Tensor) -> dist.Distribution:
         # logits: (batch, C, H, W)
-        return dist.ContinuousBernoulli(logits=logits, validate_args=False).to_event(logits.dim() - 1)
+        return dist.ContinuousBernoulli(logits=logits, validate_args=False).to_event(3)  # (C, H, W) is one event; any batch dims before it
 
     def mean(self, logits: torch.Tensor) -> torch.Tensor:
         return dist.ContinuousBernoulli(logits=logits, validate_args=False).mean
@@ -170,7 +170,7 @@ class LocationScaleLikelihood(Likelihood):
 
     def forward(self, outputs: torch.Tensor) -> dist.Distribution:
         loc, scale = self.loc_scale(outputs)
-        return self.family(loc, scale, validate_args=False).to_event(loc.dim() - 1)
+        return self.family(loc, scale, validate_args=False).to_event(3)
 
     def mean(self, outputs: torch.Tensor) -> torch.Tensor:
         return self.loc_scale(outputs)[0]
@@ -301,16 +301,16 @@ class DiscretizedLogisticLikelihood(Likelihood):
         self.outputs_per_pixel = 2 if components == 1 else 3 * components
 
     def parameters_of(self, outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mixture logits, locations and scales, each (batch, C, H, W, K), from decoder outputs."""
+        """Mixture logits, locations and scales, each (..., C, H, W, K), from decoder outputs (..., P, H, W)."""
         kinds = 2 if self.components == 1 else 3
-        params = outputs.unflatten(1, (kinds, self.components, -1)).movedim(2, -1)  # (batch, kinds, C, H, W, K)
-        loc, log_scale = params[:, -2], params[:, -1].clamp(min=self.MIN_LOG_SCALE)
-        logits = params[:, 0] if kinds == 3 else torch.zeros_like(loc)
+        params = outputs.unflatten(-3, (kinds, self.components, -1)).movedim(-4, -1)  # (..., kinds, C, H, W, K)
+        loc, log_scale = params[..., -2, :, :, :, :], params[..., -1, :, :, :, :].clamp(min=self.MIN_LOG_SCALE)
+        logits = params[..., 0, :, :, :, :] if kinds == 3 else torch.zeros_like(loc)
         return logits, loc, log_scale.exp()
 
     def forward(self, outputs: torch.Tensor) -> dist.Distribution:
         per_pixel = DiscretizedLogisticMixture(*self.parameters_of(outputs), validate_args=False)
-        return per_pixel.to_event(outputs.dim() - 1)
+        return per_pixel.to_event(3)
 
     def mean(self, outputs: torch.Tensor) -> torch.Tensor:
         return DiscretizedLogisticMixture(*self.parameters_of(outputs), validate_args=False).mean

@@ -128,7 +128,8 @@ class ConvEncoder(nn.Module):
         self.head = nn.Linear(hidden[-1], 2 * z_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.dense(self.convs(x).flatten(1))  # (batch, hidden[-1])
+        batch = x.shape[:-3]  # any leading batch dims (e.g. particles, batch)
+        h = self.dense(self.convs(x.reshape(-1, *x.shape[-3:])).flatten(1)).unflatten(0, batch)  # (..., hidden[-1])
         loc, raw_scale = self.head(h).chunk(2, dim=-1)  # (batch, z_dim) each
         return loc, F.softplus(raw_scale) + self.min_scale
 
@@ -160,8 +161,10 @@ class ConvDecoder(nn.Module):
         self.deconvs = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.dense(z).unflatten(-1, self.start)  # (batch, channels[-1], H / 2^L, W / 2^L)
-        return self.deconvs(h)  # (batch, out_channels, H, W)
+        batch = z.shape[:-1]  # any leading batch dims (e.g. particles, batch)
+        h = self.dense(z.reshape(-1, z.shape[-1])).unflatten(-1, self.start)  # (n, channels[-1], H/2^L, W/2^L)
+        out = self.deconvs(h)  # (n, out_channels, H, W)
+        return out.unflatten(0, batch)  # (..., out_channels, H, W)
 
 
 def build_conv(image_shape: tuple[int, ...], z_dim: int, out_channels: int, *, hidden: tuple[int, ...],
