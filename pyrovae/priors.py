@@ -30,8 +30,10 @@ class Prior(nn.Module):
         return cls(z_dim, **options)
 
 
-class StandardNormalPrior(Prior):
-    """p(z) = N(0, I): the prior of Kingma and Welling (2014)."""
+class _StandardPrior(Prior):
+    """Independent coordinates from a fixed location-scale ``family`` at location 0, scale 1."""
+
+    family = dist.Normal
 
     def __init__(self, z_dim: int):
         super().__init__()
@@ -40,7 +42,13 @@ class StandardNormalPrior(Prior):
         self.register_buffer("scale", torch.ones(z_dim))
 
     def forward(self) -> dist.Distribution:
-        return dist.Normal(self.loc, self.scale).to_event(1)
+        return self.family(self.loc, self.scale).to_event(1)
+
+
+class StandardNormalPrior(_StandardPrior):
+    """p(z) = N(0, I): the prior of Kingma and Welling (2014)."""
+
+    family = dist.Normal
 
 
 class LearnedNormalPrior(Prior):
@@ -160,20 +168,13 @@ class FlowPrior(Prior):
         return dist.TransformedDistribution(base, [flow.inv for flow in reversed(self.flows)])
 
 
-class LaplacePrior(Prior):
+class LaplacePrior(_StandardPrior):
     """p(z) = prod_j Laplace(z_j; 0, 1): heavier tails than N(0, I), fixed."""
 
-    def __init__(self, z_dim: int):
-        super().__init__()
-        self.z_dim = z_dim
-        self.register_buffer("loc", torch.zeros(z_dim))
-        self.register_buffer("scale", torch.ones(z_dim))
-
-    def forward(self) -> dist.Distribution:
-        return dist.Laplace(self.loc, self.scale).to_event(1)
+    family = dist.Laplace
 
 
-class StudentTPrior(Prior):
+class StudentTPrior(_StandardPrior):
     """p(z) = prod_j StudentT(z_j; df, 0, 1): heavy tails, fixed.
 
     Args:
@@ -181,13 +182,10 @@ class StudentTPrior(Prior):
     """
 
     def __init__(self, z_dim: int, df: float = 3.0):
-        super().__init__()
         if not df > 0:
             raise ValueError(f"the Student-t prior needs positive degrees of freedom, got df={df}")
-        self.z_dim = z_dim
+        super().__init__(z_dim)
         self.register_buffer("df", torch.full((z_dim,), float(df)))
-        self.register_buffer("loc", torch.zeros(z_dim))
-        self.register_buffer("scale", torch.ones(z_dim))
 
     def forward(self) -> dist.Distribution:
         return dist.StudentT(self.df, self.loc, self.scale).to_event(1)

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pyro
@@ -46,3 +48,12 @@ def mnist_small(mnist_root):
 def binary_images(n=8, shape=(1, 28, 28), seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.bernoulli(torch.full((n, *shape), 0.3), generator=g)
+
+
+def run_smoke(script, mnist_root, *args, timeout=600):
+    """Run ``experiments/<script> --smoke ARGS`` as a subprocess (data root ``mnist_root`` if given); its stdout."""
+    env = {**os.environ, "PYROVAE_DATA": str(mnist_root)} if mnist_root is not None else None
+    result = subprocess.run([sys.executable, f"experiments/{script}", "--smoke", *args], capture_output=True,
+                            text=True, cwd=ROOT, env=env, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout

@@ -1,22 +1,12 @@
 """The ELBO comparison and the per-step benchmark run end to end under --smoke."""
 
 import json
-import os
-import subprocess
-import sys
 
-from conftest import ROOT
-
-
-def _smoke(script, mnist_root, *args):
-    result = subprocess.run([sys.executable, f"experiments/{script}", "--smoke", *args], capture_output=True,
-                            text=True, cwd=ROOT, env={**os.environ, "PYROVAE_DATA": str(mnist_root)}, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+from conftest import ROOT, run_smoke
 
 
 def test_compare_elbo_smoke(mnist_root, tmp_path):
-    out = _smoke("compare_elbo.py", mnist_root, "--out", str(tmp_path))
+    out = run_smoke("compare_elbo.py", mnist_root, "--out", str(tmp_path))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     methods = {"trace_elbo", "meanfield_elbo", "manual_analytic", "manual_mc"}
     assert len(metrics["history"]) == metrics["epochs"] == 2
@@ -37,7 +27,7 @@ def test_compare_elbo_smoke(mnist_root, tmp_path):
 
 
 def test_benchmark_step_smoke(mnist_root, tmp_path):
-    out = _smoke("benchmark_step.py", mnist_root, "--out", str(tmp_path))
+    out = run_smoke("benchmark_step.py", mnist_root, "--out", str(tmp_path))
     results = json.loads((tmp_path / "results.json").read_text())
     r = results["batch_sizes"]["32"]
     assert r["ratio_to_manual"]["manual"] == 1.0
@@ -50,6 +40,6 @@ def test_benchmark_step_smoke(mnist_root, tmp_path):
 
 def test_smoke_runs_write_nothing_without_out(mnist_root):
     before = {p: p.stat().st_mtime_ns for p in (ROOT / "results").rglob("*") if p.is_file()}
-    _smoke("benchmark_step.py", mnist_root, "--methods", "pyro_trace")
+    run_smoke("benchmark_step.py", mnist_root, "--methods", "pyro_trace")
     after = {p: p.stat().st_mtime_ns for p in (ROOT / "results").rglob("*") if p.is_file()}
     assert after == before

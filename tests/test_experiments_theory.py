@@ -4,38 +4,25 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_script(name: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, f"experiments/{name}", "--smoke", *args], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{name} failed:\n{result.stdout}\n{result.stderr}"
-    return result
-
+from conftest import ROOT, run_smoke
 
 def test_information_theory_smoke(tmp_path):
-    result = run_script("information_theory.py", "--out", str(tmp_path))
+    stdout = run_smoke("information_theory.py", None, "--out", str(tmp_path))
     for name in ("coin_entropy.png", "surprise.png", "gaussian_kl.png", "claims.json", "README.md"):
         assert (tmp_path / name).stat().st_size > 0, name
     claims = json.loads((tmp_path / "claims.json").read_text())
     assert claims["claims"] and all(c["holds"] for c in claims["claims"])
     assert "information_theory.py --smoke" in claims["command"]
-    assert "FAIL" not in result.stdout
+    assert "FAIL" not in stdout
     assert "information_theory.py --smoke" in (tmp_path / "README.md").read_text()
 
 
 @pytest.mark.mnist
 def test_looking_back_smoke(tmp_path, mnist_root):
-    env = {**os.environ, "PYROVAE_DATA": str(mnist_root)}
-    result = run_script("looking_back.py", "--out", str(tmp_path), "--threads", "1", env=env)
+    stdout = run_smoke("looking_back.py", mnist_root, "--out", str(tmp_path), "--threads", "1")
     for name in ("looking_back.png", "looking_back_first_image.png", "looking_back.json", "looking_back.md"):
         assert (tmp_path / name).stat().st_size > 0, name
     report = json.loads((tmp_path / "looking_back.json").read_text())
@@ -43,7 +30,7 @@ def test_looking_back_smoke(tmp_path, mnist_root):
     assert report["estimators"]["importance"]["counts"] == [1, 10, 100]
     assert len(report["estimators"]["naive"]["test_mean_per_repeat"][0]) == report["repeats"]
     assert "looking_back.py --smoke" in report["command"] and report["versions"]["torch"]
-    assert "importance" in result.stdout
+    assert "importance" in stdout
 
 
 def test_looking_back_skips_cleanly_without_mnist(tmp_path, monkeypatch, capsys):
