@@ -28,8 +28,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--activation", default=Config().model.activation)
     p.add_argument("--objective", default=Config().train.objective)
-    p.add_argument("--run-dir", default="runs/mnist_baseline", help="where the run (with checkpoint) goes")
-    p.add_argument("--results", default="results/mnist_baseline", help="where metrics and figures are copied")
+    p.add_argument("--run-dir", default="runs/mnist", help="where the run (with checkpoint) goes")
+    p.add_argument("--results", default="results/mnist", help="where metrics and figures are copied")
     p.add_argument("--smoke", action="store_true", help="tiny budget: 1 epoch on 512 images")
     args = p.parse_args(argv)
 

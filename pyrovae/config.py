@@ -102,7 +102,7 @@ class TrainConfig:
     lr: float = 1e-3  # Adam learning rate
     seed: int = 0  # seeds initialization, reparameterization noise, data order and binarization
     device: str = "auto"  # auto (CUDA when present), cpu or cuda
-    objective: str = "trace_elbo"  # loss: see pyrovae.objectives.OBJECTIVES
+    objective: str = "meanfield_elbo"  # loss: see pyrovae.objectives.OBJECTIVES (analytic KL where one exists)
     grad_clip: float | None = None  # clip the gradient norm to this value; None: no clipping
     max_steps: int | None = None  # stop after this many optimizer steps in all (quick checks); None: no cap
     checkpoint_every_steps: int | None = None  # also checkpoint every N steps within an epoch; None: per epoch
