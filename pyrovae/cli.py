@@ -69,13 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=_positive_float, help=f"Adam learning rate ({d.train.lr})")
     t.add_argument("--seed", type=int, help=f"random seed ({d.train.seed})")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], help=f"({d.train.device})")
-    t.add_argument("--objective", help="trace_elbo, meanfield_elbo, manual_analytic or manual_mc")
+    t.add_argument("--objective", help=f"({d.train.objective}) trace_elbo, meanfield_elbo, iwae, manual_analytic, "
+                                        "manual_mc or manual_iwae")
     t.add_argument("--binarization", help="dynamic or static (MNIST training images)")
     t.add_argument("--dataset", help="mnist, fashion_mnist, cifar10, or folder:PATH")
     t.add_argument("--image-size", type=_positive_int, help="resize and centre-crop images to NxN")
     t.add_argument("--data-dir", help="data root (default: $PYROVAE_DATA, else ~/.cache/pyrovae)")
     t.add_argument("--train-subset", type=_positive_int, help="train on the first N images only")
     t.add_argument("--test-subset", type=_positive_int, help="evaluate on the first N test images")
+    t.add_argument("--particles", type=_positive_int, help=f"K for the iwae objectives ({d.train.particles})")
+    t.add_argument("--kl-weight", type=float, help="beta, the weight of the KL term (1: the ELBO)")
+    t.add_argument("--kl-warmup-steps", type=int, help="raise the KL weight from 0 over N steps")
     t.add_argument("--max-steps", type=_positive_int, help="stop after N optimizer steps in all")
     t.add_argument("--grad-clip", type=_positive_float, help="clip the gradient norm to this value")
     t.add_argument("--checkpoint-every", type=_positive_int, help="also checkpoint every N steps")
@@ -107,7 +111,8 @@ FLAG_FIELDS = {
     "guide": "model.guide", "network": "model.network", "batch_size": "train.batch_size", "lr": "train.lr", "seed": "train.seed",
     "device": "train.device", "objective": "train.objective", "binarization": "data.binarization",
     "data_dir": "data.data_dir", "dataset": "data.dataset", "image_size": "data.image_size", "train_subset": "train.train_subset", "test_subset": "train.test_subset",
-    "max_steps": "train.max_steps", "grad_clip": "train.grad_clip",
+    "max_steps": "train.max_steps", "grad_clip": "train.grad_clip", "particles": "train.particles",
+    "kl_weight": "train.kl_weight", "kl_warmup_steps": "train.kl_warmup_steps",
     "checkpoint_every": "train.checkpoint_every_steps",
 }
 BUDGET_FLAGS = {"epochs", "max_steps"}

@@ -103,6 +103,9 @@ class TrainConfig:
     seed: int = 0  # seeds initialization, reparameterization noise, data order and binarization
     device: str = "auto"  # auto (CUDA when present), cpu or cuda
     objective: str = "meanfield_elbo"  # loss: see pyrovae.objectives.OBJECTIVES (analytic KL where one exists)
+    particles: int = 5  # K, importance samples per image for the iwae objectives (ignored by the others)
+    kl_weight: float = 1.0  # beta: weight of the KL term (beta-VAE, Higgins et al. 2017); 1 is the ELBO
+    kl_warmup_steps: int = 0  # raise the KL weight linearly to kl_weight over these steps (k/N at step k); 0: none
     grad_clip: float | None = None  # clip the gradient norm to this value; None: no clipping
     max_steps: int | None = None  # stop after this many optimizer steps in all (quick checks); None: no cap
     checkpoint_every_steps: int | None = None  # also checkpoint every N steps within an epoch; None: per epoch
@@ -124,6 +127,12 @@ class TrainConfig:
             raise ConfigError(f"unknown train.objective {self.objective!r}; valid: {_names(OBJECTIVES)}")
         if self.grad_clip is not None and (not isinstance(self.grad_clip, (int, float)) or not self.grad_clip > 0):
             raise ConfigError(f"train.grad_clip must be a positive number or None, got {self.grad_clip!r}")
+        if not isinstance(self.particles, int) or self.particles < 1:
+            raise ConfigError(f"train.particles (K) must be a positive integer, got {self.particles!r}")
+        if not isinstance(self.kl_weight, (int, float)) or not self.kl_weight > 0 or self.kl_weight == float("inf"):
+            raise ConfigError(f"train.kl_weight must be a positive finite number, got {self.kl_weight!r}")
+        if not isinstance(self.kl_warmup_steps, int) or self.kl_warmup_steps < 0:
+            raise ConfigError(f"train.kl_warmup_steps must be an integer >= 0, got {self.kl_warmup_steps!r}")
         for key in ("max_steps", "checkpoint_every_steps", "train_subset", "test_subset"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value < 1):

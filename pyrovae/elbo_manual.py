@@ -11,11 +11,13 @@ networks, prior and likelihood modules as the Pyro model, called directly.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.distributions import kl_divergence
 
-__all__ = ["ManualELBO", "has_analytic_kl"]
+__all__ = ["ManualELBO", "ManualIWAE", "has_analytic_kl"]
 
 
 def has_analytic_kl(q, p) -> bool:
@@ -51,4 +53,26 @@ class ManualELBO(nn.Module):
         else:
             log_pz = p.log_prob(z)  # scored before q, in the order Pyro's trace does: same rounding
             kl = q.log_prob(z) - log_pz  # one-sample estimate of KL, (batch,)
-        return -(log_px_z - kl).sum()  # -ELBO, summed like Pyro's losses
+        return -(log_px_z - self.vae.kl_weight * kl).sum()  # -ELBO (beta-weighted KL), summed like Pyro's losses
+
+
+class ManualIWAE(nn.Module):
+    """-IWAE_K summed over the batch (Burda et al. 2015), in plain PyTorch.
+
+    log p(x) >= E[log (1/K) sum_k w_k],  w_k = p(x|z_k) p(z_k) / q(z_k|x),  z_k ~ q(z|x) independently;
+    K = 1 is the ELBO, and the bound tightens as K grows.
+    """
+
+    def __init__(self, vae: nn.Module, particles: int = 5):
+        super().__init__()
+        if not isinstance(particles, int) or particles < 1:
+            raise ValueError(f"the IWAE bound needs K >= 1 particles, got {particles!r}")
+        self.vae = vae
+        self.particles = particles
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.vae.guide_net(x)  # q(z|x), batch (batch,)
+        z = q.rsample((self.particles,))  # (K, batch, z_dim), reparameterized
+        log_px_z = self.vae.likelihood(self.vae.decoder(z)).log_prob(x)  # (K, batch)
+        log_w = log_px_z + self.vae.prior().log_prob(z) - q.log_prob(z)  # log importance weights, (K, batch)
+        return -(torch.logsumexp(log_w, 0) - math.log(self.particles)).sum()

@@ -22,6 +22,7 @@ import itertools
 
 import pyro
 import torch
+from pyro import poutine
 from pyro.nn import PyroModule, pyro_method
 from torch import nn
 
@@ -61,6 +62,7 @@ class VAE(PyroModule):
         self.guide_net = guide_net
         self.image_shape = tuple(image_shape)
         self.check_inputs = True  # model/guide validate x; a loop that checked its data once turns this off
+        self.kl_weight = 1.0  # beta: scales log p(z) and log q(z|x), hence the KL term (beta-VAE, warm-up)
 
     @contextlib.contextmanager
     def inputs_checked(self):
@@ -87,7 +89,8 @@ class VAE(PyroModule):
         if self.check_inputs:
             self.check_data(x)
         with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", self.prior())  # (batch, z_dim)
+            with self._kl_scale():
+                z = pyro.sample("z", self.prior())  # (batch, z_dim)
             pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)  # (batch, C, H, W)
         return z
 
@@ -96,8 +99,12 @@ class VAE(PyroModule):
         """q(z|x), amortized by the encoder."""
         if self.check_inputs:
             self.check_data(x)
-        with pyro.plate("data", x.shape[0]):
+        with pyro.plate("data", x.shape[0]), self._kl_scale():
             return pyro.sample("z", self.guide_net(x))  # (batch, z_dim)
+
+    def _kl_scale(self):
+        """Scale the latent site by ``kl_weight`` (in model and guide alike), or leave it alone at 1."""
+        return poutine.scale(scale=self.kl_weight) if self.kl_weight != 1.0 else contextlib.nullcontext()
 
     # --- conveniences for pictures and evaluation (no Pyro machinery) ---------------------------
     @torch.no_grad()

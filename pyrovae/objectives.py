@@ -6,14 +6,18 @@ model/guide pair, and the hand-coded ELBO of :mod:`pyrovae.elbo_manual`.
 
 from __future__ import annotations
 
+import math
+
 import pyro
 import torch
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 from torch import nn
 
-from pyrovae.elbo_manual import ManualELBO
+from pyrovae.elbo_manual import ManualELBO, ManualIWAE
 
-__all__ = ["OBJECTIVES", "PyroELBO", "build_objective"]
+__all__ = ["OBJECTIVES", "PyroELBO", "PyroIWAE", "build_objective"]
 
 
 class PyroELBO(nn.Module):
@@ -33,14 +37,50 @@ class PyroELBO(nn.Module):
         return self.elbo.differentiable_loss(self._model, self._guide, x)
 
 
-#: Objectives by config name: a factory taking the VAE.
+class PyroIWAE(nn.Module):
+    """-IWAE_K summed over the batch, from Pyro traces of ``vae.model``/``vae.guide``.
+
+    The guide runs inside a plate of K particles (dim -2, outside the data plate), the model is
+    replayed against it, and the per-image log weights log p(x, z_k) - log q(z_k|x) of each particle
+    are averaged in probability space. (Pyro's ``RenyiELBO(alpha=0)`` estimates the same bound but
+    has no differentiable loss to hand to a torch optimizer.)
+    """
+
+    def __init__(self, vae: nn.Module, particles: int = 5):
+        super().__init__()
+        if not isinstance(particles, int) or particles < 1:
+            raise ValueError(f"the IWAE bound needs K >= 1 particles, got {particles!r}")
+        self.vae, self.particles = vae, particles
+        self._model, self._guide = vae.model, vae.guide
+
+    def _vectorized(self, fn):
+        def run(x):
+            with pyro.plate("particles", self.particles, dim=-2):
+                return fn(x)
+        return run
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        guide_trace = poutine.trace(self._vectorized(self._guide)).get_trace(x)
+        model_trace = poutine.trace(poutine.replay(self._vectorized(self._model), trace=guide_trace)).get_trace(x)
+        log_w = 0.0
+        for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
+            trace.compute_log_prob()
+            for site in trace.nodes.values():
+                if site["type"] == "sample" and not site_is_subsample(site):
+                    log_w = log_w + sign * site["log_prob"]  # (K, batch)
+        return -(torch.logsumexp(log_w, 0) - math.log(self.particles)).sum()
+
+
+#: Objectives by config name: a factory taking the VAE and ``particles`` (K, for the IWAE bounds).
 OBJECTIVES = {
-    "trace_elbo": lambda vae: PyroELBO(vae, Trace_ELBO()),
-    "meanfield_elbo": lambda vae: PyroELBO(vae, TraceMeanField_ELBO()),
-    "manual_analytic": lambda vae: ManualELBO(vae, kl="analytic"),
-    "manual_mc": lambda vae: ManualELBO(vae, kl="mc"),
+    "trace_elbo": lambda vae, particles=1: PyroELBO(vae, Trace_ELBO()),
+    "meanfield_elbo": lambda vae, particles=1: PyroELBO(vae, TraceMeanField_ELBO()),
+    "manual_analytic": lambda vae, particles=1: ManualELBO(vae, kl="analytic"),
+    "manual_mc": lambda vae, particles=1: ManualELBO(vae, kl="mc"),
+    "iwae": lambda vae, particles=1: PyroIWAE(vae, particles),
+    "manual_iwae": lambda vae, particles=1: ManualIWAE(vae, particles),
 }
 
 
-def build_objective(name: str, vae: nn.Module) -> nn.Module:
-    return OBJECTIVES[name](vae)
+def build_objective(name: str, vae: nn.Module, particles: int = 1) -> nn.Module:
+    return OBJECTIVES[name](vae, particles)

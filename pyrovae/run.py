@@ -190,7 +190,7 @@ def train_run(config: Config | None, out_dir, *, quiet: bool = False, overwrite:
     pyro.set_rng_seed(t.seed)  # initialization and reparameterization noise
     data_rng = torch.Generator(device=device).manual_seed(t.seed + 1)  # data order and binarization
     vae = build_vae(config.model, tuple(train_images.shape[1:])).to(device)
-    loss_fn = build_objective(t.objective, vae)
+    loss_fn = build_objective(t.objective, vae, t.particles)
     optimizer = make_optimizer(vae.parameters(), t.lr, device)
     vae.check_data(next(batches(train_images[: t.batch_size], t.batch_size, torch.Generator(device=device),
                                 data.per_batch)))  # once: the loop only cuts batches from this tensor
@@ -237,6 +237,11 @@ def train_run(config: Config | None, out_dir, *, quiet: bool = False, overwrite:
                 return bool(signals) or (t.max_steps is not None and step >= t.max_steps) or (
                     t.checkpoint_every_steps is not None and step % t.checkpoint_every_steps == 0)
 
+            def set_kl_weight(step_in_epoch: int) -> None:  # a function of the global step: resumes exactly
+                step = steps_before + step_in_epoch
+                warm = min(1.0, (step + 1) / t.kl_warmup_steps) if t.kl_warmup_steps else 1.0  # never 0
+                vae.kl_weight = t.kl_weight * warm
+
             vae.train()
             while True:
                 try:
@@ -244,6 +249,7 @@ def train_run(config: Config | None, out_dir, *, quiet: bool = False, overwrite:
                         train_epoch(loss_fn, optimizer, epoch_batches, state=partial, num_batches=num_batches,
                                     progress=None if not quiet else False, should_stop=pause,
                                     description=f"epoch {epoch + 1}/{t.epochs}", grad_clip=t.grad_clip,
+                                    before_step=set_kl_weight,
                                     where=f"epoch {epoch + 1}, ")
                 except NonFiniteLossError as e:
                     raise NonFiniteLossError(f"{e}; training stopped. The last good checkpoint (epoch {epoch}) "
@@ -270,6 +276,7 @@ def train_run(config: Config | None, out_dir, *, quiet: bool = False, overwrite:
 
             epoch += 1
             epoch_start_rng = data_rng.get_state()
+            vae.kl_weight = 1.0  # figures are always the plain ELBO
             vae.eval()
             test = evaluate(vae, test_inputs, seed=config.data.test_binarization_seed)
             row = {"epoch": epoch, "train_neg_elbo": partial.loss, "test_neg_elbo": test["neg_elbo"],

@@ -64,6 +64,7 @@ def train_epoch(
     description: str = "",
     grad_clip: float | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    before_step: Callable[[int], None] | None = None,
     where: str = "",
 ) -> EpochState:
     """Train on the batches ``batches`` still has to give, adding to ``state`` (a new one by default).
@@ -71,6 +72,7 @@ def train_epoch(
     Each step checks that the loss and the gradient norm are finite; a non-finite value raises
     :class:`NonFiniteLossError` before the optimizer touches the parameters. ``should_stop()`` is
     asked after every step; when it says yes the epoch ends early with ``interrupted`` set.
+    ``before_step(step_in_epoch)`` runs before each step.
     ``progress=None`` shows a tqdm bar only when stderr is a terminal.
     """
     state = state if state is not None else EpochState()
@@ -83,6 +85,8 @@ def train_epoch(
     start = time.perf_counter()
     try:
         for x in batches:
+            if before_step is not None:
+                before_step(state.step)  # e.g. set this step's KL weight
             loss = loss_fn(x)
             value = loss.item()
             if not math.isfinite(value):

@@ -21,7 +21,7 @@ def test_json_round_trip(tmp_path):
     ("train", "batch_size", 0, "train.batch_size must be a positive integer"),
     ("train", "epochs", -3, "train.epochs must be a positive integer"),
     ("train", "device", "tpu", "auto, cpu, cuda"),
-    ("train", "objective", "elbo2", "valid: manual_analytic, manual_mc, meanfield_elbo, trace_elbo"),
+    ("train", "objective", "elbo2", "valid: iwae, manual_analytic, manual_iwae, manual_mc, meanfield_elbo, trace_elbo"),
     ("model", "z_dim", 0, "model.z_dim must be a positive integer"),
     ("model", "hidden", (), "model.hidden"),
     ("model", "prior", "gaussian", "valid: " + ", ".join(sorted(PRIORS))),

@@ -162,7 +162,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(m
     import pyrovae.run as run
 
     real = run.build_objective
-    monkeypatch.setattr(run, "build_objective", lambda name, vae: _NaNAt(real(name, vae), at=8))
+    monkeypatch.setattr(run, "build_objective", lambda name, vae, particles: _NaNAt(real(name, vae, particles), at=8))
     with pytest.raises(NonFiniteLossError, match=r"the loss is nan at epoch 2, step 2 of the epoch.*epoch 1"):
         train_run(_cfg(mnist_root, epochs=3), tmp_path / "run", quiet=True)
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
