@@ -25,12 +25,20 @@ from pyrovae.model import ImageShapeError
 from pyrovae.run import RunFolderError, train_run
 from pyrovae.train import NonFiniteLossError, make_optimizer, train_epoch
 
-FAULTS = []  # (case name) for every bad input or fault proved below
+FAULTS = []  # the name of every bad input or fault proved below, registered when the module loads
 
 
 def case(name):
     FAULTS.append(name)
     return name
+
+
+def faults(*names):
+    """Register the cases a test proves."""
+    def register(test):
+        FAULTS.extend(names)
+        return test
+    return register
 
 
 TINY = Config().replace(model={"z_dim": 4, "hidden": (32,)},
@@ -50,8 +58,8 @@ def _rows(metrics):
 
 
 # --- resume, interruption, atomic checkpoints ------------------------------------------------------
+@faults("a run stopped after 2 epochs and resumed to 4 equals 4 epochs straight, bit for bit")
 def test_resume_is_exact(mnist_root, tmp_path):
-    case("a run stopped after 2 epochs and resumed to 4 equals 4 epochs straight, bit for bit")
     straight = train_run(_cfg(mnist_root, epochs=4), tmp_path / "straight", quiet=True)
     train_run(_cfg(mnist_root, epochs=2), tmp_path / "pieces", quiet=True)
     resumed = train_run(_cfg(mnist_root, epochs=4), tmp_path / "pieces", quiet=True, resume=True)
@@ -63,8 +71,8 @@ def test_resume_is_exact(mnist_root, tmp_path):
     assert all(torch.equal(ca[i]["exp_avg_sq"], cb[i]["exp_avg_sq"]) for i in ca)
 
 
+@faults("a run stopped mid-epoch (step budget) and resumed equals the straight run, bit for bit")
 def test_step_budget_stops_mid_epoch_and_resumes_exactly(mnist_root, tmp_path):
-    case("a run stopped mid-epoch (step budget) and resumed equals the straight run, bit for bit")
     straight = train_run(_cfg(mnist_root, epochs=2), tmp_path / "straight", quiet=True)
     partial = train_run(_cfg(mnist_root, epochs=2, max_steps=8), tmp_path / "pieces", quiet=True)
     assert partial["stopped_at_step"] == 8 and len(partial["epochs"]) == 1  # 6 steps an epoch
@@ -90,8 +98,9 @@ def _wait_for(path, proc, timeout=120):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@faults("SIGINT mid-run: checkpoint, resume hint, exit 130",
+        "SIGTERM mid-run: checkpoint, resume hint, exit 143, exact resume")
 def test_signal_checkpoints_and_resume_matches_the_straight_run(mnist_root, tmp_path, signum):
-    case(f"{signal.Signals(signum).name} mid-run: checkpoint, resume hint, non-zero exit, exact resume")
     args = ["--z-dim", "4", "--hidden", "32", "--train-subset", "600", "--test-subset", "100", "--batch-size", "100",
             "--data-dir", str(mnist_root), "--quiet"]
     out = tmp_path / "run"
@@ -115,8 +124,8 @@ def test_signal_checkpoints_and_resume_matches_the_straight_run(mnist_root, tmp_
     assert _rows(ma) == _rows(mb)
 
 
+@faults("SIGKILL in the middle of writing a checkpoint: the previous checkpoint still loads")
 def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one_intact(tmp_path):
-    case("SIGKILL in the middle of writing a checkpoint: the previous checkpoint still loads")
     path = tmp_path / "checkpoint.pt"
     script = f"""
 import torch
@@ -157,8 +166,8 @@ class _NaNAt(torch.nn.Module):
         return loss * float("nan") if self.calls == self.at else loss
 
 
+@faults("a NaN loss: stops, names epoch and step, keeps the last good checkpoint")
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(mnist_root, tmp_path, monkeypatch):
-    case("a NaN loss: stops, names epoch and step, keeps the last good checkpoint")
     import pyrovae.run as run
 
     real = run.build_objective
@@ -169,8 +178,8 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(m
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+@faults("an infinite gradient with a finite loss: stops and names the parameter")
 def test_non_finite_gradient_names_the_parameter():
-    case("an infinite gradient with a finite loss: stops and names the parameter")
     vae = build_vae(ModelConfig(z_dim=2, hidden=(8,)))
 
     def loss_fn(x):  # d/dw sqrt(w - w) is infinite at 0 while the value is 0
@@ -185,8 +194,8 @@ def test_non_finite_gradient_names_the_parameter():
     assert all(torch.equal(before[k], v) for k, v in vae.state_dict().items())  # no update was applied
 
 
+@faults("gradient clipping from the config bounds the gradient norm")
 def test_gradient_clipping_bounds_the_gradient_norm():
-    case("gradient clipping from the config bounds the gradient norm")
     from pyrovae.objectives import PyroELBO
 
     vae = build_vae(ModelConfig(z_dim=2, hidden=(8,)))
@@ -216,6 +225,8 @@ BAD_INPUTS = [
     (case("a negative learning rate"), lambda: Config().replace(train={"lr": -1e-3}), ConfigError, "train.lr"),
     (case("a zero batch size"), lambda: Config().replace(train={"batch_size": 0}), ConfigError, "batch_size"),
     (case("a zero latent size"), lambda: Config().replace(model={"z_dim": 0}), ConfigError, "z_dim"),
+    (case("fewer than one importance sample (K < 1)"), lambda: Config().replace(train={"particles": 0}), ConfigError,
+     "train.particles"),
     (case("a negative gradient clip"), lambda: Config().replace(train={"grad_clip": -1.0}), ConfigError, "grad_clip"),
     (case("an unknown config key"), lambda: Config.from_dict({"train": {"epoch": 3}}), ConfigError, "valid: epochs"),
     (case("a malformed --set override"), lambda: Config.load(ROOT / "pyproject.toml", ["lr=3"]), ConfigError,
@@ -229,8 +240,8 @@ def test_bad_input_is_refused_clearly(name, fn, error, needle):
         fn()
 
 
+@faults("a missing, malformed or wrong config file")
 def test_config_files_missing_broken_or_wrong(tmp_path):
-    case("a missing, malformed or wrong config file")
     with pytest.raises(ConfigError, match="no config file at"):
         Config.load(tmp_path / "nope.toml")
     (tmp_path / "bad.toml").write_text("[model\nz_dim = 2")
@@ -241,11 +252,11 @@ def test_config_files_missing_broken_or_wrong(tmp_path):
         Config.load(tmp_path / "wrong.toml")
 
 
+@faults("a missing dataset with downloading off",
+        "truncated dataset files")
 def test_missing_and_unreadable_datasets(tmp_path):
-    case("a missing dataset with downloading off")
     with pytest.raises(DatasetNotFoundError, match="MNIST was not found"):
         load_mnist(tmp_path / "empty", train=True, download=False)
-    case("truncated dataset files")
     raw = tmp_path / "bad" / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for f in MNIST_FILES:
@@ -255,8 +266,13 @@ def test_missing_and_unreadable_datasets(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["empty", "garbage", "truncated", "foreign", "incompatible", "missing"])
+@faults("a empty checkpoint",
+        "a garbage checkpoint",
+        "a truncated checkpoint",
+        "a foreign checkpoint",
+        "a incompatible checkpoint",
+        "a missing checkpoint")
 def test_bad_checkpoints(tmp_path, kind):
-    case(f"a {kind} checkpoint")
     path = tmp_path / "checkpoint.pt"
     vae = build_vae(ModelConfig(z_dim=2, hidden=(8,)))
     save_checkpoint(path, vae=vae, optimizer=None, config=Config().replace(model={"z_dim": 2, "hidden": (8,)}),
@@ -283,8 +299,8 @@ def test_bad_checkpoints(tmp_path, kind):
         load_vae(path)
 
 
+@faults("a checkpoint holding an arbitrary pickled object is refused")
 def test_checkpoints_load_without_unpickling_objects(tmp_path):
-    case("a checkpoint holding an arbitrary pickled object is refused")
     path = tmp_path / "checkpoint.pt"
     import argparse
 
@@ -293,8 +309,8 @@ def test_checkpoints_load_without_unpickling_objects(tmp_path):
         load_checkpoint(path)
 
 
+@faults("an output folder that already holds a run")
 def test_output_folder_with_another_run_is_refused(mnist_root, tmp_path):
-    case("an output folder that already holds a run")
     train_run(_cfg(mnist_root, epochs=1), tmp_path / "run", quiet=True)
     before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
     with pytest.raises(RunFolderError, match="--overwrite"):
@@ -302,20 +318,19 @@ def test_output_folder_with_another_run_is_refused(mnist_root, tmp_path):
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
 
 
+@faults("resuming with a different config",
+        "resuming a folder with no run",
+        "--resume with flags that would change the run")
 def test_resume_refuses_a_changed_config_or_a_missing_run(mnist_root, tmp_path, capsys):
-    case("resuming with a different config")
     train_run(_cfg(mnist_root, epochs=1), tmp_path / "run", quiet=True)
     with pytest.raises(CheckpointError, match=r"train.lr: saved 0.001, given 0.01"):
         train_run(_cfg(mnist_root, epochs=2, lr=0.01), tmp_path / "run", quiet=True, resume=True)
-    case("resuming a folder with no run")
     assert main(["train", "--resume", str(tmp_path / "none"), "--epochs", "2"]) == 1
     assert "no checkpoint at" in capsys.readouterr().err
-    case("--resume with flags that would change the run")
     with pytest.raises(SystemExit):
         main(["train", "--resume", str(tmp_path / "run"), "--lr", "0.1"])
     assert "only --epochs and --max-steps" in capsys.readouterr().err
 
 
 def test_the_module_counts_its_cases():
-    # the parametrized cases are registered at import; the rest when their tests have run in this session
-    assert len(FAULTS) >= 20, FAULTS
+    assert len(FAULTS) == len(set(FAULTS)) >= 20, FAULTS
