@@ -7,11 +7,21 @@ are comparable between epochs and runs, and without touching the caller's random
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
-__all__ = ["elbo_terms", "evaluate", "importance_log_likelihood", "active_units"]
+__all__ = ["seeded_noise", "elbo_terms", "evaluate", "importance_log_likelihood", "active_units"]
+
+
+@contextlib.contextmanager
+def seeded_noise(seed: int, device: torch.device):
+    """Draw from torch's generators seeded with ``seed`` inside the block, leaving the caller's streams
+    as they were (CPU, and ``device``'s when it is a GPU)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def elbo_terms(vae, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -31,10 +41,8 @@ def evaluate(vae, images: torch.Tensor, batch_size: int = 1000, seed: int = 0) -
     model's bits/dim.
     """
     vae.check_data(images[:batch_size])
-    devices = [images.device] if images.device.type == "cuda" else []
     totals = {"elbo": 0.0, "reconstruction": 0.0, "kl": 0.0}
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with seeded_noise(seed, images.device):
         for start in range(0, images.shape[0], batch_size):
             terms = elbo_terms(vae, images[start:start + batch_size])
             for key in totals:
@@ -65,10 +73,8 @@ def importance_log_likelihood(vae, images: torch.Tensor, k: int = 1000, batch_si
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"the number of importance samples K must be a positive integer, got {k!r}")
     vae.check_data(images[:batch_size])
-    devices = [images.device] if images.device.type == "cuda" else []
     total_log_px, total_elbo, n = 0.0, 0.0, images.shape[0]
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with seeded_noise(seed, images.device):
         prior = vae.prior()
         for start in range(0, n, batch_size):
             x = images[start:start + batch_size]  # (B, C, H, W)

@@ -32,7 +32,7 @@ from pyrovae.atomic import atomic_write
 from pyrovae.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pyrovae.config import Config
 from pyrovae.data import batches, binarize, load_dataset, to_unit
-from pyrovae.evaluate import evaluate
+from pyrovae.evaluate import evaluate, seeded_noise
 from pyrovae.likelihoods import LIKELIHOODS
 from pyrovae.model import build_vae
 from pyrovae.objectives import build_objective
@@ -305,8 +305,7 @@ def write_figures(vae, out: Path, history, test_binary, test_labels, seed: int =
     inputs = test_binary[:16]
     plots.image_grid(torch.cat([inputs, vae.reconstruct(inputs)]), out / "reconstructions.png", nrow=16,
                      title="test images (top) and reconstructions E[x|z=mean of q(z|x)] (bottom)")
-    with torch.random.fork_rng(devices=[test_binary.device] if test_binary.device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    with seeded_noise(seed, test_binary.device):
         plots.image_grid(vae.sample(64), out / "samples.png", nrow=8, title="E[x|z], z ~ p(z)")
     if vae.prior().event_shape == (2,):
         plots.manifold_grid(vae, out / "manifold.png")
