@@ -10,13 +10,16 @@ VampPrior needs the guide) overrides ``build``.
 
 from __future__ import annotations
 
+import math
+
 import pyro.distributions as dist
 import torch
 from pyro.distributions.transforms import spline_autoregressive
 from torch import nn
+from torch.distributions import constraints
 
 __all__ = [
-    "PRIORS", "Prior", "StandardNormalPrior", "LearnedNormalPrior", "MixtureOfGaussiansPrior",
+    "PRIORS", "Prior", "DiagonalNormalMixture", "StandardNormalPrior", "LearnedNormalPrior", "MixtureOfGaussiansPrior",
     "VampPrior", "FlowPrior", "LaplacePrior", "StudentTPrior",
 ]
 
@@ -64,6 +67,52 @@ class LearnedNormalPrior(Prior):
         return dist.Normal(self.loc, self.log_scale.exp()).to_event(1)
 
 
+class DiagonalNormalMixture(dist.TorchDistribution):
+    """sum_k pi_k N(z; m_k, diag(s_k^2)) over z in R^D, scored with matrix products.
+
+    The same density as ``MixtureSameFamily(Categorical(logits), Normal(loc, scale).to_event(1))``,
+    computed without the (points, K, D) tensor that one builds: the squared Mahalanobis distance of
+    every point to every component is expanded as
+
+        sum_j (z_j - m_kj)^2 / s_kj^2 = z^2 . (1/s_k^2) - 2 z . (m_k/s_k^2) + m_k^2 . (1/s_k^2),
+
+    three (points, D) x (D, K) products. The expansion subtracts large numbers when the scales are
+    small (a VampPrior's components are encoder posteriors), so it runs in float64 and the result is
+    returned in the input's dtype.
+
+    Args:
+        logits: (K,) unnormalized log mixture weights.
+        loc, scale: (K, D) component means and standard deviations.
+    """
+
+    arg_constraints = {"logits": constraints.real_vector, "loc": constraints.real, "scale": constraints.positive}
+    support = constraints.real_vector
+    has_rsample = False
+
+    def __init__(self, logits: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, validate_args=None):
+        if loc.dim() != 2 or scale.shape != loc.shape or logits.shape != loc.shape[:1]:
+            raise ValueError(f"expected logits (K,), loc and scale (K, D); got {tuple(logits.shape)}, "
+                             f"{tuple(loc.shape)}, {tuple(scale.shape)}")
+        self.logits, self.loc, self.scale = logits, loc, scale
+        super().__init__(torch.Size(), loc.shape[-1:], validate_args=validate_args)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        d = self.loc.shape[-1]
+        z = value.reshape(-1, d).double()  # (N, D)
+        precision = self.scale.double().pow(-2)  # (K, D)
+        loc = self.loc.double()
+        squared = z.pow(2) @ precision.T - 2 * z @ (loc * precision).T + (loc.pow(2) * precision).sum(-1)  # (N, K)
+        log_components = -0.5 * squared - self.scale.double().log().sum(-1) - 0.5 * d * math.log(2 * math.pi)
+        log_weights = torch.log_softmax(self.logits.double(), -1)
+        log_p = torch.logsumexp(log_components + log_weights, -1)  # (N,)
+        return log_p.to(value.dtype).reshape(value.shape[:-1])
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        with torch.no_grad():
+            k = dist.Categorical(logits=self.logits).sample(sample_shape)  # sample_shape
+            return self.loc[k] + self.scale[k] * torch.randn_like(self.loc[k])
+
+
 class MixtureOfGaussiansPrior(Prior):
     """p(z) = sum_k pi_k N(z; m_k, diag(s_k^2)): K diagonal Gaussians, all learned.
 
@@ -84,9 +133,7 @@ class MixtureOfGaussiansPrior(Prior):
         self.log_scale = nn.Parameter(torch.zeros(components, z_dim))  # (K, z_dim)
 
     def forward(self) -> dist.Distribution:
-        weights = dist.Categorical(logits=self.logits)
-        gaussians = dist.Normal(self.loc, self.log_scale.exp()).to_event(1)  # batch (K,), event (z_dim,)
-        return dist.MixtureSameFamily(weights, gaussians)
+        return DiagonalNormalMixture(self.logits, self.loc, self.log_scale.exp())
 
 
 class VampPrior(Prior):
@@ -131,6 +178,9 @@ class VampPrior(Prior):
 
     def forward(self) -> dist.Distribution:
         posteriors = self.guide_net(self.pseudo_inputs)  # q(z|u_k): batch (K,), event (z_dim,)
+        gaussian = posteriors.base_dist if isinstance(posteriors, dist.Independent) else None
+        if isinstance(gaussian, dist.Normal) and posteriors.reinterpreted_batch_ndims == 1:  # the diagonal guide
+            return DiagonalNormalMixture(self.logits, gaussian.loc, gaussian.scale)
         return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), posteriors)
 
 

@@ -12,7 +12,10 @@ import torch
 
 from pyrovae.guides import GUIDES
 from pyrovae.networks import MLPEncoder
-from pyrovae.priors import PRIORS, FlowPrior, MixtureOfGaussiansPrior, StudentTPrior, VampPrior
+import pyro.distributions as dist
+
+from pyrovae.priors import (PRIORS, DiagonalNormalMixture, FlowPrior, MixtureOfGaussiansPrior, StudentTPrior,
+                             VampPrior)
 
 NAMES = sorted(PRIORS)
 IMAGE_SHAPE = (1, 4, 4)
@@ -145,6 +148,68 @@ def test_vamp_prior_is_the_mean_of_the_guide_posteriors_at_the_pseudo_inputs():
     loc, scale = guide.encoder(u)  # (3, z_dim) each
     direct = torch.stack([_log_normal(z, loc[k], scale[k]) for k in range(3)]).exp().mean(0).log()
     torch.testing.assert_close(prior().log_prob(z), direct)
+
+
+def _reference_mixture(logits, loc, scale):
+    return dist.MixtureSameFamily(dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1))
+
+
+def test_matmul_mixture_equals_mixture_same_family_in_float64():
+    torch.manual_seed(0)
+    logits, loc, scale = torch.randn(7, dtype=torch.float64), torch.randn(7, 5, dtype=torch.float64), \
+        torch.rand(7, 5, dtype=torch.float64) + 0.1
+    z = 2 * torch.randn(4, 3, 5, dtype=torch.float64)  # any leading shape
+    mixture = DiagonalNormalMixture(logits, loc, scale)
+    assert mixture.batch_shape == () and mixture.event_shape == (5,)
+    torch.testing.assert_close(mixture.log_prob(z), _reference_mixture(logits, loc, scale).log_prob(z),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_matmul_mixture_keeps_float32_accuracy_with_tight_components():
+    """Encoder posteriors are narrow (scale ~1e-2) and far from 0: the expanded square cancels badly in
+    float32, which is why the products run in float64. Float32 inputs must still match float64 to
+    float32 precision."""
+    torch.manual_seed(1)
+    loc = 5 + torch.randn(50, 40)
+    scale = 0.01 + 0.02 * torch.rand(50, 40)
+    logits = torch.zeros(50)
+    z = loc[torch.randint(50, (300,))] + scale[:1] * torch.randn(300, 40)  # near a component
+    got = DiagonalNormalMixture(logits, loc, scale).log_prob(z)
+    exact = _reference_mixture(logits.double(), loc.double(), scale.double()).log_prob(z.double())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), exact, rtol=1e-6, atol=1e-4)
+
+
+def test_matmul_mixture_gradients_match_mixture_same_family():
+    torch.manual_seed(2)
+    params = [torch.randn(4, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64),
+              torch.rand(4, 3, dtype=torch.float64) + 0.2]
+    z = torch.randn(6, 3, dtype=torch.float64)
+    grads = []
+    for build in (DiagonalNormalMixture, _reference_mixture):
+        leaves = [p.clone().requires_grad_() for p in params] + [z.clone().requires_grad_()]
+        build(*leaves[:3]).log_prob(leaves[3]).sum().backward()
+        grads.append([leaf.grad for leaf in leaves])
+    for mine, reference in zip(*grads):
+        torch.testing.assert_close(mine, reference)
+
+
+def test_matmul_mixture_samples_have_the_mixture_moments():
+    torch.manual_seed(3)
+    logits, loc, scale = torch.tensor([0.0, 1.0]), torch.tensor([[-2.0, 0.0], [3.0, 1.0]]), \
+        torch.tensor([[0.5, 1.0], [1.0, 0.2]])
+    z = DiagonalNormalMixture(logits, loc, scale).sample((200_000,))
+    w = torch.softmax(logits, 0)
+    mean = (w[:, None] * loc).sum(0)
+    var = (w[:, None] * (scale**2 + loc**2)).sum(0) - mean**2
+    assert z.shape == (200_000, 2)
+    torch.testing.assert_close(z.mean(0), mean, atol=4 * (var / 200_000).sqrt().max().item(), rtol=0)
+    torch.testing.assert_close(z.var(0), var, rtol=0.02, atol=0)
+
+
+def test_matmul_mixture_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"logits \(K,\), loc and scale \(K, D\)"):
+        DiagonalNormalMixture(torch.zeros(3), torch.zeros(4, 2), torch.ones(4, 2))
 
 
 def test_vamp_prior_shares_the_guide_without_owning_it():
