@@ -53,8 +53,10 @@ class ModelConfig:
 
         if not isinstance(self.z_dim, int) or self.z_dim < 1:
             raise ConfigError(f"model.z_dim must be a positive integer (the latent size), got {self.z_dim!r}")
-        if not self.hidden or any(not isinstance(h, int) or h < 1 for h in self.hidden):
-            raise ConfigError(f"model.hidden must be one or more positive layer widths, e.g. 400 or 200,200; got {self.hidden!r}")
+        linear = self.network == "mlp" and self.hidden == ()  # no hidden layer: an affine encoder and decoder
+        if not (self.hidden or linear) or any(not isinstance(h, int) or h < 1 for h in self.hidden):
+            raise ConfigError(f"model.hidden must be one or more positive layer widths, e.g. 400 or 200,200 "
+                              f"(or empty with model.network = 'mlp', for a linear VAE); got {self.hidden!r}")
         for key, value, registry in [
             ("activation", self.activation, ACTIVATIONS),
             ("prior", self.prior, PRIORS),

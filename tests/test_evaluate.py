@@ -105,3 +105,53 @@ def test_iwae_agrees_with_pyros_renyi_elbo_at_alpha_zero(network):
     a, b = torch.tensor(pyro_values), torch.tensor(ours)
     se = (a.var() / repeats + b.var() / repeats).sqrt()
     assert (a.mean() - b.mean()).abs() < 4 * se + 1e-3
+
+
+# --- the estimator against a closed form: a VAE that is probabilistic PCA --------------------------
+def _linear_gaussian_vae(seed=0):
+    """A VAE built from the registry whose log p(x) is known: no hidden layers, so the decoder is
+    affine (z -> W z + b), with the normal likelihood at a fixed scale s and the N(0, I) prior:
+    p(x) = N(b, W W^T + s^2 I). The encoder stays a generic (imperfect) amortized guide."""
+    from pyrovae.ppca import LinearGaussian
+
+    torch.manual_seed(seed)
+    vae = build_vae(ModelConfig(z_dim=2, hidden=(), network="mlp", likelihood="normal",
+                                likelihood_options={"scale": "fixed", "scale_value": 0.3}), image_shape=(1, 3, 3))
+    vae.double()
+    layer = vae.decoder.net[-1]
+    assert isinstance(layer, torch.nn.Linear) and len(vae.decoder.net) == 1  # affine: nothing else in the way
+    exact = LinearGaussian(layer.weight.detach(), layer.bias.detach(), torch.tensor(0.3, dtype=torch.float64))
+    return vae, exact
+
+
+def test_iwae_converges_to_the_closed_form_log_likelihood_of_a_linear_gaussian_vae():
+    vae, exact = _linear_gaussian_vae()
+    x = torch.rand(40, 1, 3, 3, dtype=torch.float64)
+    truth = -exact.log_marginal(x.flatten(1)).mean().item()
+    errors = {}
+    for k in (1, 10, 100, 1000, 10_000):
+        runs = torch.tensor([importance_log_likelihood(vae, x, k=k, seed=s, batch_size=40)["neg_log_likelihood"]
+                             for s in range(4)])
+        errors[k] = runs.mean().item() - truth
+        if k == 10_000:  # within Monte Carlo error of the exact answer
+            assert abs(errors[k]) < 4 * runs.std().item() / 2 + 2e-3, errors
+    assert all(e > -1e-3 for e in errors.values()), errors  # a bound: never below -log p(x) beyond noise
+    assert errors[1] > errors[10] > errors[100] > errors[1000], errors  # and it closes as K grows
+    assert errors[1] > 0.1  # the guide is imperfect, so there was a gap to close
+
+
+def test_elbo_below_iwae_k_below_iwae_k_prime_on_average():
+    """E[log p_hat_K] is non-decreasing in K (Burda et al. 2015, Theorem 1): ELBO <= IWAE_5 <= IWAE_50."""
+    vae, _ = _linear_gaussian_vae(seed=1)
+    x = torch.rand(200, 1, 3, 3, dtype=torch.float64)
+    draws = {k: torch.tensor([importance_log_likelihood(vae, x, k=k, seed=s, batch_size=200)["neg_log_likelihood"]
+                              for s in range(10)]) for k in (1, 5, 50)}
+    elbo = torch.tensor([evaluate(vae, x, seed=s)["neg_elbo"] for s in range(10)])
+    def gap(a, b):  # mean difference and its standard error, from independent repeats
+        return (a.mean() - b.mean()).item(), (a.var() / len(a) + b.var() / len(b)).sqrt().item()
+
+    difference, se = gap(elbo, draws[1])
+    assert abs(difference) < 4 * se  # IWAE_1 is the ELBO
+    for small, large in ((1, 5), (5, 50)):
+        difference, se = gap(draws[small], draws[large])
+        assert difference > 4 * se, (small, large, difference, se)  # -IWAE_K falls as K grows
