@@ -168,11 +168,16 @@ def log_likelihood_estimates(counts, curves: dict[str, dict[str, torch.Tensor]],
     return _save(fig, path)
 
 
-def curves(series: dict[str, list[float]], path, ylabel: str, title: str = "", xlabel: str = "epoch") -> Path:
+def curves(series: dict[str, list[float]], path, ylabel: str, title: str = "", xlabel: str = "epoch",
+           ylim: tuple[float, float] | None = None, logx: bool = False) -> Path:
     """Several curves against epochs (1, 2, ...), one per name."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for name, values in series.items():
-        ax.plot(range(1, len(values) + 1), values, marker="o", ms=3, label=name)
+        ax.plot(range(1, len(values) + 1), values, marker="o" if len(values) <= 50 else None, ms=3, label=name)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    if logx:
+        ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

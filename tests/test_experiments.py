@@ -33,3 +33,35 @@ def test_cifar10_smoke(mnist_root, tmp_path):
     out = run_smoke("cifar10_conv.py", mnist_root, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "out"))
     assert "bits/dim" in out
     assert (tmp_path / "out" / "samples.png").is_file()
+
+
+def test_benchmark_iwae_smoke(mnist_root, tmp_path):
+    out = run_smoke("benchmark_iwae.py", mnist_root, "--out", str(tmp_path))
+    assert "ratios: ours/copying" in out and "peak resident memory" in out
+    assert json.loads((tmp_path / "results.json").read_text())["k"] == 20
+
+
+def test_reproduce_smoke_writes_a_table_beside_the_published_figures(mnist_root, tmp_path):
+    run_smoke("reproduce.py", mnist_root, "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"))
+    table = (tmp_path / "out" / "README.md").read_text()
+    for name, published in (("burda_vae", "86.76"), ("burda_iwae50", "84.78"), ("burda_vamp", "85.57")):
+        assert f"`{name}`" in table and published in table
+    vamp = json.loads((tmp_path / "out" / "burda_vamp.json").read_text())
+    assert vamp["config"]["model"]["prior_options"] == {"components": 5} and vamp["k"] == 10
+
+
+def test_reproduce_train_continues_a_run_from_its_checkpoint(mnist_root, tmp_path, monkeypatch):
+    import importlib.util
+
+    from conftest import ROOT
+
+    monkeypatch.setenv("PYROVAE_DATA", str(mnist_root))
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "experiments" / "reproduce.py")
+    reproduce = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reproduce)
+    tiny = ["train.train_subset=200", "train.test_subset=50"]
+    first = reproduce.train("burda_iwae5", tmp_path, epochs=1, overrides=tiny, quiet=True)
+    second = reproduce.train("burda_iwae5", tmp_path, epochs=2, quiet=True)  # the saved config is kept
+    assert [row["epoch"] for row in second["epochs"]] == [1, 2]
+    assert second["epochs"][0] == first["epochs"][0]
+    assert second["config"]["train"]["train_subset"] == 200

@@ -1,0 +1,150 @@
+"""Time and memory of -log p(x) by IWAE-5000 on the whole MNIST test set, and ratios from one run.
+
+1. The full figure: ``importance_log_likelihood(vae, test, k=5000)`` over all 10,000 test images,
+   in wall-clock seconds, with the peak resident memory of the process (``ru_maxrss``: everything the
+   process holds, torch and the dataset included).
+2. On a slice of the test set, interleaved rounds of three things over the same decoder rows:
+   - ``ours``: the estimator above;
+   - ``copying``: a straightforward chunked estimator that copies each image once per sample
+     (``x.expand(m, ...).flatten``) and decodes 8,192 rows at a time;
+   - ``floor``: the decoder's matrix products alone (``torch.mm`` with the shapes of its ``Linear``
+     layers) for the same number of rows: what no implementation in float32 can beat here.
+   The script prints the medians and the ratios ours/copying and ours/floor.
+
+The 33 TFLOP of the default decoder's products (5 x 10^7 rows of 50x400 and 400x784) are most of
+the work; the rest is the Bernoulli log-density, elementwise over 784 logits per row.
+
+    PYROVAE_DATA=../shared/data python experiments/benchmark_iwae.py --checkpoint runs/mnist_meanfield
+    python experiments/benchmark_iwae.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pyrovae.checkpoint import load_vae
+from pyrovae.config import Config
+from pyrovae.evaluate import importance_log_likelihood, seeded_noise
+from pyrovae.model import build_vae
+from pyrovae.run import prepare_data, provenance, write_json
+
+
+def peak_memory_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+@torch.no_grad()
+def copying_estimator(vae, images, k, batch_size=100, max_rows=8192, seed=0):
+    """The straightforward chunked IWAE-K: each chunk repeats the images m times before decoding."""
+    total = 0.0
+    with seeded_noise(seed, images.device):
+        prior = vae.prior()
+        for start in range(0, images.shape[0], batch_size):
+            x = images[start:start + batch_size]
+            q = vae.guide_net(x)
+            m_max = max(1, max_rows // x.shape[0])
+            log_w = []
+            for done in range(0, k, m_max):
+                m = min(m_max, k - done)
+                z = q.sample((m,))
+                outputs = vae.decoder(z.flatten(0, 1))
+                x_rep = x.expand(m, *x.shape).flatten(0, 1)
+                log_w.append(vae.likelihood(outputs).log_prob(x_rep).view(m, -1) + prior.log_prob(z) - q.log_prob(z))
+            total += (torch.logsumexp(torch.cat(log_w), 0) - math.log(k)).sum().item()
+    return -total / images.shape[0]
+
+
+@torch.no_grad()
+def matmul_floor(decoder: nn.Module, rows: int, chunk: int = 4000) -> None:
+    """The decoder's Linear products alone, ``rows`` rows in chunks of ``chunk``."""
+    shapes = [(m.in_features, m.out_features) for m in decoder.modules() if isinstance(m, nn.Linear)]
+    if not shapes:
+        raise SystemExit("the floor is measured for MLP decoders (made of nn.Linear layers)")
+    inputs = [torch.randn(chunk, n_in) for n_in, _ in shapes]
+    weights = [torch.randn(n_in, n_out) for n_in, n_out in shapes]
+    for done in range(0, rows, chunk):
+        n = min(chunk, rows - done)
+        for a, w in zip(inputs, weights):
+            torch.mm(a[:n], w)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="a run folder or checkpoint.pt (default: an untrained default VAE; "
+                                             "the time hardly depends on the weights)")
+    parser.add_argument("--k", type=int, default=5000)
+    parser.add_argument("--images", type=int, default=None, help="test images for the full figure (default: all)")
+    parser.add_argument("--ratio-images", type=int, default=40, help="test images for the interleaved ratios")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", default="results/benchmark_iwae")
+    parser.add_argument("--smoke", action="store_true", help="seconds-long run on a few images, K=20")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.k, args.images, args.ratio_images, args.rounds = 20, 30, 10, 1
+        args.out = str(Path(args.out) / "smoke") if args.out == "results/benchmark_iwae" else args.out
+
+    if args.checkpoint:
+        vae, config, state = load_vae(args.checkpoint)
+        source = f"{args.checkpoint} (epoch {state['epoch']})"
+    else:
+        config = Config()
+        torch.manual_seed(0)
+        vae = build_vae(config.model)
+        source = "untrained default VAE"
+    vae.eval()
+    test = prepare_data(config, torch.device("cpu")).test
+    if args.images:
+        test = test[:args.images]
+    print(f"{source}; {test.shape[0]} test images, K={args.k}, {torch.get_num_threads()} threads", flush=True)
+
+    memory_before = peak_memory_gb()
+    start = time.perf_counter()
+    full = importance_log_likelihood(vae, test, k=args.k)
+    seconds = time.perf_counter() - start
+    memory_peak = peak_memory_gb()
+    print(f"IWAE-{args.k}: -log p(x) = {full['neg_log_likelihood']:.3f} nats/image on {test.shape[0]} images in "
+          f"{seconds:.1f} s ({seconds / 60:.2f} min); peak resident memory {memory_peak:.2f} GB "
+          f"({memory_before:.2f} GB before the estimate)", flush=True)
+
+    part = test[:args.ratio_images]
+    rows = part.shape[0] * args.k
+    times = {"ours": [], "copying": [], "floor": []}
+    values = {}
+    for _ in range(args.rounds):
+        for name in times:
+            t0 = time.perf_counter()
+            if name == "ours":
+                values[name] = importance_log_likelihood(vae, part, k=args.k)["neg_log_likelihood"]
+            elif name == "copying":
+                values[name] = copying_estimator(vae, part, args.k)
+            else:
+                matmul_floor(vae.decoder, rows)
+            times[name].append(time.perf_counter() - t0)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    ratios = {"ours/copying": medians["ours"] / medians["copying"], "ours/floor": medians["ours"] / medians["floor"]}
+    for name, t in medians.items():
+        print(f"{name:8s} {t:8.2f} s for {rows} decoder rows ({t / rows * 1e6:.2f} s per million rows)")
+    print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    assert abs(values["ours"] - values["copying"]) < 0.5 or args.smoke, values  # same estimator, other draws
+
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    write_json(Path(args.out) / "results.json", {
+        "command": "python " + " ".join(["experiments/benchmark_iwae.py", *(argv if argv is not None else sys.argv[1:])]),
+        "model": source, "k": args.k, "images": int(test.shape[0]), "neg_log_likelihood": full["neg_log_likelihood"],
+        "neg_elbo_same_draws": full["neg_elbo"], "seconds": seconds, "peak_memory_gb": memory_peak,
+        "memory_before_estimate_gb": memory_before, "threads": torch.get_num_threads(),
+        "ratio_images": int(part.shape[0]), "rounds": args.rounds, "seconds_per_round": times,
+        "medians": medians, "ratios": ratios, "slice_values": values, **provenance("cpu")})
+
+
+if __name__ == "__main__":
+    main()

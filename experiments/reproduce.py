@@ -1,0 +1,177 @@
+"""Reproduce the one-stochastic-layer MNIST figures of Burda et al. (2015) and Tomczak and Welling (2018).
+
+Each reproduction is a config in ``experiments/configs/`` and a resumable run in ``runs/reproduce/``:
+
+    burda_vae      784-200-200-50 tanh VAE, the ELBO           Burda et al. 2015, Table 1: 86.76
+    burda_iwae5    the same network, IWAE objective, K=5        85.54
+    burda_iwae50   the same network, IWAE objective, K=50       84.78
+    burda_vamp     the same network with a VampPrior (K=500)    Tomczak and Welling 2018: 85.57
+
+Train (or continue, from the last epoch's checkpoint) one of them, for as long as the budget allows;
+a run stopped by Ctrl-C, SIGTERM or a crash continues from where it was with the same command:
+
+    PYROVAE_DATA=../shared/data python experiments/reproduce.py train burda_vae
+
+Then evaluate every run's latest checkpoint the way the papers do (-log p(x) by IWAE-5000 on the
+10,000 test images, MNIST binarized dynamically for training and once, with a fixed seed, for
+testing) and write ``results/reproduce/`` and the table in ``results/README.md``:
+
+    PYROVAE_DATA=../shared/data python experiments/reproduce.py report --k 5000
+
+``--smoke`` trains each config for a few steps on a few images and reports IWAE-10 into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pyrovae.checkpoint import load_checkpoint, load_vae
+from pyrovae.config import Config, apply_overrides, read_config_file
+from pyrovae.evaluate import active_units, evaluate, importance_log_likelihood
+from pyrovae.run import prepare_data, provenance, train_run, write_json
+
+CONFIGS = Path(__file__).parent / "configs"
+
+#: name -> (the published figure it is set against, -log p(x) in nats by IWAE-5000)
+PUBLISHED = {
+    "burda_vae": ("Burda et al. 2015, Table 1, one layer, VAE k=1", 86.76),
+    "burda_iwae5": ("Burda et al. 2015, Table 1, one layer, IWAE k=5", 85.54),
+    "burda_iwae50": ("Burda et al. 2015, Table 1, one layer, IWAE k=50", 84.78),
+    "burda_vamp": ("Tomczak and Welling 2018, Table 1, VampPrior, one layer", 85.57),
+}
+MARKERS = ("<!-- reproduce:begin -->", "<!-- reproduce:end -->")
+
+
+def config_for(name: str, overrides: list[str] = ()) -> Config:
+    return Config.from_dict(apply_overrides(read_config_file(CONFIGS / f"{name}.toml"), list(overrides)))
+
+
+def train(name: str, runs: Path, epochs: int | None, overrides: list[str] = (), quiet: bool = False) -> dict:
+    """Start the run ``runs/name`` or, if it has a checkpoint, continue it to ``epochs`` epochs in all."""
+    out = runs / name
+    if (out / "checkpoint.pt").is_file():
+        saved = Config.from_dict(load_checkpoint(out / "checkpoint.pt")["config"])
+        budget = saved.replace(train={"epochs": epochs or saved.train.epochs})
+        return train_run(budget, out, resume=True, quiet=quiet)
+    config = config_for(name, overrides)
+    if epochs:
+        config = config.replace(train={"epochs": epochs})
+    return train_run(config, out, quiet=quiet, overwrite=True)
+
+
+def report_run(name: str, runs: Path, k: int, test_images: int | None) -> dict:
+    """The figures of one run's latest checkpoint: IWAE-K, -ELBO and its terms, active units, budget."""
+    vae, config, state = load_vae(runs / name / "checkpoint.pt")
+    vae.eval()
+    test = prepare_data(config, torch.device("cpu")).test
+    test = test[:test_images] if test_images else test
+    start = time.perf_counter()
+    iwae = importance_log_likelihood(vae, test, k=k)
+    iwae_seconds = time.perf_counter() - start
+    elbo = evaluate(vae, test, seed=config.data.test_binarization_seed)
+    history = state["metrics"]
+    source, published = PUBLISHED.get(name, ("", None))
+    return {
+        "name": name, "published": published, "published_source": source,
+        "neg_log_likelihood": iwae["neg_log_likelihood"], "k": k, "test_images": int(test.shape[0]),
+        "neg_elbo": elbo["neg_elbo"], "reconstruction": elbo["reconstruction"], "kl": elbo["kl"],
+        "active_units": active_units(vae, test)["active_units"], "z_dim": config.model.z_dim,
+        "epochs": state["epoch"], "epochs_planned": config.train.epochs, "steps": state["global_step"],
+        "train_seconds": sum(row["seconds"] for row in history), "iwae_seconds": iwae_seconds,
+        "objective": config.train.objective, "particles": config.train.particles,
+        "train_binarization": config.data.binarization, "config": config.to_dict(),
+        "curve": [row["test_neg_elbo"] for row in history],
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| run | objective | published -log p(x) | ours -log p(x) | ours test -ELBO | active units | epochs | "
+             "training time |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        objective = r["objective"] + (f" (K={r['particles']})" if "iwae" in r["objective"] else "")
+        published = f"{r['published']:.2f} ({r['published_source']})" if r["published"] else "-"
+        lines.append(f"| `{r['name']}` | {objective} | {published} | **{r['neg_log_likelihood']:.2f}** "
+                     f"(IWAE-{r['k']}, {r['test_images']} images) | {r['neg_elbo']:.2f} | {r['active_units']}/{r['z_dim']} "
+                     f"| {r['epochs']} of {r['epochs_planned']} | {r['train_seconds'] / 3600:.2f} h |")
+    return "\n".join(lines)
+
+
+def write_table(path: Path, text: str) -> None:
+    """Put ``text`` between the markers in ``path`` (appended, with the markers, if they are missing)."""
+    block = f"{MARKERS[0]}\n{text}\n{MARKERS[1]}"
+    old = path.read_text() if path.is_file() else ""
+    pattern = re.compile(re.escape(MARKERS[0]) + ".*?" + re.escape(MARKERS[1]), re.S)
+    new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + ("\n\n" if old else "") + block + "\n"
+    path.write_text(new)
+
+
+def report(names: list[str], runs: Path, out: Path, k: int, test_images: int | None, readme: Path | None,
+           command: str) -> list[dict]:
+    rows = []
+    for name in names:
+        if not (runs / name / "checkpoint.pt").is_file():
+            print(f"{name}: no checkpoint in {runs / name}; train it first", flush=True)
+            continue
+        row = report_run(name, runs, k, test_images)
+        rows.append(row)
+        print(f"{name:14s} -log p(x) {row['neg_log_likelihood']:7.2f} (IWAE-{k}, {row['test_images']} images, "
+              f"{row['iwae_seconds']:.0f} s)  test -ELBO {row['neg_elbo']:7.2f}  after {row['epochs']} epochs "
+              f"({row['train_seconds'] / 3600:.2f} h)  published {row['published']}", flush=True)
+    if not rows:
+        return rows
+    out.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        write_json(out / f"{row['name']}.json", {**row, "command": command, **provenance("cpu")})
+    from pyrovae import plots
+
+    plots.curves({r["name"]: r["curve"] for r in rows}, out / "test_curves.png", ylabel="test -ELBO per image (nats)",
+                 title="one stochastic layer on MNIST (dynamic binarization)", ylim=(80, 130), logx=True)
+    (out / "table.md").write_text(table(rows) + "\n")
+    if readme is not None:
+        write_table(readme, table(rows))
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", nargs="?", choices=["train", "report"], default="report")
+    parser.add_argument("names", nargs="*", help=f"runs by name (default: all of {', '.join(PUBLISHED)})")
+    parser.add_argument("--runs", default="runs/reproduce", help="where the runs and their checkpoints live")
+    parser.add_argument("--epochs", type=int, default=None, help="train: epochs in all (default: the config's)")
+    parser.add_argument("--k", type=int, default=5000, help="report: importance samples per image")
+    parser.add_argument("--test-images", type=int, default=None, help="report: the first N test images (default all)")
+    parser.add_argument("--out", default="results/reproduce", help="report: results folder")
+    parser.add_argument("--smoke", action="store_true", help="train each config a few steps, then report IWAE-10")
+    args = parser.parse_args(argv)
+    names = args.names or list(PUBLISHED)
+    unknown = [n for n in names if not (CONFIGS / f"{n}.toml").is_file()]
+    if unknown:
+        parser.error(f"no config for {unknown} in {CONFIGS}; known: {', '.join(PUBLISHED)}")
+    runs, out = Path(args.runs), Path(args.out)
+    command = "python experiments/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    if args.smoke:
+        if out == Path("results/reproduce"):
+            parser.error("--smoke writes only where --out (and --runs) say")
+        tiny = ["train.train_subset=300", "train.test_subset=100", "model.prior_options.components=5"]
+        for name in names:
+            overrides = [o for o in tiny if "prior_options" not in o or "vamp" in name]
+            train(name, runs, epochs=1, overrides=overrides, quiet=True)
+        report(names, runs, out, k=10, test_images=50, readme=out / "README.md", command=command)
+        return 0
+    if args.action == "train":
+        for name in names:
+            train(name, runs, args.epochs)
+        return 0
+    report(names, runs, out, args.k, args.test_images, readme=Path("results/README.md"), command=command)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
