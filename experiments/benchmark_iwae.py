@@ -24,7 +24,6 @@ import argparse
 import math
 import resource
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -138,7 +137,6 @@ def main(argv=None) -> None:
 
     Path(args.out).mkdir(parents=True, exist_ok=True)
     write_json(Path(args.out) / "results.json", {
-        "command": "python " + " ".join(["experiments/benchmark_iwae.py", *(argv if argv is not None else sys.argv[1:])]),
         "model": source, "k": args.k, "images": int(test.shape[0]), "neg_log_likelihood": full["neg_log_likelihood"],
         "neg_elbo_same_draws": full["neg_elbo"], "seconds": seconds, "peak_memory_gb": memory_peak,
         "memory_before_estimate_gb": memory_before, "threads": torch.get_num_threads(),

@@ -5,7 +5,7 @@ Each reproduction is a config in ``experiments/configs/`` and a resumable run in
     burda_vae      784-200-200-50 tanh VAE, the ELBO           Burda et al. 2015, Table 1: 86.76
     burda_iwae5    the same network, IWAE objective, K=5        85.54
     burda_iwae50   the same network, IWAE objective, K=50       84.78
-    burda_vamp     the same network with a VampPrior (K=500)    Tomczak and Welling 2018: 85.57
+    tomczak_vamp   300-300-40 softplus VAE, VampPrior (K=500)   Tomczak and Welling 2018: 85.57
 
 Train (or continue, from the last epoch's checkpoint) one of them, for as long as the budget allows;
 a run stopped by Ctrl-C, SIGTERM or a crash continues from where it was with the same command:
@@ -43,7 +43,7 @@ PUBLISHED = {
     "burda_vae": ("Burda et al. 2015, Table 1, one layer, VAE k=1", 86.76),
     "burda_iwae5": ("Burda et al. 2015, Table 1, one layer, IWAE k=5", 85.54),
     "burda_iwae50": ("Burda et al. 2015, Table 1, one layer, IWAE k=50", 84.78),
-    "burda_vamp": ("Tomczak and Welling 2018, Table 1, VampPrior, one layer", 85.57),
+    "tomczak_vamp": ("Tomczak and Welling 2018, Table 1, VampPrior, one layer", 85.57),
 }
 MARKERS = ("<!-- reproduce:begin -->", "<!-- reproduce:end -->")
 

@@ -44,9 +44,9 @@ def test_benchmark_iwae_smoke(mnist_root, tmp_path):
 def test_reproduce_smoke_writes_a_table_beside_the_published_figures(mnist_root, tmp_path):
     run_smoke("reproduce.py", mnist_root, "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"))
     table = (tmp_path / "out" / "README.md").read_text()
-    for name, published in (("burda_vae", "86.76"), ("burda_iwae50", "84.78"), ("burda_vamp", "85.57")):
+    for name, published in (("burda_vae", "86.76"), ("burda_iwae50", "84.78"), ("tomczak_vamp", "85.57")):
         assert f"`{name}`" in table and published in table
-    vamp = json.loads((tmp_path / "out" / "burda_vamp.json").read_text())
+    vamp = json.loads((tmp_path / "out" / "tomczak_vamp.json").read_text())
     assert vamp["config"]["model"]["prior_options"] == {"components": 5} and vamp["k"] == 10
 
 
