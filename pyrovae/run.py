@@ -302,7 +302,8 @@ def write_figures(vae, out: Path, history, test_binary, test_labels, seed: int =
     vae.eval()
     if history:
         plots.loss_curve(history, out / "loss_curve.png", title="-ELBO per image")
-    inputs = test_binary[:16]
+    spread = torch.linspace(0, len(test_binary) - 1, min(16, len(test_binary))).long()  # folders sorted by class
+    inputs = test_binary[spread.to(test_binary.device)]
     plots.image_grid(torch.cat([inputs, vae.reconstruct(inputs)]), out / "reconstructions.png", nrow=16,
                      title="test images (top) and reconstructions E[x|z=mean of q(z|x)] (bottom)")
     with seeded_noise(seed, test_binary.device):
