@@ -101,7 +101,10 @@ class DataConfig:
 class TrainConfig:
     epochs: int = 20  # passes over the training set
     batch_size: int = 256  # images per SVI step
-    lr: float = 1e-3  # Adam learning rate
+    lr: float = 1e-3  # Adam learning rate (at the start)
+    lr_decay: float = 1.0  # multiply the learning rate by this after each epoch count in lr_milestones
+    lr_milestones: tuple[int, ...] = ()  # epoch counts at which lr_decay applies, e.g. Burda et al. (2015):
+    # lr_decay = 10^(-1/7) after 1, 4, 13, 40, 121, 364, 1093 epochs (stages of 3^i epochs)
     seed: int = 0  # seeds initialization, reparameterization noise, data order and binarization
     device: str = "auto"  # auto (CUDA when present), cpu or cuda
     objective: str = "meanfield_elbo"  # loss: see pyrovae.objectives.OBJECTIVES (analytic KL where one exists)
@@ -133,6 +136,12 @@ class TrainConfig:
             raise ConfigError(f"train.particles (K) must be a positive integer, got {self.particles!r}")
         if not isinstance(self.kl_weight, (int, float)) or not self.kl_weight > 0 or self.kl_weight == float("inf"):
             raise ConfigError(f"train.kl_weight must be a positive finite number, got {self.kl_weight!r}")
+        if not isinstance(self.lr_decay, (int, float)) or not 0 < self.lr_decay <= 1:
+            raise ConfigError(f"train.lr_decay must be a factor in (0, 1], got {self.lr_decay!r}")
+        milestones = self.lr_milestones
+        if not isinstance(milestones, tuple) or any(not isinstance(m, int) or m < 1 for m in milestones) or list(milestones) != sorted(set(milestones)):
+            raise ConfigError(f"train.lr_milestones must be increasing positive epoch counts such as [1, 4, 13], "
+                              f"got {milestones!r}")
         if not isinstance(self.kl_warmup_steps, int) or self.kl_warmup_steps < 0:
             raise ConfigError(f"train.kl_warmup_steps must be an integer >= 0, got {self.kl_warmup_steps!r}")
         for key in ("max_steps", "checkpoint_every_steps", "train_subset", "test_subset"):
@@ -246,10 +255,11 @@ def _section_from_dict(section_cls, name: str, d: dict[str, Any]):
     if unknown:
         raise ConfigError(f"unknown key(s) {sorted(unknown)} in config section {name!r}; valid: {', '.join(fields)}")
     d = dict(d)
-    if "hidden" in d and isinstance(d["hidden"], list):
-        d["hidden"] = tuple(d["hidden"])
-    if "hidden" in d and isinstance(d["hidden"], int):
-        d["hidden"] = (d["hidden"],)
+    for key in ("hidden", "lr_milestones"):  # tuples of ints, written as lists (or one int) in TOML/JSON
+        if isinstance(d.get(key), list):
+            d[key] = tuple(d[key])
+        elif isinstance(d.get(key), int):
+            d[key] = (d[key],)
     try:
         return section_cls(**d)
     except TypeError as e:

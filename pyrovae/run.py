@@ -114,6 +114,11 @@ def prepare_data(config: Config, device: torch.device, download: bool = True) ->
     return Prepared(train_images, binarize, test_inputs, test_labels, kind)
 
 
+def learning_rate(t, epochs_done: int) -> float:
+    """The learning rate for the epoch after ``epochs_done`` epochs: ``lr * lr_decay^(milestones passed)``."""
+    return t.lr * t.lr_decay ** sum(epochs_done >= m for m in t.lr_milestones)
+
+
 def _check_out_dir(out: Path, overwrite: bool) -> None:
     markers = [p for p in ("config.json", "metrics.json", "checkpoint.pt") if (out / p).exists()]
     if markers and not overwrite:
@@ -221,6 +226,8 @@ def train_run(config: Config | None, out_dir, *, quiet: bool = False, overwrite:
     budget_left = lambda: t.max_steps is None or global_step < t.max_steps  # noqa: E731
     with _stop_on_signals() as signals:
         while epoch < t.epochs and budget_left():
+            for group in optimizer.param_groups:  # a function of the epoch, so resuming sets it again exactly
+                group["lr"] = learning_rate(t, epoch)
             data_rng.set_state(epoch_start_rng)
             epoch_batches = batches(train_images, t.batch_size, data_rng, data.per_batch)
             for _ in range(partial.step):  # resuming part-way: replay the same draws up to where it stopped
@@ -282,7 +289,7 @@ def train_run(config: Config | None, out_dir, *, quiet: bool = False, overwrite:
             row = {"epoch": epoch, "train_neg_elbo": partial.loss, "test_neg_elbo": test["neg_elbo"],
                    "test_reconstruction": test["reconstruction"], "test_kl": test["kl"],
                    **({"test_bits_per_dim": test["bits_per_dim"]} if "bits_per_dim" in test else {}),
-                   "seconds": partial.seconds, "steps": global_step}
+                   "seconds": partial.seconds, "steps": global_step, "lr": learning_rate(t, epoch - 1)}
             metrics["epochs"].append(row)
             partial = EpochState()
             if not quiet:

@@ -18,6 +18,10 @@ def test_json_round_trip(tmp_path):
 @pytest.mark.parametrize("section,key,value,needle", [
     ("train", "lr", -1.0, "train.lr must be a positive"),
     ("train", "lr", 0.0, "train.lr must be a positive"),
+    ("train", "lr_decay", 1.5, "train.lr_decay must be a factor in"),
+    ("train", "lr_decay", 0.0, "train.lr_decay must be a factor in"),
+    ("train", "lr_milestones", (4, 1), "train.lr_milestones must be increasing positive epoch counts"),
+    ("train", "lr_milestones", (0,), "train.lr_milestones must be increasing positive epoch counts"),
     ("train", "batch_size", 0, "train.batch_size must be a positive integer"),
     ("train", "epochs", -3, "train.epochs must be a positive integer"),
     ("train", "device", "tpu", "auto, cpu, cuda"),
@@ -56,3 +60,9 @@ def test_unknown_component_options_are_refused_with_the_valid_ones():
         Config().replace(model={"guide_options": [1, 2]})
     with pytest.raises(ConfigError, match="unknown model.network 'resnet'; valid: auto, " + ", ".join(sorted(NETWORKS))):
         Config().replace(model={"network": "resnet"})
+
+
+def test_lr_milestones_read_from_toml_lists():
+    cfg = Config.from_dict({"train": {"lr_decay": 0.5, "lr_milestones": [1, 4, 13]}})
+    assert cfg.train.lr_milestones == (1, 4, 13)
+    assert Config.from_dict(cfg.to_dict()) == cfg

@@ -84,6 +84,19 @@ def test_step_budget_stops_mid_epoch_and_resumes_exactly(mnist_root, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_learning_rate_schedule_steps_at_the_milestones_and_resumes_exactly(mnist_root, tmp_path):
+    schedule = {"lr_decay": 0.5, "lr_milestones": (1, 2)}
+    straight = train_run(_cfg(mnist_root, epochs=3, **schedule), tmp_path / "straight", quiet=True)
+    assert [row["lr"] for row in straight["epochs"]] == [1e-3, 5e-4, 2.5e-4]
+    state = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [2.5e-4]
+    train_run(_cfg(mnist_root, epochs=1, **schedule), tmp_path / "pieces", quiet=True)
+    resumed = train_run(_cfg(mnist_root, epochs=3, **schedule), tmp_path / "pieces", quiet=True, resume=True)
+    assert _rows(resumed) == _rows(straight)
+    a, b = _params(tmp_path / "straight" / "checkpoint.pt"), _params(tmp_path / "pieces" / "checkpoint.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _cli_run(args, **kw):
     return subprocess.Popen([sys.executable, "-m", "pyrovae", "train", *args], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
