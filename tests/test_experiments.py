@@ -1,10 +1,19 @@
 """Every experiment script runs end to end under --smoke."""
 
+import importlib.util
 import json
 
 import pytest
 
-from conftest import run_smoke
+from conftest import ROOT, run_smoke
+
+
+def _experiment(name):
+    """experiments/<name>.py imported as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_mnist_baseline_smoke(mnist_root, tmp_path):
@@ -51,17 +60,22 @@ def test_reproduce_smoke_writes_a_table_beside_the_published_figures(mnist_root,
 
 
 def test_reproduce_train_continues_a_run_from_its_checkpoint(mnist_root, tmp_path, monkeypatch):
-    import importlib.util
-
-    from conftest import ROOT
-
     monkeypatch.setenv("PYROVAE_DATA", str(mnist_root))
-    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "experiments" / "reproduce.py")
-    reproduce = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reproduce)
+    reproduce = _experiment("reproduce")
     tiny = ["train.train_subset=200", "train.test_subset=50"]
     first = reproduce.train("burda_iwae5", tmp_path, epochs=1, overrides=tiny, quiet=True)
     second = reproduce.train("burda_iwae5", tmp_path, epochs=2, quiet=True)  # the saved config is kept
     assert [row["epoch"] for row in second["epochs"]] == [1, 2]
     assert second["epochs"][0] == first["epochs"][0]
     assert second["config"]["train"]["train_subset"] == 200
+
+
+def test_reproduce_table_replaces_only_its_own_block(tmp_path):
+    reproduce = _experiment("reproduce")
+    readme = tmp_path / "README.md"
+    readme.write_text("# Results\n\nhand-written text\n")
+    reproduce.write_table(readme, "| first |")
+    reproduce.write_table(readme, "| second |")
+    text = readme.read_text()
+    assert text.startswith("# Results\n\nhand-written text\n") and "| second |" in text and "| first |" not in text
+    assert text.count(reproduce.MARKERS[0]) == 1 and text.count(reproduce.MARKERS[1]) == 1
