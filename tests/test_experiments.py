@@ -55,8 +55,11 @@ def test_reproduce_smoke_writes_a_table_beside_the_published_figures(mnist_root,
     table = (tmp_path / "out" / "README.md").read_text()
     for name, published in (("burda_vae", "86.76"), ("burda_iwae50", "84.78"), ("tomczak_vamp", "85.57")):
         assert f"`{name}`" in table and published in table
+    assert "`best_one_layer`" in table
     vamp = json.loads((tmp_path / "out" / "tomczak_vamp.json").read_text())
     assert vamp["config"]["model"]["prior_options"] == {"components": 5} and vamp["k"] == 10
+    best = json.loads((tmp_path / "out" / "best_one_layer.json").read_text())
+    assert best["config"]["model"]["prior_options"] == {"components": 5} and best["objective"] == "iwae"
 
 
 def test_reproduce_train_continues_a_run_from_its_checkpoint(mnist_root, tmp_path, monkeypatch):
