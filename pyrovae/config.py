@@ -139,7 +139,8 @@ class TrainConfig:
         if not isinstance(self.lr_decay, (int, float)) or not 0 < self.lr_decay <= 1:
             raise ConfigError(f"train.lr_decay must be a factor in (0, 1], got {self.lr_decay!r}")
         milestones = self.lr_milestones
-        if not isinstance(milestones, tuple) or any(not isinstance(m, int) or m < 1 for m in milestones) or list(milestones) != sorted(set(milestones)):
+        counts = isinstance(milestones, tuple) and all(isinstance(m, int) and m >= 1 for m in milestones)
+        if not counts or list(milestones) != sorted(set(milestones)):
             raise ConfigError(f"train.lr_milestones must be increasing positive epoch counts such as [1, 4, 13], "
                               f"got {milestones!r}")
         if not isinstance(self.kl_warmup_steps, int) or self.kl_warmup_steps < 0:

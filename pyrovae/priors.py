@@ -98,19 +98,19 @@ class DiagonalNormalMixture(dist.TorchDistribution):
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         d = self.loc.shape[-1]
-        z = value.reshape(-1, d).double()  # (N, D)
-        precision = self.scale.double().pow(-2)  # (K, D)
-        loc = self.loc.double()
+        z, loc, scale = value.reshape(-1, d).double(), self.loc.double(), self.scale.double()  # (N, D), (K, D)
+        precision = scale.pow(-2)
         squared = z.pow(2) @ precision.T - 2 * z @ (loc * precision).T + (loc.pow(2) * precision).sum(-1)  # (N, K)
-        log_components = -0.5 * squared - self.scale.double().log().sum(-1) - 0.5 * d * math.log(2 * math.pi)
+        log_components = -0.5 * squared - scale.log().sum(-1) - 0.5 * d * math.log(2 * math.pi)
         log_weights = torch.log_softmax(self.logits.double(), -1)
         log_p = torch.logsumexp(log_components + log_weights, -1)  # (N,)
         return log_p.to(value.dtype).reshape(value.shape[:-1])
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
         with torch.no_grad():
-            k = dist.Categorical(logits=self.logits).sample(sample_shape)  # sample_shape
-            return self.loc[k] + self.scale[k] * torch.randn_like(self.loc[k])
+            k = dist.Categorical(logits=self.logits).sample(sample_shape)  # a component for each draw
+            loc = self.loc[k]  # (*sample_shape, D)
+            return loc + self.scale[k] * torch.randn_like(loc)
 
 
 class MixtureOfGaussiansPrior(Prior):

@@ -22,6 +22,7 @@ def test_json_round_trip(tmp_path):
     ("train", "lr_decay", 0.0, "train.lr_decay must be a factor in"),
     ("train", "lr_milestones", (4, 1), "train.lr_milestones must be increasing positive epoch counts"),
     ("train", "lr_milestones", (0,), "train.lr_milestones must be increasing positive epoch counts"),
+    ("train", "lr_milestones", (1, "x"), "train.lr_milestones must be increasing positive epoch counts"),
     ("train", "batch_size", 0, "train.batch_size must be a positive integer"),
     ("train", "epochs", -3, "train.epochs must be a positive integer"),
     ("train", "device", "tpu", "auto, cpu, cuda"),
