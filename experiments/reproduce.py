@@ -54,16 +54,35 @@ def config_for(name: str, overrides: list[str] = ()) -> Config:
     return Config.from_dict(apply_overrides(read_config_file(CONFIGS / f"{name}.toml"), list(overrides)))
 
 
+def compress_schedule(config: Config, epochs: int) -> Config:
+    """``config`` trained for ``epochs`` epochs, its learning-rate milestones scaled by epochs / planned.
+
+    Burda et al.'s schedule (stages of 3^i epochs) squeezed into a shorter budget keeps its shape: the
+    same decays, at the same fractions of the run. Milestones stay increasing whole epochs >= 1.
+    """
+    factor = epochs / config.train.epochs
+    milestones = []
+    for m in config.train.lr_milestones:
+        milestones.append(max(round(m * factor), milestones[-1] + 1 if milestones else 1))
+    return config.replace(train={"epochs": epochs, "lr_milestones": tuple(milestones)})
+
+
 def train(name: str, runs: Path, epochs: int | None, overrides: list[str] = (), quiet: bool = False) -> dict:
-    """Start the run ``runs/name`` or, if it has a checkpoint, continue it to ``epochs`` epochs in all."""
+    """Start the run ``runs/name`` or, if it has a checkpoint, continue it to ``epochs`` epochs in all.
+
+    A new run planned for fewer (or more) epochs than its config's has its learning-rate schedule
+    scaled to that budget (``compress_schedule``); a continued run keeps the schedule it started with.
+    """
     out = runs / name
     if (out / "checkpoint.pt").is_file():
         saved = Config.from_dict(load_checkpoint(out / "checkpoint.pt")["config"])
         budget = saved.replace(train={"epochs": epochs or saved.train.epochs})
         return train_run(budget, out, resume=True, quiet=quiet)
     config = config_for(name, overrides)
-    if epochs:
-        config = config.replace(train={"epochs": epochs})
+    if epochs and epochs != config.train.epochs:
+        config = compress_schedule(config, epochs)
+        if not quiet and config.train.lr_milestones:
+            print(f"{name}: {epochs} epochs, learning-rate milestones scaled to {list(config.train.lr_milestones)}")
     return train_run(config, out, quiet=quiet, overwrite=True)
 
 
@@ -146,6 +165,8 @@ def main(argv=None) -> int:
     parser.add_argument("names", nargs="*", help=f"runs by name (default: all of {', '.join(PUBLISHED)})")
     parser.add_argument("--runs", default="runs/reproduce", help="where the runs and their checkpoints live")
     parser.add_argument("--epochs", type=int, default=None, help="train: epochs in all (default: the config's)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="train: override a config value of a new run, as pyrovae train --set")
     parser.add_argument("--k", type=int, default=5000, help="report: importance samples per image")
     parser.add_argument("--test-images", type=int, default=None, help="report: the first N test images (default all)")
     parser.add_argument("--out", default="results/reproduce", help="report: results folder")
@@ -169,7 +190,7 @@ def main(argv=None) -> int:
         return 0
     if args.action == "train":
         for name in names:
-            train(name, runs, args.epochs)
+            train(name, runs, args.epochs, args.overrides)
         return 0
     report(names, runs, out, args.k, args.test_images, readme=Path("results/README.md"), command=command)
     return 0

@@ -82,3 +82,15 @@ def test_reproduce_table_replaces_only_its_own_block(tmp_path):
     text = readme.read_text()
     assert text.startswith("# Results\n\nhand-written text\n") and "| second |" in text and "| first |" not in text
     assert text.count(reproduce.MARKERS[0]) == 1 and text.count(reproduce.MARKERS[1]) == 1
+
+
+def test_reproduce_scales_burdas_schedule_to_a_shorter_budget():
+    reproduce = _experiment("reproduce")
+    config = reproduce.config_for("burda_vae")
+    assert config.train.epochs == 3280 and config.train.lr_milestones == (1, 4, 13, 40, 121, 364, 1093)
+    assert abs(config.train.lr_decay ** 7 - 0.1) < 1e-12  # ten times smaller after the seven decays
+    short = reproduce.compress_schedule(config, 1400)
+    assert short.train.epochs == 1400 and short.train.lr_milestones == (1, 2, 6, 17, 52, 155, 467)
+    tiny = reproduce.compress_schedule(config, 1).train.lr_milestones  # still increasing whole epochs
+    assert tiny == (1, 2, 3, 4, 5, 6, 7)
+    assert reproduce.compress_schedule(config, 3280) == config
