@@ -84,7 +84,7 @@ def importance_log_likelihood(vae, images: torch.Tensor, k: int = 1000, batch_si
             for done in range(0, k, per_chunk):
                 m = min(per_chunk, k - done)
                 z = q.sample((m,))  # (m, B, z_dim)
-                log_px_z = vae.likelihood(vae.decoder(z)).log_prob(x)  # (m, B): x broadcast, not copied m times
+                log_px_z = vae.likelihood.log_prob(vae.decoder(z), x)  # (m, B): x broadcast, not copied m times
                 log_w.append(log_px_z + prior.log_prob(z) - q.log_prob(z))  # (m, B)
             log_w = torch.cat(log_w)  # (K, B)
             total_log_px += (torch.logsumexp(log_w, 0) - math.log(k)).sum().item()

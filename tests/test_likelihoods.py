@@ -250,3 +250,35 @@ def test_laplace_matches_its_closed_form():
 def test_bad_scale_options_are_refused(options, match):
     with pytest.raises(ValueError, match=match):
         NormalLikelihood(**options)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_log_prob_method_is_the_distributions_log_prob_with_and_without_gradients(name):
+    """``likelihood.log_prob(outputs, x)`` (the estimators' entry point, fast paths included) against the
+    distribution's log_prob in float64, with x broadcast over a leading sample dimension."""
+    lik, outputs = make(name)
+    outputs = torch.stack([outputs, 3 * outputs, -2 * outputs])  # (3 samples, 4 images, ...)
+    x = data_of_kind(lik.data_kind)
+    reference = lik.double()(outputs.double()).log_prob(x.double())  # (3, 4)
+    lik.float()
+    with torch.no_grad():
+        fast = lik.log_prob(outputs, x)
+    assert fast.shape == (3, 4) and fast.dtype == torch.float32
+    torch.testing.assert_close(fast.double(), reference, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(lik.log_prob(outputs, x), lik(outputs).log_prob(x), rtol=0, atol=0)  # with gradients
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (1, 1, 127)], ids=["784", "3072", "prime-127"])
+def test_bernoulli_fast_log_prob_against_float64_at_extreme_logits(shape):
+    """Without gradients the Bernoulli log-density sums softplus through products of 1 + exp(-|l|) in
+    blocks; it stays within float32 rounding of the float64 value, saturated logits included."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn((40, 5, *shape), generator=g) * 6
+    logits.view(-1)[:12] = torch.tensor([-200.0, 200.0, 0.0, 17.0, -17.0, 30.0, -30.0, 88.0, -88.0, 1e-8, 5.0, -5.0])
+    x = torch.bernoulli(torch.full((5, *shape), 0.4), generator=g)
+    lik = LIKELIHOODS["bernoulli"].build(shape)
+    reference = torch.distributions.Bernoulli(logits=logits.double()).log_prob(x.double()).flatten(-3).sum(-1)
+    with torch.no_grad():
+        fast = lik.log_prob(logits, x)
+    scale = logits.abs().flatten(-3).sum(-1).double()  # float32 rounding grows with the size of the terms
+    assert ((fast.double() - reference).abs() <= 1e-6 * scale + 1e-4).all()

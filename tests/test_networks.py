@@ -86,3 +86,35 @@ def test_conv_network_in_a_vae(shape):
     assert torch.isfinite(loss)
     assert all(p.grad is not None for p in vae.parameters())
     assert vae.reconstruct(x).shape == x.shape
+
+
+def test_linear_without_gradients_is_the_same_product():
+    """``networks.Linear`` (oneDNN when no gradient is needed) against float64 and against
+    ``F.linear`` with gradients, for 2-D and 3-D inputs."""
+    from torch.nn import functional as F
+
+    from pyrovae.networks import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(400, 784)
+    for x in (torch.randn(300, 400), torch.randn(7, 11, 400), torch.randn(9, 400).t().contiguous().t()):
+        reference = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+        with torch.no_grad():
+            fast = layer(x)
+        assert fast.shape == reference.shape and fast.dtype == torch.float32
+        torch.testing.assert_close(fast.double(), reference, rtol=1e-5, atol=1e-5)
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))  # with gradients: the stock op
+    assert set(layer.state_dict()) == {"weight", "bias"}  # the parameters of nn.Linear, nothing added
+
+
+def test_softplus_without_gradients_is_softplus():
+    from torch.nn import functional as F
+
+    from pyrovae.networks import Softplus
+
+    x = torch.cat([torch.linspace(-120, 120, 100_001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 20.0, 20.001])])
+    with torch.no_grad():
+        fast = Softplus()(x)
+    torch.testing.assert_close(fast.double(), F.softplus(x.double()), rtol=2e-7, atol=6e-8)
+    assert (fast >= 0).all()
+    assert torch.equal(Softplus()(x), F.softplus(x))  # with gradients: the stock op
