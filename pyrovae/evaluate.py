@@ -28,7 +28,7 @@ def elbo_terms(vae, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-image ELBO terms, each of shape (batch,), from one reparameterized z ~ q(z|x)."""
     q = vae.guide_net(x)
     z = q.rsample()  # (batch, z_dim)
-    log_px_z = vae.likelihood(vae.decoder(z)).log_prob(x)  # (batch,)
+    log_px_z = vae.likelihood.log_prob(vae.decoder(z), x)  # (batch,)
     kl = q.log_prob(z) - vae.prior().log_prob(z)  # (batch,) single-sample KL estimate
     return {"reconstruction": log_px_z, "kl": kl, "elbo": log_px_z - kl}
 
