@@ -112,13 +112,14 @@ def report_run(name: str, runs: Path, k: int, test_images: int | None) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| run | objective | published -log p(x) | ours -log p(x) | ours test -ELBO | active units | epochs | "
-             "training time |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| run | objective | published -log p(x) | ours -log p(x) | ours - published | ours test -ELBO | "
+             "active units | epochs | training time |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         objective = r["objective"] + (f" (K={r['particles']})" if "iwae" in r["objective"] else "")
         published = f"{r['published']:.2f} ({r['published_source']})" if r["published"] else "-"
+        gap = f"{r['neg_log_likelihood'] - r['published']:+.2f}" if r["published"] else "-"
         lines.append(f"| `{r['name']}` | {objective} | {published} | **{r['neg_log_likelihood']:.2f}** "
-                     f"(IWAE-{r['k']}, {r['test_images']} images) | {r['neg_elbo']:.2f} | {r['active_units']}/{r['z_dim']} "
+                     f"(IWAE-{r['k']}, {r['test_images']} images) | {gap} | {r['neg_elbo']:.2f} | {r['active_units']}/{r['z_dim']} "
                      f"| {r['epochs']} of {r['epochs_planned']} | {r['train_seconds'] / 3600:.2f} h |")
     return "\n".join(lines)
 
