@@ -118,3 +118,20 @@ def test_softplus_without_gradients_is_softplus():
     torch.testing.assert_close(fast.double(), F.softplus(x.double()), rtol=2e-7, atol=6e-8)
     assert (fast >= 0).all()
     assert torch.equal(Softplus()(x), F.softplus(x))  # with gradients: the stock op
+
+
+def test_linear_falls_back_to_the_stock_op_where_onednn_fails(monkeypatch):
+    from torch.nn import functional as F
+
+    from pyrovae import networks
+
+    def broken(*args):
+        raise RuntimeError("no oneDNN kernel for this CPU")
+
+    monkeypatch.setattr(networks, "_ONEDNN", True)
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", broken, raising=False)
+    layer = networks.Linear(5, 3)
+    x = torch.randn(4, 5)
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert networks._ONEDNN is False  # asked once, then the stock op
