@@ -25,6 +25,7 @@ testing) and write ``results/reproduce/`` and the table in ``results/README.md``
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import time
@@ -133,23 +134,35 @@ def write_table(path: Path, text: str) -> None:
     path.write_text(new)
 
 
+def earlier_row(path: Path, checkpoint: Path, k: int, test_images: int | None) -> dict | None:
+    """The figures in ``path`` if they were computed, with the same K and test images, from the
+    checkpoint's present state (same epoch and step); else None. A finished run is evaluated once."""
+    if not path.is_file():
+        return None
+    row = json.loads(path.read_text())
+    state = load_checkpoint(checkpoint)
+    same = (row.get("epochs"), row.get("steps"), row.get("k"), row.get("test_images_requested", "unknown"))
+    return row if same == (state["epoch"], state["global_step"], k, test_images) else None
+
+
 def report(names: list[str], runs: Path, out: Path, k: int, test_images: int | None, readme: Path | None,
            command: str) -> list[dict]:
     rows = []
+    out.mkdir(parents=True, exist_ok=True)
     for name in names:
         if not (runs / name / "checkpoint.pt").is_file():
             print(f"{name}: no checkpoint in {runs / name}; train it first", flush=True)
             continue
-        row = report_run(name, runs, k, test_images)
+        row = earlier_row(out / f"{name}.json", runs / name / "checkpoint.pt", k, test_images)
+        if row is None:
+            row = {**report_run(name, runs, k, test_images), "test_images_requested": test_images}
+            write_json(out / f"{name}.json", {**row, "command": command, **provenance("cpu")})
         rows.append(row)
         print(f"{name:14s} -log p(x) {row['neg_log_likelihood']:7.2f} (IWAE-{k}, {row['test_images']} images, "
               f"{row['iwae_seconds']:.0f} s)  test -ELBO {row['neg_elbo']:7.2f}  after {row['epochs']} epochs "
               f"({row['train_seconds'] / 3600:.2f} h)  published {row['published']}", flush=True)
     if not rows:
         return rows
-    out.mkdir(parents=True, exist_ok=True)
-    for row in rows:
-        write_json(out / f"{row['name']}.json", {**row, "command": command, **provenance("cpu")})
     from pyrovae import plots
 
     plots.curves({r["name"]: r["curve"] for r in rows}, out / "test_curves.png", ylabel="test -ELBO per image (nats)",

@@ -94,3 +94,27 @@ def test_reproduce_scales_burdas_schedule_to_a_shorter_budget():
     tiny = reproduce.compress_schedule(config, 1).train.lr_milestones  # still increasing whole epochs
     assert tiny == (1, 2, 3, 4, 5, 6, 7)
     assert reproduce.compress_schedule(config, 3280) == config
+
+
+def test_reproduce_report_evaluates_a_checkpoint_once(mnist_root, tmp_path, monkeypatch):
+    """A run that has not moved since its figures were written is not evaluated again; one that has is."""
+    monkeypatch.setenv("PYROVAE_DATA", str(mnist_root))
+    reproduce = _experiment("reproduce")
+    tiny = ["train.train_subset=200", "train.test_subset=50"]
+    reproduce.train("burda_vae", tmp_path / "runs", epochs=1, overrides=tiny, quiet=True)
+    args = dict(runs=tmp_path / "runs", out=tmp_path / "out", test_images=20, readme=None, command="test")
+    first = reproduce.report(["burda_vae"], k=3, **args)
+
+    def must_not_run(*a, **kw):
+        raise AssertionError("evaluated again")
+
+    real = reproduce.report_run
+    monkeypatch.setattr(reproduce, "report_run", must_not_run)
+    again = reproduce.report(["burda_vae"], k=3, **args)
+    assert again[0]["neg_log_likelihood"] == first[0]["neg_log_likelihood"]
+    with pytest.raises(AssertionError, match="evaluated again"):  # another K is another figure
+        reproduce.report(["burda_vae"], k=4, **args)
+    monkeypatch.setattr(reproduce, "report_run", real)
+    reproduce.train("burda_vae", tmp_path / "runs", epochs=2, quiet=True)  # the run moves on
+    later = reproduce.report(["burda_vae"], k=3, **args)
+    assert later[0]["epochs"] == 2
