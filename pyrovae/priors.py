@@ -68,17 +68,18 @@ class LearnedNormalPrior(Prior):
 
 
 class DiagonalNormalMixture(dist.TorchDistribution):
-    """sum_k pi_k N(z; m_k, diag(s_k^2)) over z in R^D, scored with matrix products.
+    """sum_k pi_k N(z; m_k, diag(s_k^2)) over z in R^D, scored with one matrix product.
 
     The same density as ``MixtureSameFamily(Categorical(logits), Normal(loc, scale).to_event(1))``,
-    computed without the (points, K, D) tensor that one builds: the squared Mahalanobis distance of
-    every point to every component is expanded as
+    computed without the (points, K, D) tensor that one builds. Expanding the square,
 
-        sum_j (z_j - m_kj)^2 / s_kj^2 = z^2 . (1/s_k^2) - 2 z . (m_k/s_k^2) + m_k^2 . (1/s_k^2),
+        log pi_k N(z; m_k, s_k^2) = [z^2, z] . [-1/(2 s_k^2), m_k/s_k^2] + c_k,
+        c_k = log pi_k - sum_j (m_kj^2 / (2 s_kj^2) + log s_kj) - (D/2) log 2 pi,
 
-    three (points, D) x (D, K) products. The expansion subtracts large numbers when the scales are
-    small (a VampPrior's components are encoder posteriors), so it runs in float64 and the result is
-    returned in the input's dtype.
+    so every point's log joint with every component is one (points, 2D) x (2D, K) product plus a
+    (K,) bias, followed by a log-sum-exp over the K components. The expansion subtracts large numbers
+    when the scales are small (a VampPrior's components are encoder posteriors), so it runs in
+    float64 and the result is returned in the input's dtype.
 
     Args:
         logits: (K,) unnormalized log mixture weights.
@@ -96,15 +97,21 @@ class DiagonalNormalMixture(dist.TorchDistribution):
         self.logits, self.loc, self.scale = logits, loc, scale
         super().__init__(torch.Size(), loc.shape[-1:], validate_args=validate_args)
 
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+    def _linear_form(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (2D, K) weights and (K,) bias of the expansion above, in float64."""
         d = self.loc.shape[-1]
-        z, loc, scale = value.reshape(-1, d).double(), self.loc.double(), self.scale.double()  # (N, D), (K, D)
-        precision = scale.pow(-2)
-        squared = z.pow(2) @ precision.T - 2 * z @ (loc * precision).T + (loc.pow(2) * precision).sum(-1)  # (N, K)
-        log_components = -0.5 * squared - scale.log().sum(-1) - 0.5 * d * math.log(2 * math.pi)
-        log_weights = torch.log_softmax(self.logits.double(), -1)
-        log_p = torch.logsumexp(log_components + log_weights, -1)  # (N,)
-        return log_p.to(value.dtype).reshape(value.shape[:-1])
+        loc, scale = self.loc.double(), self.scale.double()
+        precision = scale.pow(-2)  # (K, D)
+        weight = torch.cat([-0.5 * precision, loc * precision], -1).T  # (2D, K)
+        bias = (torch.log_softmax(self.logits.double(), -1) - 0.5 * (loc.pow(2) * precision).sum(-1)
+                - scale.log().sum(-1) - 0.5 * d * math.log(2 * math.pi))  # (K,)
+        return weight, bias
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        z = value.reshape(-1, self.loc.shape[-1]).double()  # (N, D)
+        weight, bias = self._linear_form()
+        log_joint = torch.addmm(bias, torch.cat([z.pow(2), z], -1), weight)  # (N, K): log pi_k N(z_n; m_k, s_k^2)
+        return torch.logsumexp(log_joint, -1).to(value.dtype).reshape(value.shape[:-1])
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
         with torch.no_grad():

@@ -50,6 +50,13 @@ def test_benchmark_iwae_smoke(mnist_root, tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["k"] == 20
 
 
+def test_benchmark_mixture_smoke(mnist_root, tmp_path):
+    out = run_smoke("benchmark_mixture.py", mnist_root, "--out", str(tmp_path))
+    assert "ratio ours/stock" in out
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["components"] == 20 and result["max_abs_error_nats"]["ours"] < 1e-3
+
+
 def test_reproduce_smoke_writes_a_table_beside_the_published_figures(mnist_root, tmp_path):
     run_smoke("reproduce.py", mnist_root, "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"))
     table = (tmp_path / "out" / "README.md").read_text()
