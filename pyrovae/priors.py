@@ -17,6 +17,7 @@ import torch
 from pyro.distributions.transforms import spline_autoregressive
 from torch import nn
 from torch.distributions import constraints
+from torch.distributions.utils import lazy_property
 
 __all__ = [
     "PRIORS", "Prior", "DiagonalNormalMixture", "StandardNormalPrior", "LearnedNormalPrior", "MixtureOfGaussiansPrior",
@@ -97,8 +98,10 @@ class DiagonalNormalMixture(dist.TorchDistribution):
         self.logits, self.loc, self.scale = logits, loc, scale
         super().__init__(torch.Size(), loc.shape[-1:], validate_args=validate_args)
 
+    @lazy_property
     def _linear_form(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (2D, K) weights and (K,) bias of the expansion above, in float64."""
+        """The (2D, K) weights and (K,) bias of the expansion above, in float64, computed once per
+        distribution (the IWAE estimator scores many chunks with one prior)."""
         d = self.loc.shape[-1]
         loc, scale = self.loc.double(), self.scale.double()
         precision = scale.pow(-2)  # (K, D)
@@ -109,7 +112,7 @@ class DiagonalNormalMixture(dist.TorchDistribution):
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         z = value.reshape(-1, self.loc.shape[-1]).double()  # (N, D)
-        weight, bias = self._linear_form()
+        weight, bias = self._linear_form
         log_joint = torch.addmm(bias, torch.cat([z.pow(2), z], -1), weight)  # (N, K): log pi_k N(z_n; m_k, s_k^2)
         return torch.logsumexp(log_joint, -1).to(value.dtype).reshape(value.shape[:-1])
 
