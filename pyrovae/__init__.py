@@ -6,7 +6,9 @@
 
 from pyrovae.config import Config, DataConfig, ModelConfig, TrainConfig
 from pyrovae.model import VAE, build_vae
+from pyrovae.engine import TrainState, fit, train_step
 from pyrovae.objectives import PyroELBO
 
-__all__ = ["Config", "ModelConfig", "DataConfig", "TrainConfig", "VAE", "build_vae", "PyroELBO"]
+__all__ = ["Config", "ModelConfig", "DataConfig", "TrainConfig", "VAE", "build_vae", "PyroELBO", "train_step", "fit",
+           "TrainState"]
 __version__ = "0.1.0"

@@ -18,25 +18,25 @@ from pyrovae.config import Config, ConfigError
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_vae"]
 
 FORMAT = "pyrovae-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: the progress is one TrainState under "state"; 1 (still read): it was spread over the top level
 
 
 class CheckpointError(ValueError):
     """A file is not a usable pyrovae checkpoint."""
 
 
-def save_checkpoint(path, *, vae, optimizer, config: Config, epoch: int, extra: dict | None = None) -> None:
-    state = {
+def save_checkpoint(path, *, vae, optimizer, config: Config, state: dict) -> None:
+    """Write the module and optimizer states, the config and ``state`` (a ``TrainState.to_dict()``)."""
+    payload = {
         "format": FORMAT,
         "version": VERSION,
         "config": config.to_dict(),
         "image_shape": list(vae.image_shape),
         "model": vae.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "epoch": epoch,
-        **(extra or {}),
+        "state": state,
     }
-    atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path, map_location="cpu") -> dict[str, Any]:
@@ -55,9 +55,28 @@ def load_checkpoint(path, map_location="cpu") -> dict[str, Any]:
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a pyrovae checkpoint (no '{FORMAT}' marker)")
+    if state.get("version") == 1:
+        return _from_version_1(state)
     if state.get("version") != VERSION:
-        raise CheckpointError(f"{path} is checkpoint version {state.get('version')}; this pyrovae reads version {VERSION}")
+        raise CheckpointError(f"{path} is checkpoint version {state.get('version')}; this pyrovae reads versions 1 "
+                              f"to {VERSION}. Load it with the pyrovae release that wrote it, or train it afresh")
     return state
+
+
+def _from_version_1(old: dict) -> dict:
+    """A version-1 checkpoint in the version-2 layout: the same run, resumable as it was."""
+    partial = old.get("partial_epoch", {})
+    rng = old.get("rng", {})
+    new = {k: old[k] for k in ("format", "config", "image_shape", "model", "optimizer")}
+    new["version"] = VERSION
+    new["state"] = {
+        "data_rng": rng.get("data_epoch_start"), "epoch": old["epoch"],
+        "noise_rng": {"torch": rng["torch"], "cuda": rng.get("cuda")} if "torch" in rng else None,
+        "step": old.get("global_step", 0), "epoch_step": partial.get("step", 0),
+        "loss_sum": torch.tensor(float(partial.get("loss_sum", 0.0)), dtype=torch.float64),
+        "images": partial.get("images", 0), "seconds": partial.get("seconds", 0.0), "history": old.get("metrics", []),
+    }
+    return new
 
 
 def load_vae(path, map_location="cpu"):

@@ -12,8 +12,8 @@ from pyrovae.config import Config, ConfigError, apply_overrides, read_config_fil
 from pyrovae.data import DatasetNotFoundError
 from pyrovae.likelihoods import DataSupportError
 from pyrovae.model import ImageShapeError
-from pyrovae.run import Interrupted, RunFolderError
-from pyrovae.train import DeviceUnavailableError, NonFiniteLossError
+from pyrovae.engine import DeviceUnavailableError, Interrupted, NonFiniteLossError
+from pyrovae.runs import RunFolderError
 
 __all__ = ["main", "build_parser"]
 
@@ -131,7 +131,7 @@ def config_from_args(args) -> Config:
 
 def _train(args) -> int:
     from pyrovae.checkpoint import load_checkpoint
-    from pyrovae.run import train_run
+    from pyrovae.runs import train_run
 
     if args.resume:
         changed = [f"--{f.replace('_', '-')}" for f in FLAG_FIELDS if f not in BUDGET_FLAGS
@@ -147,7 +147,7 @@ def _train(args) -> int:
         config = config_from_args(args)
         name = config.data.dataset.split(":")[0]
         out = Path(args.out or f"runs/{name}-{datetime.now():%Y%m%d-%H%M%S}")
-    metrics = train_run(config, out, quiet=args.quiet, overwrite=args.overwrite, resume=bool(args.resume))
+    metrics = train_run(config, out, quiet=args.quiet, overwrite=args.overwrite, resume=bool(args.resume)).metrics
     last = metrics["epochs"][-1] if metrics["epochs"] else None
     if last:
         print(f"test -ELBO {last['test_neg_elbo']:.2f} nats/image after {last['epoch']} epochs; outputs in {out}")
@@ -155,30 +155,11 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from pyrovae.checkpoint import load_vae
-    from pyrovae.evaluate import evaluate
-    from pyrovae.run import prepare_data, provenance, write_json
-    from pyrovae.train import resolve_device
+    from pyrovae.runs import evaluate_run
 
-    device = resolve_device(args.device)
-    vae, config, state = load_vae(args.checkpoint, map_location=device)
-    if args.data_dir:
-        config = config.replace(data={"data_dir": args.data_dir})
-    from pyrovae.evaluate import active_units, importance_log_likelihood
-
-    test = prepare_data(config, device).test
-    metrics = evaluate(vae, test, seed=config.data.test_binarization_seed)
-    metrics["active_units"] = active_units(vae, test)["active_units"]
-    if args.k:
-        iwae = importance_log_likelihood(vae, test, k=args.k)
-        metrics.update({"neg_log_likelihood": iwae["neg_log_likelihood"], "k": args.k})
-        if "bits_per_dim" in iwae:
-            metrics["iwae_bits_per_dim"] = iwae["bits_per_dim"]
     ckpt = Path(args.checkpoint)
     out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "evaluation.json"
-    write_json(out, {"checkpoint": str(ckpt), "epoch": state["epoch"], "test": metrics,
-                     "units": "nats per image (bits/dim for 8-bit likelihoods); binary data: test set "
-                              "binarized once with a fixed seed", **provenance(device)})
+    metrics = evaluate_run(ckpt, device=args.device, data_dir=args.data_dir, particles=args.k, out=out)["test"]
     print(f"test -ELBO {metrics['neg_elbo']:.3f} nats/image  (reconstruction {metrics['reconstruction']:.3f}, "
           f"KL {metrics['kl']:.3f}) on {metrics['images']} images; {metrics['active_units']} active units; "
           f"written to {out}")

@@ -114,11 +114,12 @@ class TrainConfig:
     grad_clip: float | None = None  # clip the gradient norm to this value; None: no clipping
     max_steps: int | None = None  # stop after this many optimizer steps in all (quick checks); None: no cap
     checkpoint_every_steps: int | None = None  # also checkpoint every N steps within an epoch; None: per epoch
+    log_every_steps: int = 100  # read the loss and the non-finite flags back from the device every N steps
     train_subset: int | None = None  # train on the first N images only (quick checks); None: all
     test_subset: int | None = None  # evaluate on the first N test images only; None: all
 
     def __post_init__(self) -> None:
-        for key in ("epochs", "batch_size"):
+        for key in ("epochs", "batch_size", "log_every_steps"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"train.{key} must be a positive integer, got {value!r}")

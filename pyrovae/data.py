@@ -20,14 +20,14 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 
 __all__ = [
     "DATASETS", "BINARIZATIONS", "DatasetNotFoundError", "ImageData", "MNIST_FILES",
     "data_root", "load_dataset", "load_mnist", "load_image_folder", "binarize", "to_unit", "batches",
-    "dataset_is_known",
+    "dataset_is_known", "Prepared", "prepare_data", "prepare_train", "prepare_test",
 ]
 
 MNIST_FILES = [
@@ -299,3 +299,61 @@ def batches(data: torch.Tensor, batch_size: int, generator: torch.Generator,
     for start in range(0, data.shape[0], batch_size):
         batch = data[perm[start:start + batch_size]]
         yield per_batch(batch, generator) if per_batch is not None else batch
+
+
+# --- a dataset made ready for a model ------------------------------------------------------------
+class Prepared(NamedTuple):
+    """What the training loop and the evaluation read: the data as the configured likelihood models it."""
+
+    train: torch.Tensor  # (N, C, H, W) on the device: uint8 grey levels, or floats when prepared once
+    per_batch: Callable | None  # turns a training batch into model inputs (binarize, to_unit) or None
+    test: torch.Tensor  # (M, C, H, W) float model inputs on the device, fixed for every run
+    test_labels: torch.Tensor  # (M,) on the CPU
+    kind: str  # what the likelihood models: binary, unit or 8bit
+
+
+def _data_kind(config) -> str:
+    from pyrovae.likelihoods import LIKELIHOODS
+
+    return LIKELIHOODS[config.model.likelihood].data_kind
+
+
+def prepare_train(config, device: torch.device, download: bool = True) -> tuple[torch.Tensor, Callable | None]:
+    """The training images on the device, and what turns a batch of them into model inputs.
+
+    Binary likelihoods: binarized dynamically (a fresh draw per batch) or statically (once, from the
+    run's seed). Other likelihoods: grey levels / 255, per batch.
+    """
+    d, t = config.data, config.train
+    images = load_dataset(d.dataset, d.data_dir, train=True, download=download, device=device,
+                          image_size=d.image_size).images
+    images = images[: t.train_subset] if t.train_subset else images
+    if _data_kind(config) != "binary":
+        return images, to_unit
+    if d.binarization == "static":
+        return binarize(images.cpu(), torch.Generator().manual_seed(t.seed)).to(device), None
+    return images, binarize
+
+
+def prepare_test(config, device: torch.device, download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test inputs on the device and their labels on the CPU; the training split is not read.
+
+    Binary likelihoods: binarized once from ``data.test_binarization_seed``, on the CPU, so the test set
+    is the same for every run and device. Other likelihoods: grey levels / 255.
+    """
+    d, t = config.data, config.train
+    test = load_dataset(d.dataset, d.data_dir, train=False, download=download, device="cpu",
+                        image_size=d.image_size)
+    images, labels = test.images, test.labels
+    if t.test_subset:
+        images, labels = images[: t.test_subset], labels[: t.test_subset]
+    if _data_kind(config) != "binary":
+        return to_unit(images).to(device), labels
+    return binarize(images, torch.Generator().manual_seed(d.test_binarization_seed)).to(device), labels
+
+
+def prepare_data(config, device: torch.device, download: bool = True) -> Prepared:
+    """Load the configured dataset, both splits, as what the configured likelihood models."""
+    train, per_batch = prepare_train(config, device, download)
+    test, labels = prepare_test(config, device, download)
+    return Prepared(train, per_batch, test, labels, _data_kind(config))

@@ -43,7 +43,7 @@ class ManualELBO(nn.Module):
         self.vae = vae
         self.kl = kl
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kl_weight: float = 1.0) -> torch.Tensor:
         q = self.vae.guide_net(x)  # q(z|x), batch (batch,), event (z_dim,)
         z = q.rsample()  # reparameterization: z = mu + sigma * eps, (batch, z_dim)
         p = self.vae.prior().expand(q.batch_shape)  # p(z), one copy per image like Pyro's plate
@@ -53,7 +53,7 @@ class ManualELBO(nn.Module):
         else:
             log_pz = p.log_prob(z)  # scored before q, in the order Pyro's trace does: same rounding
             kl = q.log_prob(z) - log_pz  # one-sample estimate of KL, (batch,)
-        return -(log_px_z - self.vae.kl_weight * kl).sum()  # -ELBO (beta-weighted KL), summed like Pyro's losses
+        return -(log_px_z - kl_weight * kl).sum()  # -ELBO (beta-weighted KL), summed like Pyro's losses
 
 
 class ManualIWAE(nn.Module):
@@ -70,9 +70,9 @@ class ManualIWAE(nn.Module):
         self.vae = vae
         self.particles = particles
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kl_weight: float = 1.0) -> torch.Tensor:
         q = self.vae.guide_net(x)  # q(z|x), batch (batch,)
         z = q.rsample((self.particles,))  # (K, batch, z_dim), reparameterized
         log_px_z = self.vae.likelihood(self.vae.decoder(z)).log_prob(x)  # (K, batch)
-        log_w = log_px_z + self.vae.prior().log_prob(z) - q.log_prob(z)  # log importance weights, (K, batch)
+        log_w = log_px_z + kl_weight * (self.vae.prior().log_prob(z) - q.log_prob(z))  # (K, batch)
         return -(torch.logsumexp(log_w, 0) - math.log(self.particles)).sum()

@@ -64,24 +64,11 @@ class Likelihood(nn.Module):
     def log_prob(self, outputs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """log p(x|z) per image, shape ``outputs.shape[:-3]``; ``x`` broadcasts against the outputs.
 
-        This is ``self(outputs).log_prob(x)``; a subclass may compute the same number faster for the
-        estimators that call it millions of times (the importance-sampled log-likelihood).
+        This is ``self(outputs).log_prob(x)``. The importance-sampled log-likelihood in
+        :mod:`pyrovae.evaluate`, which calls it millions of times, has its own faster form of the
+        Bernoulli's; every other likelihood is scored here.
         """
         return self(outputs).log_prob(x)
-
-
-def _sum_log_1p(y: torch.Tensor) -> torch.Tensor:
-    """sum_j log(1 + y_j) over the last dim, for y in [0, 1], overwriting ``y``.
-
-    Products of up to 120 factors 1 + y_j <= 2 stay below 2^120 < float32's largest value, so the
-    sum needs one log per block of pixels instead of one per pixel.
-    """
-    n = y.shape[-1]
-    block = max(d for d in range(1, 121) if n % d == 0)
-    y.add_(1)
-    if block < 16:  # an awkward pixel count (a large prime): one log per pixel
-        return y.log_().sum(-1)
-    return y.unflatten(-1, (n // block, block)).prod(-1).log_().sum(-1)
 
 
 class BernoulliLikelihood(Likelihood):
@@ -96,16 +83,6 @@ class BernoulliLikelihood(Likelihood):
 
     def mean(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits)
-
-    def log_prob(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """log p(x|z) = sum_j x_j l_j - softplus(l_j) = -sum_j [relu(-s_j l_j) + log(1 + exp(-|l_j|))],
-        with s_j = 2 x_j - 1: every term <= 0, so the sum has no cancellation. Without gradients it is
-        computed in a few passes over the logits; with them, by the distribution."""
-        if torch.is_grad_enabled() or logits.device.type != "cpu":
-            return super().log_prob(logits, x)
-        signed = (logits * (2 * x - 1)).flatten(-3)  # (..., C*H*W)
-        misfit = signed.neg().clamp_min_(0).sum(-1)  # sum_j relu(-s_j l_j)
-        return -(misfit + _sum_log_1p(signed.abs_().neg_().exp_()))  # (...,)
 
     def check(self, x: torch.Tensor) -> None:
         if not bool(((x == 0) | (x == 1)).all()):

@@ -24,6 +24,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.nn import PyroModule, pyro_method
+from pyro.poutine.util import is_validation_enabled
 from torch import nn
 
 from pyrovae.config import ModelConfig
@@ -61,17 +62,6 @@ class VAE(PyroModule):
         self.likelihood = likelihood
         self.guide_net = guide_net
         self.image_shape = tuple(image_shape)
-        self.check_inputs = True  # model/guide validate x; a loop that checked its data once turns this off
-        self.kl_weight = 1.0  # beta: scales log p(z) and log q(z|x), hence the KL term (beta-VAE, warm-up)
-
-    @contextlib.contextmanager
-    def inputs_checked(self):
-        """Within this block model/guide skip the per-call data check (the caller has done it)."""
-        previous, self.check_inputs = self.check_inputs, False
-        try:
-            yield
-        finally:
-            self.check_inputs = previous
 
     def check_data(self, x: torch.Tensor) -> None:
         """Raise a clear error if ``x`` is not a batch of images the model can score."""
@@ -84,27 +74,27 @@ class VAE(PyroModule):
         self.likelihood.check(x)
 
     @pyro_method
-    def model(self, x: torch.Tensor) -> torch.Tensor:
-        """p(x, z) = p(z) p(x|z); ``x`` of shape (batch, C, H, W) is observed."""
-        if self.check_inputs:
+    def model(self, x: torch.Tensor, kl_weight: float = 1.0) -> torch.Tensor:
+        """p(x, z) = p(z) p(x|z); ``x`` of shape (batch, C, H, W) is observed.
+
+        ``kl_weight`` (beta) scales log p(z) here and log q(z|x) in the guide, hence the KL term
+        (beta-VAE, KL warm-up); Pyro hands model and guide the same arguments.
+        """
+        if is_validation_enabled():  # Pyro's switch: on by default, off in the training loop
             self.check_data(x)
         with pyro.plate("data", x.shape[0]):
-            with self._kl_scale():
+            with _kl_scale(kl_weight):
                 z = pyro.sample("z", self.prior())  # (batch, z_dim)
             pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)  # (batch, C, H, W)
         return z
 
     @pyro_method
-    def guide(self, x: torch.Tensor) -> torch.Tensor:
+    def guide(self, x: torch.Tensor, kl_weight: float = 1.0) -> torch.Tensor:
         """q(z|x), amortized by the encoder."""
-        if self.check_inputs:
+        if is_validation_enabled():
             self.check_data(x)
-        with pyro.plate("data", x.shape[0]), self._kl_scale():
+        with pyro.plate("data", x.shape[0]), _kl_scale(kl_weight):
             return pyro.sample("z", self.guide_net(x))  # (batch, z_dim)
-
-    def _kl_scale(self):
-        """Scale the latent site by ``kl_weight`` (in model and guide alike), or leave it alone at 1."""
-        return poutine.scale(scale=self.kl_weight) if self.kl_weight != 1.0 else contextlib.nullcontext()
 
     # --- conveniences for pictures and evaluation (no Pyro machinery) ---------------------------
     @torch.no_grad()
@@ -125,6 +115,11 @@ class VAE(PyroModule):
     def sample(self, n: int) -> torch.Tensor:
         """E[x|z] for n codes z ~ p(z): (n, C, H, W)."""
         return self.decode(self.prior().sample((n,)))
+
+
+def _kl_scale(kl_weight: float):
+    """Scale the latent site by ``kl_weight`` (in model and guide alike), or leave it alone at 1."""
+    return poutine.scale(scale=kl_weight) if kl_weight != 1.0 else contextlib.nullcontext()
 
 
 def build_vae(config: ModelConfig, image_shape: tuple[int, ...] = (1, 28, 28)) -> VAE:

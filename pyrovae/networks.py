@@ -2,11 +2,6 @@
 
 No Pyro here. The encoder maps an image to the parameters of q(z|x); the decoder maps a code z to
 the raw outputs that a likelihood turns into a distribution over images.
-
-Without gradients (evaluation, importance sampling, sampling), float32 ``Linear`` layers on the CPU
-run through oneDNN when torch has it, and ``Softplus`` is computed as relu(x) + log(1 + exp(-|x|)):
-the same numbers to float32 rounding, and on CPUs where torch's default BLAS or its softplus kernel
-is slow (AMD's, for instance) several times faster. With gradients both are the stock torch ops.
 """
 
 from __future__ import annotations
@@ -18,48 +13,13 @@ from torch import nn
 from torch.nn import functional as F
 
 __all__ = [
-    "ACTIVATIONS", "NETWORKS", "Linear", "Softplus", "MLPEncoder", "MLPDecoder", "ConvEncoder", "ConvDecoder", "build_mlp",
+    "ACTIVATIONS", "NETWORKS", "MLPEncoder", "MLPDecoder", "ConvEncoder", "ConvDecoder", "build_mlp",
     "build_conv", "network_for",
 ]
 
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters and state_dict) that runs through oneDNN when no gradient is needed.
-
-    oneDNN's float32 matrix product uses every vector unit of the CPU it finds; the default BLAS may
-    not (on this project's AMD machine: 450 against 170 GFLOP/s for the decoder's 4096x400x784
-    product). It is the same product, rounded differently in the last bits of float32.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        global _ONEDNN
-        if (_ONEDNN and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dim() >= 2
-                and x.dtype == torch.float32 and self.weight.dtype == torch.float32):
-            try:
-                return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, self.bias, "none", [], "")
-            except RuntimeError:  # a build whose oneDNN cannot run this product: the stock op from now on
-                _ONEDNN = False
-        return F.linear(x, self.weight, self.bias)
-
-
-class Softplus(nn.Module):
-    """softplus(x) = log(1 + exp(x)), as ``nn.Softplus()``; without gradients, relu(x) + log(1 + exp(-|x|)).
-
-    The second form is exact algebra and, in float32, within 6e-8 of the first everywhere (the
-    rounding of 1 + exp(-|x|)); it avoids torch's scalar log1p, which on the CPU costs 5 ns a value.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or x.device.type != "cpu":
-            return F.softplus(x)
-        return x.abs().neg_().exp_().add_(1).log_().add_(x.clamp_min(0))
-
-
 #: Hidden-layer nonlinearities, by config name.
 ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "softplus": Softplus,
+    "softplus": nn.Softplus,
     "relu": nn.ReLU,
     "tanh": nn.Tanh,
     "elu": nn.ELU,
@@ -71,7 +31,7 @@ def _mlp(sizes: list[int], activation: str) -> nn.Sequential:
     """Linear layers with `activation` between them (none after the last)."""
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(Linear(n_in, n_out))
+        layers.append(nn.Linear(n_in, n_out))
         if i < len(sizes) - 2:
             layers.append(ACTIVATIONS[activation]())
     return nn.Sequential(*layers)
@@ -99,7 +59,7 @@ class MLPEncoder(nn.Module):
         x_dim = math.prod(self.image_shape)
         self.body = _mlp([x_dim, *hidden], activation)
         self.act = ACTIVATIONS[activation]() if hidden else nn.Identity()
-        self.head = Linear(hidden[-1] if hidden else x_dim, 2 * z_dim)
+        self.head = nn.Linear(hidden[-1] if hidden else x_dim, 2 * z_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.act(self.body(x.flatten(-len(self.image_shape))))  # (batch, hidden[-1])
@@ -165,7 +125,7 @@ class ConvEncoder(nn.Module):
         self.convs = nn.Sequential(*layers)
         flat = channels[-1] * _halvings(h, len(channels))[-1] * _halvings(w, len(channels))[-1]
         self.dense = nn.Sequential(_mlp([flat, *hidden], activation), ACTIVATIONS[activation]())
-        self.head = Linear(hidden[-1], 2 * z_dim)
+        self.head = nn.Linear(hidden[-1], 2 * z_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch = x.shape[:-3]  # any leading batch dims (e.g. particles, batch)

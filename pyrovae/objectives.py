@@ -1,6 +1,6 @@
 """Training objectives as loss modules: ``loss(x)`` is the negative ELBO summed over the batch.
 
-One training loop trains any of them (``pyrovae.train.train_epoch``): Pyro's estimators around a VAE's
+One training loop trains any of them (``pyrovae.engine.fit``), each called as ``loss(x, kl_weight=beta)``: Pyro's estimators around a VAE's
 model/guide pair, and the hand-coded ELBO of :mod:`pyrovae.elbo_manual`.
 """
 
@@ -33,8 +33,8 @@ class PyroELBO(nn.Module):
         # bound once: `vae.model` is a new object at every access, and Pyro's JIT caches by identity
         self._model, self._guide = vae.model, vae.guide
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.elbo.differentiable_loss(self._model, self._guide, x)
+    def forward(self, x: torch.Tensor, kl_weight: float = 1.0) -> torch.Tensor:
+        return self.elbo.differentiable_loss(self._model, self._guide, x, kl_weight=kl_weight)
 
 
 class PyroIWAE(nn.Module):
@@ -54,14 +54,15 @@ class PyroIWAE(nn.Module):
         self._model, self._guide = vae.model, vae.guide
 
     def _vectorized(self, fn):
-        def run(x):
+        def run(x, kl_weight):
             with pyro.plate("particles", self.particles, dim=-2):
-                return fn(x)
+                return fn(x, kl_weight=kl_weight)
         return run
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        guide_trace = poutine.trace(self._vectorized(self._guide)).get_trace(x)
-        model_trace = poutine.trace(poutine.replay(self._vectorized(self._model), trace=guide_trace)).get_trace(x)
+    def forward(self, x: torch.Tensor, kl_weight: float = 1.0) -> torch.Tensor:
+        guide_trace = poutine.trace(self._vectorized(self._guide)).get_trace(x, kl_weight)
+        model_trace = poutine.trace(poutine.replay(self._vectorized(self._model), trace=guide_trace)).get_trace(
+            x, kl_weight)
         log_w = 0.0
         for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
             trace.compute_log_prob()

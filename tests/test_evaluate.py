@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import binary_images
+from helpers import binary_images
 from pyrovae import ModelConfig, build_vae
 from pyrovae.evaluate import evaluate, importance_log_likelihood
 
@@ -155,3 +155,174 @@ def test_elbo_below_iwae_k_below_iwae_k_prime_on_average():
     for small, large in ((1, 5), (5, 50)):
         difference, se = gap(draws[small], draws[large])
         assert difference > 4 * se, (small, large, difference, se)  # -IWAE_K falls as K grows
+
+
+# --- the estimator's CPU fast paths against float64 and against the stock ops ---------------------
+def _stock_paths_only(monkeypatch):
+    """Run the estimator as if it had no fast paths: stock modules, the likelihood's own log_prob."""
+    import contextlib
+
+    from pyrovae import evaluate as ev
+
+    monkeypatch.setattr(ev, "_fast_paths_for", lambda images: contextlib.nullcontext())
+    monkeypatch.setattr(ev, "_log_px_z", lambda likelihood, outputs, x: likelihood.log_prob(outputs, x))
+
+
+def _counting_routes(monkeypatch):
+    """Count, by function name, the calls the fast-path mode reroutes (not those it declines)."""
+    from collections import Counter
+
+    from pyrovae.evaluate import _CPUFastPaths
+
+    taken = Counter()
+    for func, route in list(_CPUFastPaths._ROUTES.items()):
+        def counted(*args, _route=route, _name=func.__name__, **kwargs):
+            out = _route(*args, **kwargs)
+            taken[_name] += out is not None
+            return out
+        monkeypatch.setitem(_CPUFastPaths._ROUTES, func, counted)
+    return taken
+
+
+def test_linear_route_is_the_same_product():
+    """``nn.Linear`` under the estimator's mode (oneDNN without gradients) against float64, for 2-D,
+    3-D and non-contiguous inputs; with gradients the mode leaves it to the stock op."""
+    from torch import nn
+    from torch.nn import functional as F
+
+    from pyrovae.evaluate import _CPUFastPaths
+
+    torch.manual_seed(0)
+    layer = nn.Linear(400, 784)
+    for x in (torch.randn(300, 400), torch.randn(7, 11, 400), torch.randn(9, 400).t().contiguous().t()):
+        reference = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+        with torch.no_grad(), _CPUFastPaths():
+            fast = layer(x)
+        assert fast.shape == reference.shape and fast.dtype == torch.float32
+        torch.testing.assert_close(fast.double(), reference, rtol=1e-5, atol=1e-5)
+        with _CPUFastPaths():
+            assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))  # with gradients: the stock op
+
+
+def test_softplus_route_is_softplus():
+    from torch import nn
+    from torch.nn import functional as F
+
+    from pyrovae.evaluate import _CPUFastPaths
+
+    x = torch.cat([torch.linspace(-120, 120, 100_001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 20.0, 20.001])])
+    with torch.no_grad(), _CPUFastPaths():
+        fast = nn.Softplus()(x)
+        other_beta = F.softplus(x, beta=2.0)
+    torch.testing.assert_close(fast.double(), F.softplus(x.double()), rtol=2e-7, atol=6e-8)
+    assert (fast >= 0).all()
+    assert torch.equal(other_beta, F.softplus(x, beta=2.0))  # a softplus the route does not cover: the stock op
+    with _CPUFastPaths():
+        assert torch.equal(nn.Softplus()(x), F.softplus(x))  # with gradients: the stock op
+
+
+def test_linear_route_falls_back_to_the_stock_op_where_onednn_fails(monkeypatch):
+    from torch import nn
+    from torch.nn import functional as F
+
+    from pyrovae import evaluate as ev
+
+    def broken(*args):
+        raise RuntimeError("no oneDNN kernel for this CPU")
+
+    monkeypatch.setattr(ev, "_ONEDNN", True)
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", broken, raising=False)
+    layer = nn.Linear(5, 3)
+    x = torch.randn(4, 5)
+    with torch.no_grad(), ev._CPUFastPaths():
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert ev._ONEDNN is False  # asked once, then the stock op
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (1, 1, 127)], ids=["784", "3072", "prime-127"])
+def test_fast_bernoulli_log_prob_against_float64_at_extreme_logits(shape):
+    """The estimator's Bernoulli log-density sums softplus through products of 1 + exp(-|l|) in
+    blocks; it stays within float32 rounding of the float64 value, saturated logits included."""
+    from pyrovae.evaluate import _log_px_z
+    from pyrovae.likelihoods import LIKELIHOODS
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn((40, 5, *shape), generator=g) * 6
+    logits.view(-1)[:12] = torch.tensor([-200.0, 200.0, 0.0, 17.0, -17.0, 30.0, -30.0, 88.0, -88.0, 1e-8, 5.0, -5.0])
+    x = torch.bernoulli(torch.full((5, *shape), 0.4), generator=g)
+    lik = LIKELIHOODS["bernoulli"].build(shape)
+    reference = torch.distributions.Bernoulli(logits=logits.double()).log_prob(x.double()).flatten(-3).sum(-1)
+    with torch.no_grad():
+        fast = _log_px_z(lik, logits, x)
+    assert fast.shape == (40, 5) and fast.dtype == torch.float32
+    scale = logits.abs().flatten(-3).sum(-1).double()  # float32 rounding grows with the size of the terms
+    assert ((fast.double() - reference).abs() <= 1e-6 * scale + 1e-4).all()
+
+
+def _float64_reference(vae, x, k, seed):
+    """-log p(x) per image by IWAE-k on the estimator's own draws (all k in one chunk), with the
+    networks, likelihood and densities run by the stock ops in float64."""
+    import copy
+
+    from pyrovae.evaluate import seeded_noise
+
+    vae64 = copy.deepcopy(vae).double()
+    with torch.no_grad():
+        with seeded_noise(seed, x.device):
+            vae.prior()
+            z = vae.guide_net(x).sample((k,)).double()  # (k, B, z_dim): the draws the estimator makes
+        x64 = x.double()
+        log_w = (vae64.likelihood(vae64.decoder(z)).log_prob(x64) + vae64.prior().log_prob(z)
+                 - vae64.guide_net(x64).log_prob(z))  # (k, B)
+        return -(torch.logsumexp(log_w, 0) - math.log(k)).mean().item()
+
+
+def _images_for(likelihood: str, n: int = 6):
+    g = torch.Generator().manual_seed(3)
+    if likelihood == "bernoulli":
+        return binary_images(n)
+    if likelihood == "discretized_logistic":
+        return torch.randint(0, 256, (n, 1, 28, 28), generator=g).float() / 255
+    return torch.rand((n, 1, 28, 28), generator=g)
+
+
+def _vae_for(network: str, likelihood: str):
+    torch.manual_seed(0)
+    options = {"scale": "learned", "scale_value": 1.0} if likelihood == "normal" else {}
+    return build_vae(ModelConfig(z_dim=5, hidden=(64,), network=network,
+                                 network_options={} if network == "mlp" else {"channels": (4,)},
+                                 likelihood=likelihood, likelihood_options=options))
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "normal", "discretized_logistic"])
+@pytest.mark.parametrize("network", ["mlp", "conv"])
+def test_fast_estimator_agrees_with_float64_and_with_the_stock_ops(network, likelihood, monkeypatch):
+    """On the CPU in float32 the estimator takes the fast routes (checked: they are taken); its figure
+    equals a float64 computation on the same draws and the estimator's own without the fast paths."""
+    vae, x, k = _vae_for(network, likelihood), _images_for(likelihood), 40
+    reference = _float64_reference(vae, x, k, seed=7)
+    taken = _counting_routes(monkeypatch)
+    fast = importance_log_likelihood(vae, x, k=k, seed=7, batch_size=len(x), max_rows=len(x) * k)
+    assert taken["linear"] > 0 and taken["softplus"] > 0
+    assert fast["neg_log_likelihood"] == pytest.approx(reference, rel=2e-6, abs=2e-4)
+    _stock_paths_only(monkeypatch)
+    stock = importance_log_likelihood(vae, x, k=k, seed=7, batch_size=len(x), max_rows=len(x) * k)
+    assert fast["neg_log_likelihood"] == pytest.approx(stock["neg_log_likelihood"], rel=2e-6, abs=2e-4)
+    assert fast["neg_elbo"] == pytest.approx(stock["neg_elbo"], rel=2e-6, abs=2e-4)
+
+
+def test_fast_paths_only_for_float32_on_the_cpu_without_gradients(monkeypatch):
+    """A float64 estimate takes no fast route, and the mode is gone once the estimator returns."""
+    from torch import nn
+
+    vae, x = _vae_for("mlp", "bernoulli"), binary_images(4)
+    taken = _counting_routes(monkeypatch)
+    importance_log_likelihood(vae.double(), x.double(), k=5)
+    assert sum(taken.values()) == 0
+    vae.float()
+    importance_log_likelihood(vae, x, k=5)
+    assert taken["linear"] > 0
+    before = dict(taken)
+    with torch.no_grad():
+        nn.Linear(3, 2)(torch.randn(4, 3))  # outside the estimator: no route
+    assert dict(taken) == before

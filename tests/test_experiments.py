@@ -1,34 +1,67 @@
-"""Every experiment script runs end to end under --smoke."""
+"""Every experiment script runs end to end under --smoke, and a smoke run leaves nothing behind."""
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
-from conftest import ROOT, run_smoke
+from helpers import ROOT, run_smoke
 
 
 def _experiment(name):
-    """experiments/<name>.py imported as a module (the folder is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    """experiments/<name>.py imported as a module (the folders are not packages)."""
+    spec = importlib.util.spec_from_file_location(name.replace("/", "."), ROOT / "experiments" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+def _files(folder):
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else {}
+
+
+@pytest.mark.parametrize("script, printed", [("reproductions/mnist_baseline.py", "median training epoch"),
+                                             ("benchmarks/benchmark_step.py", "ratio to manual")])
+def test_a_smoke_run_leaves_nothing_behind(mnist_root, tmp_path, script, printed):
+    """Without --out/--runs a smoke run writes into a temporary folder and deletes it at the end.
+
+    The default folders (results/..., runs/...) are relative to the working directory, so the script
+    runs from an empty one, which must stay empty, as must the temporary root ($TMPDIR). The repository's
+    results/ must not change, nor the runs in its runs/ (their files may: a training may be running).
+    """
+    cwd, tmp = tmp_path / "cwd", tmp_path / "tmp"
+    cwd.mkdir()
+    tmp.mkdir()
+    results, runs = _files(ROOT / "results"), set((ROOT / "runs").glob("*"))
+    env = {**os.environ, "PYROVAE_DATA": str(mnist_root), "TMPDIR": str(tmp)}
+    done = subprocess.run([sys.executable, str(ROOT / "experiments" / script), "--smoke"], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert printed in done.stdout
+    assert list(cwd.iterdir()) == [] and list(tmp.iterdir()) == []
+    assert _files(ROOT / "results") == results and set((ROOT / "runs").glob("*")) == runs
+
+
 def test_mnist_baseline_smoke(mnist_root, tmp_path):
-    out = run_smoke("mnist_baseline.py", mnist_root, "--run-dir", str(tmp_path / "run"),
-                    "--results", str(tmp_path / "results"))
+    out = run_smoke("reproductions/mnist_baseline.py", mnist_root, "--runs", str(tmp_path / "runs"),
+                    "--out", str(tmp_path / "mnist"))
     assert "median training epoch" in out
-    assert (tmp_path / "run" / "metrics.json").is_file()
+    assert (tmp_path / "runs" / "mnist" / "checkpoint.pt").is_file()  # the run is named after the --out folder
+    assert json.loads((tmp_path / "mnist" / "summary.json").read_text())["final"]["epoch"] == 1
 
 
-def test_benchmark_epoch_smoke(mnist_root):
-    assert "ratio pyrovae/stock" in run_smoke("benchmark_epoch.py", mnist_root)
+def test_benchmark_epoch_smoke(mnist_root, tmp_path):
+    assert "ratio pyrovae/stock" in run_smoke("benchmarks/benchmark_epoch.py", mnist_root, "--out", str(tmp_path))
+    assert set(json.loads((tmp_path / "results.json").read_text())["ratios"]) == {
+        "pyrovae/stock", "pyrovae/torch", "stock/torch"}
 
 
 def test_prior_grid_smoke(mnist_root, tmp_path):
-    out = run_smoke("prior_likelihood_grid.py", mnist_root, "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "r"))
+    out = run_smoke("studies/prior_likelihood_grid.py", mnist_root, "--out", str(tmp_path / "out"),
+                    "--runs", str(tmp_path / "r"))
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     from pyrovae.priors import PRIORS
 
@@ -39,26 +72,28 @@ def test_prior_grid_smoke(mnist_root, tmp_path):
 def test_cifar10_smoke(mnist_root, tmp_path):
     if not (mnist_root / "cifar10").is_dir():
         pytest.skip(f"no CIFAR-10 under {mnist_root}")
-    out = run_smoke("cifar10_conv.py", mnist_root, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "out"))
+    out = run_smoke("reproductions/cifar10_conv.py", mnist_root, "--runs", str(tmp_path / "runs"),
+                    "--out", str(tmp_path / "cifar10"))
     assert "bits/dim" in out
-    assert (tmp_path / "out" / "samples.png").is_file()
+    assert (tmp_path / "cifar10" / "samples.png").is_file()
+    assert (tmp_path / "runs" / "cifar10" / "checkpoint.pt").is_file()
 
 
 def test_benchmark_iwae_smoke(mnist_root, tmp_path):
-    out = run_smoke("benchmark_iwae.py", mnist_root, "--out", str(tmp_path))
+    out = run_smoke("benchmarks/benchmark_iwae.py", mnist_root, "--out", str(tmp_path))
     assert "ratios: ours/stock" in out and "peak resident memory" in out
     assert json.loads((tmp_path / "results.json").read_text())["k"] == 20
 
 
 def test_benchmark_mixture_smoke(mnist_root, tmp_path):
-    out = run_smoke("benchmark_mixture.py", mnist_root, "--out", str(tmp_path))
+    out = run_smoke("benchmarks/benchmark_mixture.py", mnist_root, "--out", str(tmp_path))
     assert "ratio ours/stock" in out
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["components"] == 20 and result["max_abs_error_nats"]["ours"] < 1e-3
 
 
 def test_reproduce_smoke_writes_a_table_beside_the_published_figures(mnist_root, tmp_path):
-    run_smoke("reproduce.py", mnist_root, "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"))
+    run_smoke("reproductions/reproduce.py", mnist_root, "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"))
     table = (tmp_path / "out" / "README.md").read_text()
     for name, published in (("burda_vae", "86.76"), ("burda_iwae50", "84.78"), ("tomczak_vamp", "85.57")):
         assert f"`{name}`" in table and published in table
@@ -71,17 +106,17 @@ def test_reproduce_smoke_writes_a_table_beside_the_published_figures(mnist_root,
 
 def test_reproduce_train_continues_a_run_from_its_checkpoint(mnist_root, tmp_path, monkeypatch):
     monkeypatch.setenv("PYROVAE_DATA", str(mnist_root))
-    reproduce = _experiment("reproduce")
+    reproduce = _experiment("reproductions/reproduce")
     tiny = ["train.train_subset=200", "train.test_subset=50"]
     first = reproduce.train("burda_iwae5", tmp_path, epochs=1, overrides=tiny, quiet=True)
     second = reproduce.train("burda_iwae5", tmp_path, epochs=2, quiet=True)  # the saved config is kept
-    assert [row["epoch"] for row in second["epochs"]] == [1, 2]
-    assert second["epochs"][0] == first["epochs"][0]
-    assert second["config"]["train"]["train_subset"] == 200
+    assert [row["epoch"] for row in second.metrics["epochs"]] == [1, 2]
+    assert second.metrics["epochs"][0] == first.metrics["epochs"][0]
+    assert second.config.train.train_subset == 200
 
 
 def test_reproduce_table_replaces_only_its_own_block(tmp_path):
-    reproduce = _experiment("reproduce")
+    reproduce = _experiment("reproductions/reproduce")
     readme = tmp_path / "README.md"
     readme.write_text("# Results\n\nhand-written text\n")
     reproduce.write_table(readme, "| first |")
@@ -92,7 +127,7 @@ def test_reproduce_table_replaces_only_its_own_block(tmp_path):
 
 
 def test_reproduce_scales_burdas_schedule_to_a_shorter_budget():
-    reproduce = _experiment("reproduce")
+    reproduce = _experiment("reproductions/reproduce")
     config = reproduce.config_for("burda_vae")
     assert config.train.epochs == 3280 and config.train.lr_milestones == (1, 4, 13, 40, 121, 364, 1093)
     assert abs(config.train.lr_decay ** 7 - 0.1) < 1e-12  # ten times smaller after the seven decays
@@ -106,7 +141,7 @@ def test_reproduce_scales_burdas_schedule_to_a_shorter_budget():
 def test_reproduce_report_evaluates_a_checkpoint_once(mnist_root, tmp_path, monkeypatch):
     """A run that has not moved since its figures were written is not evaluated again; one that has is."""
     monkeypatch.setenv("PYROVAE_DATA", str(mnist_root))
-    reproduce = _experiment("reproduce")
+    reproduce = _experiment("reproductions/reproduce")
     tiny = ["train.train_subset=200", "train.test_subset=50"]
     reproduce.train("burda_vae", tmp_path / "runs", epochs=1, overrides=tiny, quiet=True)
     args = dict(runs=tmp_path / "runs", out=tmp_path / "out", test_images=20, readme=None, command="test")

@@ -7,10 +7,11 @@ import json
 
 import pytest
 
-from conftest import ROOT, run_smoke
+from helpers import ROOT, run_smoke
+
 
 def test_information_theory_smoke(tmp_path):
-    stdout = run_smoke("information_theory.py", None, "--out", str(tmp_path))
+    stdout = run_smoke("studies/information_theory.py", None, "--out", str(tmp_path))
     for name in ("coin_entropy.png", "surprise.png", "gaussian_kl.png", "claims.json", "README.md"):
         assert (tmp_path / name).stat().st_size > 0, name
     claims = json.loads((tmp_path / "claims.json").read_text())
@@ -22,7 +23,7 @@ def test_information_theory_smoke(tmp_path):
 
 @pytest.mark.mnist
 def test_looking_back_smoke(tmp_path, mnist_root):
-    stdout = run_smoke("looking_back.py", mnist_root, "--out", str(tmp_path), "--threads", "1")
+    stdout = run_smoke("studies/looking_back.py", mnist_root, "--out", str(tmp_path), "--threads", "1")
     for name in ("looking_back.png", "looking_back_first_image.png", "looking_back.json", "looking_back.md"):
         assert (tmp_path / name).stat().st_size > 0, name
     report = json.loads((tmp_path / "looking_back.json").read_text())
@@ -35,7 +36,7 @@ def test_looking_back_smoke(tmp_path, mnist_root):
 
 def test_looking_back_skips_cleanly_without_mnist(tmp_path, monkeypatch, capsys):
     # in-process (the subprocess path is covered above): only the data lookup runs before the skip
-    spec = importlib.util.spec_from_file_location("looking_back", ROOT / "experiments" / "looking_back.py")
+    spec = importlib.util.spec_from_file_location("looking_back", ROOT / "experiments" / "studies" / "looking_back.py")
     looking_back = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(looking_back)
     empty = tmp_path / "no_data"

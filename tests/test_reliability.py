@@ -14,16 +14,16 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, binary_images
-from pyrovae import Config, ModelConfig, build_vae
+from helpers import ROOT, binary_images, image_folder, synthetic_data
+from pyrovae import Config, ModelConfig, build_vae, fit, train_step
 from pyrovae.checkpoint import CheckpointError, load_checkpoint, load_vae, save_checkpoint
 from pyrovae.cli import main
 from pyrovae.config import ConfigError
 from pyrovae.data import DatasetNotFoundError, MNIST_FILES, load_mnist
 from pyrovae.likelihoods import DataSupportError
 from pyrovae.model import ImageShapeError
-from pyrovae.run import RunFolderError, train_run
-from pyrovae.train import NonFiniteLossError, make_optimizer, train_epoch
+from pyrovae.engine import NonFiniteLossError, make_optimizer
+from pyrovae.runs import RunFolderError, train_run
 
 FAULTS = []  # the name of every bad input or fault proved below, registered when the module loads
 
@@ -41,12 +41,12 @@ def faults(*names):
     return register
 
 
-TINY = Config().replace(model={"z_dim": 4, "hidden": (32,)},
-                        train={"train_subset": 600, "test_subset": 100, "batch_size": 100})
+TINY = Config().replace(model={"z_dim": 4, "hidden": (32,)}, train={"batch_size": 100})
+DATA = synthetic_data(n_train=600, n_test=100)  # 6 steps an epoch
 
 
-def _cfg(mnist_root, **train):
-    return TINY.replace(data={"data_dir": str(mnist_root)}, train=train)
+def _run(out, resume=False, **train):
+    return train_run(TINY.replace(train=train), out, data=DATA, quiet=True, resume=resume).metrics
 
 
 def _params(path):
@@ -59,10 +59,10 @@ def _rows(metrics):
 
 # --- resume, interruption, atomic checkpoints ------------------------------------------------------
 @faults("a run stopped after 2 epochs and resumed to 4 equals 4 epochs straight, bit for bit")
-def test_resume_is_exact(mnist_root, tmp_path):
-    straight = train_run(_cfg(mnist_root, epochs=4), tmp_path / "straight", quiet=True)
-    train_run(_cfg(mnist_root, epochs=2), tmp_path / "pieces", quiet=True)
-    resumed = train_run(_cfg(mnist_root, epochs=4), tmp_path / "pieces", quiet=True, resume=True)
+def test_resume_is_exact(tmp_path):
+    straight = _run(tmp_path / "straight", epochs=4)
+    _run(tmp_path / "pieces", epochs=2)
+    resumed = _run(tmp_path / "pieces", resume=True, epochs=4)
     assert _rows(resumed) == _rows(straight)
     a, b = _params(tmp_path / "straight" / "checkpoint.pt"), _params(tmp_path / "pieces" / "checkpoint.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -72,34 +72,34 @@ def test_resume_is_exact(mnist_root, tmp_path):
 
 
 @faults("a run stopped mid-epoch (step budget) and resumed equals the straight run, bit for bit")
-def test_step_budget_stops_mid_epoch_and_resumes_exactly(mnist_root, tmp_path):
-    straight = train_run(_cfg(mnist_root, epochs=2), tmp_path / "straight", quiet=True)
-    partial = train_run(_cfg(mnist_root, epochs=2, max_steps=8), tmp_path / "pieces", quiet=True)
+def test_step_budget_stops_mid_epoch_and_resumes_exactly(tmp_path):
+    straight = _run(tmp_path / "straight", epochs=2)
+    partial = _run(tmp_path / "pieces", epochs=2, max_steps=8)
     assert partial["stopped_at_step"] == 8 and len(partial["epochs"]) == 1  # 6 steps an epoch
-    state = load_checkpoint(tmp_path / "pieces" / "checkpoint.pt")
-    assert state["global_step"] == 8 and state["partial_epoch"]["step"] == 2
-    resumed = train_run(_cfg(mnist_root, epochs=2), tmp_path / "pieces", quiet=True, resume=True)
+    state = load_checkpoint(tmp_path / "pieces" / "checkpoint.pt")["state"]
+    assert state["step"] == 8 and state["epoch_step"] == 2
+    resumed = _run(tmp_path / "pieces", resume=True, epochs=2)
     assert _rows(resumed) == _rows(straight)
     a, b = _params(tmp_path / "straight" / "checkpoint.pt"), _params(tmp_path / "pieces" / "checkpoint.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_learning_rate_schedule_steps_at_the_milestones_and_resumes_exactly(mnist_root, tmp_path):
+def test_learning_rate_schedule_steps_at_the_milestones_and_resumes_exactly(tmp_path):
     schedule = {"lr_decay": 0.5, "lr_milestones": (1, 2)}
-    straight = train_run(_cfg(mnist_root, epochs=3, **schedule), tmp_path / "straight", quiet=True)
+    straight = _run(tmp_path / "straight", epochs=3, **schedule)
     assert [row["lr"] for row in straight["epochs"]] == [1e-3, 5e-4, 2.5e-4]
     state = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
     assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [2.5e-4]
-    train_run(_cfg(mnist_root, epochs=1, **schedule), tmp_path / "pieces", quiet=True)
-    resumed = train_run(_cfg(mnist_root, epochs=3, **schedule), tmp_path / "pieces", quiet=True, resume=True)
+    _run(tmp_path / "pieces", epochs=1, **schedule)
+    resumed = _run(tmp_path / "pieces", resume=True, epochs=3, **schedule)
     assert _rows(resumed) == _rows(straight)
     a, b = _params(tmp_path / "straight" / "checkpoint.pt"), _params(tmp_path / "pieces" / "checkpoint.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _cli_run(args, **kw):
+def _cli_run(args, env):
     return subprocess.Popen([sys.executable, "-m", "pyrovae", "train", *args], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
 
 
 def _wait_for(path, proc, timeout=120):
@@ -113,18 +113,19 @@ def _wait_for(path, proc, timeout=120):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 @faults("SIGINT mid-run: checkpoint, resume hint, exit 130",
         "SIGTERM mid-run: checkpoint, resume hint, exit 143, exact resume")
-def test_signal_checkpoints_and_resume_matches_the_straight_run(mnist_root, tmp_path, signum):
-    args = ["--z-dim", "4", "--hidden", "32", "--train-subset", "600", "--test-subset", "100", "--batch-size", "100",
-            "--data-dir", str(mnist_root), "--quiet"]
+def test_signal_checkpoints_and_resume_matches_the_straight_run(tmp_path, signum, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # decoded image folders are cached there
+    folder = image_folder(tmp_path / "images")
+    args = ["--z-dim", "4", "--hidden", "32", "--batch-size", "100", "--dataset", f"folder:{folder}", "--quiet"]
     out = tmp_path / "run"
-    proc = _cli_run([*args, "--epochs", "50", "--checkpoint-every", "2", "--out", str(out)])
+    proc = _cli_run([*args, "--epochs", "50", "--checkpoint-every", "2", "--out", str(out)], dict(os.environ))
     _wait_for(out / "checkpoint.pt", proc)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum, err
     assert "Resume with: pyrovae train --resume" in err and "Traceback" not in err
-    state = load_checkpoint(out / "checkpoint.pt")
-    assert 2 <= state["global_step"] < 300
+    state = load_checkpoint(out / "checkpoint.pt")["state"]
+    assert 2 <= state["step"] < 300
     if signum == signal.SIGINT:
         return  # the exact resume is proved once, after SIGTERM
     epochs = state["epoch"] + 1
@@ -147,11 +148,11 @@ from pyrovae.checkpoint import save_checkpoint
 vae = build_vae(Config().model)
 opt = torch.optim.Adam(vae.parameters())
 big = {{"ballast": torch.randn(10_000_000)}}   # ~40 MB: a write takes a while
-save_checkpoint({str(path)!r}, vae=vae, optimizer=opt, config=Config(), epoch=0)
+save_checkpoint({str(path)!r}, vae=vae, optimizer=opt, config=Config(), state={{"epoch": 0}})
 print("ready", flush=True)
 epoch = 1
 while True:
-    save_checkpoint({str(path)!r}, vae=vae, optimizer=opt, config=Config(), epoch=epoch, extra=big)
+    save_checkpoint({str(path)!r}, vae=vae, optimizer=opt, config=Config(), state={{"epoch": epoch, **big}})
     epoch += 1
 """
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
@@ -160,7 +161,7 @@ while True:
     proc.kill()
     proc.wait()
     state = load_checkpoint(path)  # loads: the old or a complete new checkpoint, never a torn one
-    assert state["epoch"] >= 0
+    assert state["state"]["epoch"] >= 0
     vae, _, _ = load_vae(path)
     assert sum(p.numel() for p in vae.parameters()) > 0
 
@@ -173,37 +174,45 @@ class _NaNAt(torch.nn.Module):
         super().__init__()
         self.inner, self.at, self.calls = inner, at, 0
 
-    def forward(self, x):
+    def forward(self, x, kl_weight=1.0):
         self.calls += 1
-        loss = self.inner(x)
+        loss = self.inner(x, kl_weight=kl_weight)
         return loss * float("nan") if self.calls == self.at else loss
 
 
 @faults("a NaN loss: stops, names epoch and step, keeps the last good checkpoint")
-def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(mnist_root, tmp_path, monkeypatch):
-    import pyrovae.run as run
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import pyrovae.runs as runs
 
-    real = run.build_objective
-    monkeypatch.setattr(run, "build_objective", lambda name, vae, particles: _NaNAt(real(name, vae, particles), at=8))
-    with pytest.raises(NonFiniteLossError, match=r"the loss is nan at epoch 2, step 2 of the epoch.*epoch 1"):
-        train_run(_cfg(mnist_root, epochs=3), tmp_path / "run", quiet=True)
+    real = runs.build_objective
+    monkeypatch.setattr(runs, "build_objective", lambda name, vae, particles: _NaNAt(real(name, vae, particles), at=8))
+    with pytest.raises(NonFiniteLossError, match=r"the loss is nan at epoch 2, step 2 of the epoch.*\(epoch 1, step 6\)"):
+        _run(tmp_path / "run", epochs=3)
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
-    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert state["state"]["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 
-@faults("an infinite gradient with a finite loss: stops and names the parameter")
-def test_non_finite_gradient_names_the_parameter():
-    vae = build_vae(ModelConfig(z_dim=2, hidden=(8,)))
+class _InfiniteGradient(torch.nn.Module):
+    """A finite loss whose gradient is infinite: d/dw sqrt(|w - w|) at 0."""
 
-    def loss_fn(x):  # d/dw sqrt(w - w) is infinite at 0 while the value is 0
-        w = vae.decoder.net[0].weight
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x, kl_weight=1.0):
+        w = self.vae.decoder.net[0].weight
         return (w - w.detach()).abs().sqrt().sum()
 
-    loss_fn.named_parameters = vae.named_parameters
+
+@faults("an infinite gradient with a finite loss: stops and names the parameter",
+        "a non-finite value before any checkpoint: says that none was written")
+def test_non_finite_gradient_names_the_parameter_and_no_update_is_applied():
+    vae = build_vae(TINY.model)
     opt = make_optimizer(vae.parameters(), 1e-3, torch.device("cpu"))
     before = {k: v.clone() for k, v in vae.state_dict().items()}
-    with pytest.raises(NonFiniteLossError, match=r"gradient of decoder.net.0.weight is not finite at step 1"):
-        train_epoch(loss_fn, opt, [binary_images(4)], progress=False)
+    with pytest.raises(NonFiniteLossError, match=r"gradient of vae.decoder.net.0.weight is not finite at epoch 1, "
+                                                  r"step 1 of the epoch.*No checkpoint had been written yet"):
+        fit(TINY.replace(train={"epochs": 1}), vae, _InfiniteGradient(vae), opt, DATA, quiet=True)
     assert all(torch.equal(before[k], v) for k, v in vae.state_dict().items())  # no update was applied
 
 
@@ -213,7 +222,7 @@ def test_gradient_clipping_bounds_the_gradient_norm():
 
     vae = build_vae(ModelConfig(z_dim=2, hidden=(8,)))
     opt = make_optimizer(vae.parameters(), 1e-3, torch.device("cpu"))
-    train_epoch(PyroELBO(vae), opt, [binary_images(16)], progress=False, grad_clip=0.5)
+    train_step(PyroELBO(vae), opt, binary_images(16), grad_clip=0.5)
     norm = torch.nn.utils.get_total_norm([p.grad for p in vae.parameters()])
     assert norm <= 0.5 + 1e-5
 
@@ -289,7 +298,7 @@ def test_bad_checkpoints(tmp_path, kind):
     path = tmp_path / "checkpoint.pt"
     vae = build_vae(ModelConfig(z_dim=2, hidden=(8,)))
     save_checkpoint(path, vae=vae, optimizer=None, config=Config().replace(model={"z_dim": 2, "hidden": (8,)}),
-                    epoch=1)
+                    state={"epoch": 1})
     good = path.read_bytes()
     needle = {"empty": "could not be read", "garbage": "could not be read", "truncated": "could not be read",
               "foreign": "not a pyrovae checkpoint", "incompatible": "do not fit the saved config",
@@ -323,21 +332,21 @@ def test_checkpoints_load_without_unpickling_objects(tmp_path):
 
 
 @faults("an output folder that already holds a run")
-def test_output_folder_with_another_run_is_refused(mnist_root, tmp_path):
-    train_run(_cfg(mnist_root, epochs=1), tmp_path / "run", quiet=True)
+def test_output_folder_with_another_run_is_refused(tmp_path):
+    _run(tmp_path / "run", epochs=1)
     before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
     with pytest.raises(RunFolderError, match="--overwrite"):
-        train_run(_cfg(mnist_root, epochs=1, lr=0.01), tmp_path / "run", quiet=True)
+        _run(tmp_path / "run", epochs=1, lr=0.01)
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
 
 
 @faults("resuming with a different config",
         "resuming a folder with no run",
         "--resume with flags that would change the run")
-def test_resume_refuses_a_changed_config_or_a_missing_run(mnist_root, tmp_path, capsys):
-    train_run(_cfg(mnist_root, epochs=1), tmp_path / "run", quiet=True)
+def test_resume_refuses_a_changed_config_or_a_missing_run(tmp_path, capsys):
+    _run(tmp_path / "run", epochs=1)
     with pytest.raises(CheckpointError, match=r"train.lr: saved 0.001, given 0.01"):
-        train_run(_cfg(mnist_root, epochs=2, lr=0.01), tmp_path / "run", quiet=True, resume=True)
+        _run(tmp_path / "run", resume=True, epochs=2, lr=0.01)
     assert main(["train", "--resume", str(tmp_path / "none"), "--epochs", "2"]) == 1
     assert "no checkpoint at" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -1,52 +1,64 @@
-"""Training on a small MNIST slice: the loss falls, runs are reproducible, outputs are complete."""
+"""The training engine on small synthetic data: the loss falls, runs are reproducible, outputs are
+complete, and a step never waits on the device."""
 
 import json
 
+import pyro
 import pytest
 import torch
 
-from pyrovae import Config, build_vae
+from helpers import binary_images, synthetic_data
+from pyrovae import Config, TrainState, build_vae, fit, train_step
 from pyrovae.checkpoint import load_vae
 from pyrovae.data import batches
+from pyrovae.engine import make_optimizer
 from pyrovae.evaluate import evaluate
-from pyrovae.objectives import PyroELBO
-from pyrovae.run import RunFolderError, train_run
-from pyrovae.train import make_optimizer, train_epoch
+from pyrovae.objectives import OBJECTIVES, build_objective
+from pyrovae.runs import RunFolderError, train_run
 
-SMALL = Config().replace(model={"z_dim": 8, "hidden": (64,)})
+SMALL = Config().replace(model={"z_dim": 8, "hidden": (64,)}, train={"batch_size": 100})
 
 
-def test_training_lowers_the_loss(mnist_small):
-    train, test_binary, _ = mnist_small
-    torch.manual_seed(0)
+def test_training_lowers_the_loss():
+    data = synthetic_data(n_train=1000, n_test=200)
     vae = build_vae(SMALL.model)
+    before = evaluate(vae, data.test)["neg_elbo"]
+    loss_fn = build_objective("trace_elbo", vae)
     opt = make_optimizer(vae.parameters(), 1e-3, torch.device("cpu"))
-    before = evaluate(vae, test_binary)["neg_elbo"]
-    g = torch.Generator().manual_seed(0)
-    losses = [train_epoch(PyroELBO(vae), opt, batches(train, 64, g), progress=False).loss for _ in range(3)]
-    after = evaluate(vae, test_binary)["neg_elbo"]
+    state = fit(SMALL.replace(train={"epochs": 3}), vae, loss_fn, opt, data, quiet=True)
+    losses = [row["train_neg_elbo"] for row in state.history]
     assert losses[-1] < losses[0] - 20
-    assert after < before - 100  # from ~545 nats (untrained) to ~200
+    assert evaluate(vae, data.test)["neg_elbo"] < before - 50
 
 
-def _small_run(mnist_root, out, seed=0, **train):
-    cfg = SMALL.replace(data={"data_dir": str(mnist_root)},
-                        train={"epochs": 2, "train_subset": 1024, "test_subset": 300, "seed": seed, **train})
-    return train_run(cfg, out, quiet=True)
+def test_fit_in_memory_equals_the_run_folder_and_returns_the_trained_model(tmp_path):
+    data = synthetic_data()
+    config = SMALL.replace(train={"epochs": 2})
+    pyro.set_rng_seed(config.train.seed)
+    vae = build_vae(config.model)
+    loss_fn = build_objective(config.train.objective, vae)
+    state = fit(config, vae, loss_fn, make_optimizer(vae.parameters(), config.train.lr, torch.device("cpu")), data,
+                quiet=True)
+    run = train_run(config, tmp_path / "run", data=data, quiet=True)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(state.history) == strip(run.metrics["epochs"])
+    assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), run.vae.state_dict().values()))
 
 
-def test_same_seed_same_numbers_and_other_seed_different(mnist_root, tmp_path):
-    a = _small_run(mnist_root, tmp_path / "a")
-    b = _small_run(mnist_root, tmp_path / "b")
-    c = _small_run(mnist_root, tmp_path / "c", seed=1)
+def test_same_seed_same_numbers_and_other_seed_different(tmp_path):
+    data = synthetic_data()
+    config = SMALL.replace(train={"epochs": 2})
+    a, b, c = (train_run(config.replace(train={"seed": seed}), tmp_path / name, data=data, quiet=True).metrics
+               for name, seed in (("a", 0), ("b", 0), ("c", 1)))
     strip = lambda m: [{k: v for k, v in row.items() if k != "seconds"} for row in m["epochs"]]  # noqa: E731
     assert strip(a) == strip(b)
     assert strip(a) != strip(c)
 
 
-def test_run_writes_outputs_and_checkpoint_reloads(mnist_root, tmp_path):
+def test_run_writes_outputs_and_checkpoint_reloads(tmp_path):
     out = tmp_path / "run"
-    metrics = _small_run(mnist_root, out)
+    data = synthetic_data()
+    metrics = train_run(SMALL.replace(train={"epochs": 2}), out, data=data, quiet=True).metrics
     for name in ("config.json", "metrics.json", "checkpoint.pt", "loss_curve.png", "reconstructions.png",
                  "samples.png"):
         assert (out / name).is_file(), name
@@ -57,18 +69,95 @@ def test_run_writes_outputs_and_checkpoint_reloads(mnist_root, tmp_path):
         assert key in saved
     assert Config.load(out / "config.json") == Config.from_dict(saved["config"])
 
-    vae, config, state = load_vae(out / "checkpoint.pt")
-    assert state["epoch"] == 2 and set(state["optimizer"]) == {"state", "param_groups"}
-    from pyrovae.run import prepare_data
-
-    test_binary = prepare_data(config, torch.device("cpu"), download=False).test
-    assert evaluate(vae, test_binary)["neg_elbo"] == pytest.approx(metrics["epochs"][-1]["test_neg_elbo"], abs=1e-4)
+    vae, config, checkpoint = load_vae(out / "checkpoint.pt")
+    assert checkpoint["state"]["epoch"] == 2 and set(checkpoint["optimizer"]) == {"state", "param_groups"}
+    assert evaluate(vae, data.test)["neg_elbo"] == pytest.approx(metrics["epochs"][-1]["test_neg_elbo"], abs=1e-4)
 
 
-def test_refuses_to_overwrite_another_run(mnist_root, tmp_path):
-    out = tmp_path / "run"
-    _small_run(mnist_root, out, epochs=1)
+def test_refuses_to_overwrite_another_run(tmp_path):
+    out, data = tmp_path / "run", synthetic_data()
+    train_run(SMALL.replace(train={"epochs": 1}), out, data=data, quiet=True)
     before = (out / "checkpoint.pt").read_bytes()
     with pytest.raises(RunFolderError, match="--overwrite"):
-        _small_run(mnist_root, out, epochs=1)
+        train_run(SMALL.replace(train={"epochs": 1}), out, data=data, quiet=True)
     assert (out / "checkpoint.pt").read_bytes() == before
+
+
+# --- a step that never waits on the device --------------------------------------------------------
+HOST_READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy")
+
+
+class CountHostReads:
+    """Counts the calls of every Tensor method that copies a value from the device to the host."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list[str] = []
+        for name in HOST_READS:
+            original = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _name=name, _original=original, **kwargs):
+                self.calls.append(_name)
+                return _original(tensor, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+def _steps(objective: str, steps: int, monkeypatch) -> list[str]:
+    vae = build_vae(SMALL.model)
+    loss_fn = build_objective(objective, vae, 3)
+    opt = make_optimizer(vae.parameters(), 1e-3, torch.device("cpu"))
+    x = binary_images(32)
+    with pyro.validation_enabled(False):
+        train_step(loss_fn, opt, x)  # the first step creates the optimizer state
+        counter = CountHostReads(monkeypatch)
+        for _ in range(steps):
+            train_step(loss_fn, opt, x, kl_weight=0.5, grad_clip=10.0)
+    monkeypatch.undo()
+    return counter.calls
+
+
+@pytest.mark.parametrize("objective", ["manual_analytic", "manual_mc", "manual_iwae"])
+def test_a_hand_coded_step_reads_nothing_back_from_the_device(objective, monkeypatch):
+    assert _steps(objective, 5, monkeypatch) == []
+
+
+def test_the_counter_sees_host_reads_and_stock_pyro_makes_them(monkeypatch):
+    """The counting cannot pass by accident: stock Trace_ELBO reads its surrogate loss (torch_item) and
+    checks it for NaN on the host, and the counter sees those reads."""
+    calls = _steps("trace_elbo", 5, monkeypatch)
+    assert len(calls) >= 5 and len(calls) % 5 == 0
+
+
+@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
+def test_the_on_device_guard_skips_a_non_finite_step_entirely(objective):
+    """A NaN in the batch gives a NaN loss: the fused kernel must leave parameters, moments and the
+    step count exactly as they were, with no host read to decide it."""
+    vae = build_vae(SMALL.model.__class__(z_dim=4, hidden=(16,), likelihood="normal",
+                                          likelihood_options={"scale": "fixed"}))
+    loss_fn = build_objective(objective, vae, 2)
+    opt = make_optimizer(vae.parameters(), 1e-2, torch.device("cpu"))
+    x = torch.rand(8, 1, 28, 28)
+    with pyro.validation_enabled(False):
+        train_step(loss_fn, opt, x)
+        before = ({k: v.clone() for k, v in vae.state_dict().items()},
+                  {i: {k: v.clone() for k, v in s.items()} for i, s in opt.state_dict()["state"].items()})
+        bad = x.clone()
+        bad[0, 0, 0, 0] = float("nan")
+        result = train_step(loss_fn, opt, bad)
+    assert not bool(result.loss_finite & result.grads_finite.all())
+    assert all(torch.equal(before[0][k], v) for k, v in vae.state_dict().items())
+    after = opt.state_dict()["state"]
+    assert all(torch.equal(before[1][i][k], after[i][k]) for i in after for k in after[i])
+
+
+def test_train_state_resumes_the_data_order_part_way():
+    data = synthetic_data(n_train=250)
+    straight = TrainState.start(0, torch.device("cpu"))
+    all_batches = list(straight.epoch_batches(data, 100))
+    resumed = TrainState.start(0, torch.device("cpu"))
+    resumed.epoch_step = 2
+    rest = list(resumed.epoch_batches(data, 100))
+    assert len(all_batches) == 3 and len(rest) == 1 and torch.equal(rest[0], all_batches[2])
+    assert torch.equal(straight.data_rng, resumed.data_rng)  # the next epoch starts from the same draws
+    again = list(batches(data.train, 100, torch.Generator().manual_seed(1), data.per_batch))
+    assert torch.equal(again[0], all_batches[0])  # TrainState.start seeds the data generator with seed + 1

@@ -1,0 +1,328 @@
+"""The training engine: one optimizer step, and one loop over one checkpointable state.
+
+``train_step`` takes a loss module (``loss(x, kl_weight=beta)`` -> the negative ELBO summed over the
+batch: a Pyro objective or the hand-coded one) through one Adam step without reading anything back
+from the device: the loss stays a device tensor, and the non-finite guard is a device flag that the
+fused Adam kernel reads itself (``found_inf``, the mechanism ``torch.amp.GradScaler`` uses), skipping
+the update on the device when the loss or a gradient is NaN or infinite.
+
+``fit`` is the loop. Everything it needs to go on after a stop lives in one :class:`TrainState`,
+which is what a checkpoint holds beside the module and optimizer states, so a run trained in pieces
+has the same parameters and metrics as one trained straight through. The loop reads the device's
+flags at most once per ``train.log_every_steps`` steps, before every checkpoint and at the end of an
+epoch. It knows nothing of run folders (see :mod:`pyrovae.runs`): it writes only the checkpoint file
+it is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import pyro
+import torch
+from tqdm.auto import tqdm
+
+from pyrovae.checkpoint import load_checkpoint, save_checkpoint
+from pyrovae.config import Config, TrainConfig
+from pyrovae.data import Prepared, batches
+from pyrovae.evaluate import evaluate
+
+__all__ = ["train_step", "fit", "TrainState", "StepResult", "NonFiniteWatch", "make_optimizer", "resolve_device",
+           "learning_rate", "kl_weight_at", "NonFiniteLossError", "DeviceUnavailableError", "Interrupted"]
+
+
+class DeviceUnavailableError(RuntimeError):
+    """The requested device does not exist on this machine."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or a gradient became NaN or infinite."""
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after writing a checkpoint."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailableError("device 'cuda' was asked for, but no CUDA GPU is available here; "
+                                     "use --device cpu or auto")
+    return torch.device(name)
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """Adam; the fused kernel where torch has one for the device (CPU and CUDA), which also skips a
+    step on the device when told that a value was not finite."""
+    return torch.optim.Adam(params, lr=lr, fused=device.type in ("cpu", "cuda"))
+
+
+def learning_rate(t: TrainConfig, epochs_done: int) -> float:
+    """The learning rate for the epoch after ``epochs_done`` epochs: ``lr * lr_decay^(milestones passed)``."""
+    return t.lr * t.lr_decay ** sum(epochs_done >= m for m in t.lr_milestones)
+
+
+def kl_weight_at(t: TrainConfig, steps_done: int) -> float:
+    """beta for the step after ``steps_done`` steps: ``kl_weight``, raised linearly over the warm-up (never 0)."""
+    warm = min(1.0, (steps_done + 1) / t.kl_warmup_steps) if t.kl_warmup_steps else 1.0
+    return t.kl_weight * warm
+
+
+# --- one step ------------------------------------------------------------------------------------
+@dataclass
+class StepResult:
+    """What one step leaves on the device: nothing here has been read by the host."""
+
+    loss: torch.Tensor  # () the batch's -ELBO sum, detached
+    loss_finite: torch.Tensor  # () bool
+    grads_finite: torch.Tensor  # (parameters,) bool, in optimizer order; True where there is no gradient
+
+
+def _parameters(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def train_step(loss_fn, optimizer: torch.optim.Optimizer, x: torch.Tensor, *, kl_weight: float = 1.0,
+               grad_clip: float | None = None) -> StepResult:
+    """One optimizer step on the batch ``x``; no update at all where the loss or a gradient is not finite.
+
+    With a fused optimizer (what :func:`make_optimizer` builds) the step never waits on the device:
+    the finiteness flag goes to the kernel as ``found_inf``. Any other optimizer is guarded by a host
+    check, one read per step.
+    """
+    loss = loss_fn(x, kl_weight=kl_weight)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    everything = _parameters(optimizer)
+    params = [p for p in everything if p.grad is not None]
+    norms = torch._foreach_norm([p.grad for p in params])  # one kernel for all parameters
+    loss_finite = torch.isfinite(loss.detach())
+    finite = iter(torch.isfinite(torch.stack(norms)).unbind() if norms else ())
+    grads_finite = torch.stack([next(finite) if p.grad is not None else loss_finite.new_ones(()) for p in everything])
+    skip = ~(loss_finite & grads_finite.all())
+    if grad_clip is not None and norms:
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, total, foreach=True)
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = skip.float()  # read by the fused kernel on the device
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif not skip:  # a host read: the price of an optimizer without an on-device guard
+        optimizer.step()
+    return StepResult(loss.detach(), loss_finite, grads_finite)
+
+
+class NonFiniteWatch:
+    """The first step whose loss or gradient was not finite, kept on the device until :meth:`check`."""
+
+    def __init__(self, names: list[str], device: torch.device):
+        self.names = names  # parameter names, in optimizer order
+        self.steps = torch.zeros((), dtype=torch.int64, device=device)  # steps watched since the last check
+        self.first = torch.full((), -1, dtype=torch.int64, device=device)  # their index (from 1) or -1
+        self.loss = torch.zeros((), device=device)  # the loss of that step
+        self.grads_finite = torch.ones(len(names), dtype=torch.bool, device=device)
+
+    def add(self, result: StepResult) -> None:
+        self.steps += 1
+        new = (self.first < 0) & ~(result.loss_finite & result.grads_finite.all())
+        self.first = torch.where(new, self.steps, self.first)
+        self.loss = torch.where(new, result.loss.float(), self.loss)
+        self.grads_finite = torch.where(new, result.grads_finite, self.grads_finite)
+
+    def check(self, first_step: int, where: str) -> None:
+        """Raise :class:`NonFiniteLossError` if a watched step was bad (one host read), then start afresh.
+
+        ``first_step``: the step number within the epoch of the first step watched since the last check.
+        """
+        first = int(self.first)
+        if first >= 0:
+            step = first_step + first - 1
+            loss = float(self.loss)
+            if loss != loss or abs(loss) == float("inf"):
+                raise NonFiniteLossError(f"the loss is {loss} at {where}step {step} of the epoch")
+            bad = [n for n, ok in zip(self.names, self.grads_finite.tolist()) if not ok]
+            raise NonFiniteLossError(f"the gradient of {', '.join(bad[:5]) or 'a parameter'} is not finite at "
+                                     f"{where}step {step} of the epoch")
+        self.steps.zero_()
+
+
+def parameter_names(loss_fn, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name of every parameter the optimizer holds, as the loss module calls it."""
+    named = {id(p): n for n, p in loss_fn.named_parameters()} if hasattr(loss_fn, "named_parameters") else {}
+    return [named.get(id(p), f"parameter {i}") for i, p in enumerate(_parameters(optimizer))]
+
+
+# --- the state a checkpoint holds ----------------------------------------------------------------
+@dataclass
+class TrainState:
+    """Where a run stands: with the module and optimizer states, everything a resume needs."""
+
+    data_rng: torch.Tensor  # the data-order and binarization generator's state at the start of this epoch
+    noise_rng: dict | None = None  # torch's generators (CPU, and CUDA) when saved; None: not yet saved
+    epoch: int = 0  # epochs finished
+    step: int = 0  # optimizer steps taken in all
+    epoch_step: int = 0  # optimizer steps taken in the current epoch
+    loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))  # this epoch's -ELBO
+    images: int = 0  # images seen in the current epoch
+    seconds: float = 0.0  # training time in the current epoch
+    history: list = field(default_factory=list)  # one row of figures per finished epoch
+
+    @classmethod
+    def start(cls, seed: int, device: torch.device) -> "TrainState":
+        data_rng = torch.Generator(device=device).manual_seed(seed + 1)  # data order and binarization
+        return cls(data_rng=data_rng.get_state(), loss_sum=torch.zeros((), dtype=torch.float64, device=device))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, device: torch.device) -> "TrainState":
+        return cls(**{**d, "loss_sum": d["loss_sum"].to(device)})
+
+    def epoch_batches(self, data: Prepared, batch_size: int) -> Iterator[torch.Tensor]:
+        """The batches of the current epoch not yet trained on: the same draws as a straight run."""
+        generator = torch.Generator(device=data.train.device)
+        generator.set_state(self.data_rng)
+        epoch = batches(data.train, batch_size, generator, data.per_batch)
+        for _ in range(self.epoch_step):  # resuming part-way: replay the draws up to where it stopped
+            next(epoch)
+        yield from epoch
+        self.data_rng = generator.get_state()  # the next epoch starts where this one's draws ended
+
+    def record(self, result: StepResult, images: int) -> None:
+        self.step += 1
+        self.epoch_step += 1
+        self.loss_sum += result.loss.double()  # stays on the device
+        self.images += images
+
+    def end_epoch(self, test: dict, lr: float) -> dict:
+        self.epoch += 1
+        row = {"epoch": self.epoch, "train_neg_elbo": float(self.loss_sum) / max(self.images, 1),
+               "test_neg_elbo": test["neg_elbo"], "test_reconstruction": test["reconstruction"],
+               "test_kl": test["kl"], **({"test_bits_per_dim": test["bits_per_dim"]} if "bits_per_dim" in test else {}),
+               "seconds": self.seconds, "steps": self.step, "lr": lr}
+        self.history.append(row)
+        self.epoch_step, self.images, self.seconds = 0, 0, 0.0
+        self.loss_sum = torch.zeros_like(self.loss_sum)
+        return row
+
+    def save(self, path: Path | None, config: Config, vae, optimizer, device: torch.device) -> None:
+        if path is None:
+            return
+        self.noise_rng = {"torch": torch.get_rng_state(),
+                          "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        save_checkpoint(path, vae=vae, optimizer=optimizer, config=config, state=self.to_dict())
+
+    def restore_noise(self, device: torch.device) -> None:
+        """Resuming: the reparameterization noise goes on from where it stopped."""
+        if self.noise_rng is not None:
+            torch.set_rng_state(self.noise_rng["torch"])
+            if device.type == "cuda" and self.noise_rng["cuda"] is not None:
+                torch.cuda.set_rng_state(self.noise_rng["cuda"], device)
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """Turn SIGINT/SIGTERM into a list the loop looks at after each step (main thread only)."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, lambda signum, frame: received.append(signum))
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+# --- the loop ------------------------------------------------------------------------------------
+def fit(config: Config, vae, loss_fn, optimizer, data: Prepared, state: TrainState | None = None, *,
+        checkpoint: Path | None = None, quiet: bool = False, log=print) -> TrainState:
+    """Train ``vae`` through ``loss_fn`` to ``config.train``'s budget; checkpoint to ``checkpoint``."""
+    t, device = config.train, data.train.device
+    state = state or TrainState.start(t.seed, device)
+    state.restore_noise(device)
+    watch = NonFiniteWatch(parameter_names(loss_fn, optimizer), device)
+    steps_per_epoch = -(-data.train.shape[0] // t.batch_size)
+    vae.check_data(next(batches(data.train[: t.batch_size], t.batch_size, torch.Generator(device), data.per_batch)))
+    with pyro.validation_enabled(False), _stop_on_signals() as signals, _progress(quiet) as bar:  # data checked
+        while state.epoch < t.epochs and not _budget_spent(t, state) and not signals:
+            _set_learning_rate(optimizer, learning_rate(t, state.epoch))
+            vae.train()
+            checked, start = state.epoch_step, time.perf_counter()
+            for x in state.epoch_batches(data, t.batch_size):
+                result = train_step(loss_fn, optimizer, x, kl_weight=kl_weight_at(t, state.step), grad_clip=t.grad_clip)
+                watch.add(result)
+                state.record(result, x.shape[0])
+                bar.update()
+                stop = bool(signals) or _budget_spent(t, state)
+                save = stop or (t.checkpoint_every_steps is not None and state.step % t.checkpoint_every_steps == 0)
+                if save or state.step % t.log_every_steps == 0:
+                    checked = _check(watch, checked, state, checkpoint)
+                if save:
+                    state.seconds, start = state.seconds + time.perf_counter() - start, time.perf_counter()
+                    state.save(checkpoint, config, vae, optimizer, device)
+                if stop:
+                    break
+            if state.epoch_step < steps_per_epoch:  # stopped inside the epoch (checkpoint written)
+                break
+            _check(watch, checked, state, checkpoint)
+            state.seconds += time.perf_counter() - start
+            row = state.end_epoch(evaluate(vae, data.test, seed=config.data.test_binarization_seed),
+                                  learning_rate(t, state.epoch))
+            state.save(checkpoint, config, vae, optimizer, device)
+            if not quiet:
+                log(f"epoch {row['epoch']:3d}  train -ELBO {row['train_neg_elbo']:8.2f}  test -ELBO "
+                    f"{row['test_neg_elbo']:8.2f} nats/image  ({row['seconds']:.2f} s)")
+    if signals:
+        kept = f"checkpoint written to {checkpoint}" if checkpoint is not None else "no checkpoint kept"
+        raise Interrupted(signals[0], f"stopped by {signal.Signals(signals[0]).name} at epoch {state.epoch + 1}, "
+                                      f"step {state.epoch_step} of the epoch; {kept}")
+    return state
+
+
+def _progress(quiet: bool):
+    """A progress bar, shown only on a terminal; updated by hand, one tick a step."""
+    return tqdm(disable=quiet or not sys.stderr.isatty(), leave=False, unit="batch")
+
+
+def _budget_spent(t: TrainConfig, state: TrainState) -> bool:
+    return t.max_steps is not None and state.step >= t.max_steps
+
+
+def _set_learning_rate(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:  # a function of the epoch, so resuming sets it again exactly
+        group["lr"] = lr
+
+
+def _check(watch: NonFiniteWatch, checked: int, state: TrainState, checkpoint: Path | None) -> int:
+    """Read the non-finite flags of the steps after step ``checked`` of the epoch (one host read); on a
+    bad one say where and which checkpoint is still good. Returns the step checked up to."""
+    try:
+        watch.check(checked + 1, f"epoch {state.epoch + 1}, ")
+    except NonFiniteLossError as e:
+        kept = "No checkpoint had been written yet"
+        if checkpoint is not None and Path(checkpoint).is_file():
+            saved = load_checkpoint(checkpoint)["state"]
+            kept = f"The last good checkpoint (epoch {saved['epoch']}, step {saved['step']}) is kept in {checkpoint}"
+        raise NonFiniteLossError(f"{e}; training stopped. {kept}. Try a lower --lr, or set train.grad_clip") from None
+    return state.epoch_step
