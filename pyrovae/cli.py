@@ -93,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", default=None)
     e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     e.add_argument("--out", default=None, help="metrics JSON file (default: evaluation.json beside the checkpoint)")
-    e.add_argument("--k", type=_positive_int, default=None,
-                   help="also estimate -log p(x) by importance sampling with K samples per image (IWAE-K)")
+    e.add_argument("--particles", type=_positive_int, default=None, metavar="K",
+                   help="also estimate -log p(x) by importance sampling with K particles per image (IWAE-K)")
 
     s = sub.add_parser("sample", help="decode samples from the prior of a checkpoint")
     s.add_argument("checkpoint", help="checkpoint.pt of a run, or the run folder")
@@ -159,12 +159,13 @@ def _evaluate(args) -> int:
 
     ckpt = Path(args.checkpoint)
     out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "evaluation.json"
-    metrics = evaluate_run(ckpt, device=args.device, data_dir=args.data_dir, particles=args.k, out=out)["test"]
+    metrics = evaluate_run(ckpt, device=args.device, data_dir=args.data_dir, particles=args.particles, out=out)["test"]
     print(f"test -ELBO {metrics['neg_elbo']:.3f} nats/image  (reconstruction {metrics['reconstruction']:.3f}, "
           f"KL {metrics['kl']:.3f}) on {metrics['images']} images; {metrics['active_units']} active units; "
           f"written to {out}")
-    if args.k:
-        print(f"test -log p(x) {metrics['neg_log_likelihood']:.3f} nats/image (importance sampling, K={args.k})")
+    if args.particles:
+        print(f"test -log p(x) {metrics['neg_log_likelihood']:.3f} nats/image (importance sampling, "
+              f"K={args.particles} particles)")
     return 0
 
 

@@ -74,5 +74,6 @@ class ManualIWAE(nn.Module):
         q = self.vae.guide_net(x)  # q(z|x), batch (batch,)
         z = q.rsample((self.particles,))  # (K, batch, z_dim), reparameterized
         log_px_z = self.vae.likelihood(self.vae.decoder(z)).log_prob(x)  # (K, batch)
-        log_w = log_px_z + kl_weight * (self.vae.prior().log_prob(z) - q.log_prob(z))  # (K, batch)
+        # log importance weights, (K, batch); beta scales log p(z) and log q(z|x) as Pyro's poutine.scale does
+        log_w = log_px_z + kl_weight * self.vae.prior().log_prob(z) - kl_weight * q.log_prob(z)
         return -(torch.logsumexp(log_w, 0) - math.log(self.particles)).sum()

@@ -18,6 +18,18 @@ def _fresh_pyro_state():
     pyro.clear_param_store()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Decoded image folders are cached under $XDG_CACHE_HOME: keep the tests' out of the user's cache."""
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if previous is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
+
+
 @pytest.fixture(scope="session")
 def mnist_root() -> Path:
     """The MNIST data root from PYROVAE_DATA; tests that need it skip (with the reason) without it."""

@@ -1,5 +1,7 @@
-"""Helpers shared by the tests: small synthetic data, and running an experiment script's smoke test."""
+"""Helpers shared by the tests: small synthetic data, grids and distances for density checks, and running
+an experiment script's smoke test."""
 
+import inspect
 import os
 import subprocess
 import sys
@@ -58,3 +60,40 @@ def image_folder(root: Path, n_train=600, n_test=100, shape=(1, 28, 28), seed=0)
             array = img.permute(1, 2, 0).squeeze(-1).numpy() if shape[0] == 1 else img.permute(1, 2, 0).numpy()
             Image.fromarray(array).save(folder / f"{i:05d}.png")
     return root
+
+
+def data_of_kind(kind, n=4, shape=(2, 3, 4), seed=0):
+    """Random images of a data kind: 0/1, levels k/255, or grey levels in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "binary":
+        return torch.bernoulli(torch.full((n, *shape), 0.3), generator=g)
+    if kind == "8bit":
+        return torch.randint(0, 256, (n, *shape), generator=g).float() / 255
+    if kind == "unit":
+        return torch.rand((n, *shape), generator=g)
+    raise ValueError(f"unknown data kind {kind!r}")
+
+
+def small_options(cls) -> dict:
+    """Options that keep a part small: three components where it takes ``components``."""
+    return {"components": 3} if "components" in inspect.signature(cls.__init__).parameters else {}
+
+
+def grid_2d(lim, step, dtype=torch.float64):
+    """Midpoints of a square grid on [-lim, lim]^2: (points, (n*n, 2)) with z_1 varying slowest."""
+    g = torch.arange(-lim, lim, step, dtype=dtype) + step / 2
+    return g, torch.cartesian_prod(g, g)
+
+
+def ks_distance(samples, g, marginal_density, step):
+    """Kolmogorov-Smirnov distance of 1-d samples from a density tabulated at grid midpoints g."""
+    mass = marginal_density * step / (marginal_density * step).sum()  # per grid cell
+    below = torch.cumsum(mass, 0) - mass  # CDF at the lower edge of each cell
+    s = samples.sort().values.to(g.dtype)
+    cell = torch.searchsorted(g + step / 2, s).clamp(max=len(g) - 1)
+    within = ((s - (g[cell] - step / 2)) / step).clamp(0, 1)
+    model_cdf = below[cell] + within * mass[cell]  # linear within a cell
+    n = len(s)
+    above_steps = (torch.arange(1, n + 1, dtype=g.dtype) / n - model_cdf).abs().max()
+    below_steps = (torch.arange(0, n, dtype=g.dtype) / n - model_cdf).abs().max()
+    return max(above_steps, below_steps).item()

@@ -8,10 +8,17 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from helpers import ROOT, image_folder
 from pyrovae.cli import main
 
-QUICK = ["--epochs", "1", "--hidden", "32", "--train-subset", "512", "--test-subset", "200", "--quiet"]
+QUICK = ["--epochs", "1", "--hidden", "32", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> list[str]:
+    """The flags that point a command at a small synthetic image folder (no MNIST needed)."""
+    folder = image_folder(tmp_path_factory.mktemp("images"), n_train=512, n_test=200)
+    return ["--dataset", f"folder:{folder}"]
 
 
 def _pyrovae(*args, env=None):
@@ -19,13 +26,13 @@ def _pyrovae(*args, env=None):
                           env={**os.environ, **(env or {})}, timeout=300)
 
 
-def test_train_2d_writes_every_output_then_evaluate_and_sample(mnist_root, tmp_path, capsys):
+def test_train_2d_writes_every_output_then_evaluate_and_sample(dataset, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--z-dim", "2", "--data-dir", str(mnist_root), "--out", str(out), *QUICK]) == 0
+    assert main(["train", "--z-dim", "2", *dataset, "--out", str(out), *QUICK]) == 0
     for name in ("config.json", "metrics.json", "checkpoint.pt", "loss_curve.png", "reconstructions.png",
                  "samples.png", "manifold.png", "latent_scatter.png"):
         assert (out / name).stat().st_size > 0, name
-    assert main(["evaluate", str(out / "checkpoint.pt"), "--data-dir", str(mnist_root), "--k", "20"]) == 0
+    assert main(["evaluate", str(out / "checkpoint.pt"), "--particles", "20"]) == 0
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert evaluation["test"]["neg_log_likelihood"] < evaluation["test"]["neg_elbo"]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -35,8 +42,8 @@ def test_train_2d_writes_every_output_then_evaluate_and_sample(mnist_root, tmp_p
     assert "test -ELBO" in capsys.readouterr().out
 
 
-def test_python_dash_m_runs_the_cli(mnist_root, tmp_path):
-    result = _pyrovae("train", "--data-dir", str(mnist_root), "--out", str(tmp_path / "r"), *QUICK)
+def test_python_dash_m_runs_the_cli(dataset, tmp_path):
+    result = _pyrovae("train", *dataset, "--out", str(tmp_path / "r"), *QUICK)
     assert result.returncode == 0, result.stderr
     assert "outputs in" in result.stdout
 
@@ -59,7 +66,7 @@ def test_nonsense_flag_values_are_refused_clearly(flag, value, needle, capsys, t
 
 
 def test_missing_dataset_offline_is_one_message_without_traceback(tmp_path):
-    result = _pyrovae("train", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "r"), *QUICK)
+    result = _pyrovae("train", "--train-subset", "512", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "r"), *QUICK)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "MNIST was not found in" in result.stderr and "t10k-images-idx3-ubyte" in result.stderr
@@ -81,12 +88,12 @@ def test_bad_checkpoints_are_refused_clearly(tmp_path, capsys, content, needle):
     assert needle in capsys.readouterr().err
 
 
-def test_truncated_checkpoint_is_refused(mnist_root, tmp_path, capsys):
+def test_truncated_checkpoint_is_refused(dataset, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--data-dir", str(mnist_root), "--out", str(out), *QUICK]) == 0
+    assert main(["train", *dataset, "--out", str(out), *QUICK]) == 0
     data = (out / "checkpoint.pt").read_bytes()
     (out / "checkpoint.pt").write_bytes(data[: len(data) // 2])
-    assert main(["evaluate", str(out), "--data-dir", str(mnist_root)]) == 1
+    assert main(["evaluate", str(out)]) == 1
     assert "truncated, corrupt or not a checkpoint" in capsys.readouterr().err
 
 
@@ -95,11 +102,11 @@ def test_missing_checkpoint_is_refused(tmp_path, capsys):
     assert "no checkpoint at" in capsys.readouterr().err
 
 
-def test_existing_run_folder_is_refused_without_overwrite(mnist_root, tmp_path, capsys):
+def test_existing_run_folder_is_refused_without_overwrite(dataset, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--data-dir", str(mnist_root), "--out", str(out), *QUICK]) == 0
+    assert main(["train", *dataset, "--out", str(out), *QUICK]) == 0
     before = (out / "metrics.json").read_text()
-    assert main(["train", "--data-dir", str(mnist_root), "--out", str(out), "--lr", "0.01", *QUICK]) == 1
+    assert main(["train", *dataset, "--out", str(out), "--lr", "0.01", *QUICK]) == 1
     assert "already holds a run" in capsys.readouterr().err
     assert (out / "metrics.json").read_text() == before
 

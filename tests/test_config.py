@@ -2,6 +2,8 @@ import json
 
 import pytest
 
+from helpers import ROOT
+
 from pyrovae.config import Config, ConfigError, ModelConfig, TrainConfig
 from pyrovae.likelihoods import LIKELIHOODS
 from pyrovae.networks import NETWORKS
@@ -67,3 +69,30 @@ def test_lr_milestones_read_from_toml_lists():
     cfg = Config.from_dict({"train": {"lr_decay": 0.5, "lr_milestones": [1, 4, 13]}})
     assert cfg.train.lr_milestones == (1, 4, 13)
     assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+IMAGE_SHAPES = {"mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+CONFIG_FILES = sorted((ROOT / "experiments" / "configs").glob("*.toml"))
+
+
+def test_the_experiment_configs_are_all_found():
+    assert len(CONFIG_FILES) >= 8
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=[p.stem for p in CONFIG_FILES])
+def test_every_experiment_config_loads_builds_and_scores_a_batch(path):
+    """Each shipped config is valid, builds its model and objective, and gives a finite loss."""
+    import torch
+
+    from helpers import data_of_kind
+    from pyrovae.model import build_vae
+    from pyrovae.objectives import build_objective
+
+    config = Config.load(path)
+    shape = IMAGE_SHAPES[config.data.dataset]
+    if config.data.image_size:
+        shape = (shape[0], config.data.image_size, config.data.image_size)
+    vae = build_vae(config.model, shape)
+    loss = build_objective(config.train.objective, vae, config.train.particles)
+    x = data_of_kind(vae.likelihood.data_kind, n=2, shape=shape)
+    assert torch.isfinite(loss(x, kl_weight=config.train.kl_weight))

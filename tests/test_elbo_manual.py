@@ -10,7 +10,7 @@ import pytest
 import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
-from conftest import binary_images
+from helpers import binary_images
 from pyrovae import ModelConfig, PyroELBO, build_vae
 from pyrovae.elbo_manual import ManualELBO
 from pyrovae.likelihoods import LIKELIHOODS

@@ -112,7 +112,7 @@ def _linear_gaussian_vae(seed=0):
     """A VAE built from the registry whose log p(x) is known: no hidden layers, so the decoder is
     affine (z -> W z + b), with the normal likelihood at a fixed scale s and the N(0, I) prior:
     p(x) = N(b, W W^T + s^2 I). The encoder stays a generic (imperfect) amortized guide."""
-    from pyrovae.ppca import LinearGaussian
+    from pyrovae.lecture.ppca import LinearGaussian
 
     torch.manual_seed(seed)
     vae = build_vae(ModelConfig(z_dim=2, hidden=(), network="mlp", likelihood="normal",

@@ -9,7 +9,7 @@ import torch
 
 from pyrovae.guides import GUIDES, IAFGuide
 from pyrovae.networks import MLPEncoder
-from test_priors import grid_2d, ks_distance
+from helpers import grid_2d, ks_distance
 
 NAMES = sorted(GUIDES)
 IMAGE_SHAPE = (1, 4, 4)

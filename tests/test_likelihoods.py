@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from helpers import data_of_kind
 from pyrovae.likelihoods import (
     LIKELIHOODS, ContinuousBernoulliLikelihood, DataSupportError, DiscretizedLogisticLikelihood,
     DiscretizedLogisticMixture, LocationScaleLikelihood, NormalLikelihood,
@@ -19,17 +20,6 @@ IMAGE_SHAPE = (2, 3, 4)
 #: Data kinds from the narrowest to the widest: binary images are 8-bit images are grey levels.
 KINDS = ("binary", "8bit", "unit")
 
-
-def data_of_kind(kind, n=4, shape=IMAGE_SHAPE, seed=0):
-    """Random images of a data kind: 0/1, levels k/255, or grey levels in [0, 1]."""
-    g = torch.Generator().manual_seed(seed)
-    if kind == "binary":
-        return torch.bernoulli(torch.full((n, *shape), 0.3), generator=g)
-    if kind == "8bit":
-        return torch.randint(0, 256, (n, *shape), generator=g).float() / 255
-    if kind == "unit":
-        return torch.rand((n, *shape), generator=g)
-    raise ValueError(f"unknown data kind {kind!r}")
 
 
 def make(name, shape=IMAGE_SHAPE, seed=0):

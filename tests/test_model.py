@@ -8,7 +8,7 @@ from pyro import poutine
 from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.poutine.util import site_is_subsample
 
-from conftest import binary_images
+from helpers import binary_images
 from pyrovae import ModelConfig, PyroELBO, build_vae
 from pyrovae.evaluate import elbo_terms
 from pyrovae.likelihoods import DataSupportError

@@ -4,7 +4,7 @@ import pytest
 import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
-from conftest import binary_images
+from helpers import binary_images, synthetic_data
 from pyrovae import Config, ModelConfig, build_vae
 from pyrovae.config import ConfigError
 from pyrovae.elbo_manual import ManualELBO, ManualIWAE
@@ -20,12 +20,12 @@ def _twins(config=SMALL):
     return a, b
 
 
-def _same_loss_and_grads(loss_a, a, loss_b, b, x, rtol=2e-6):
+def _same_loss_and_grads(loss_a, a, loss_b, b, x, rtol=2e-6, kl_weight=1.0):
     torch.manual_seed(7)
-    la = loss_a(x)
+    la = loss_a(x, kl_weight=kl_weight)
     la.backward()
     torch.manual_seed(7)
-    lb = loss_b(x)
+    lb = loss_b(x, kl_weight=kl_weight)
     lb.backward()
     torch.testing.assert_close(lb, la, rtol=rtol, atol=0)
     grads = dict(b.named_parameters())
@@ -59,13 +59,10 @@ def test_iwae_bound_is_tighter_on_average():
 @pytest.mark.parametrize("pyro_elbo,kl", [(Trace_ELBO, "mc"), (TraceMeanField_ELBO, "analytic")])
 def test_weighted_kl_matches_the_hand_coded_beta_elbo(pyro_elbo, kl):
     a, b = _twins()
-    a.kl_weight = b.kl_weight = 0.3
-    _same_loss_and_grads(PyroELBO(a, pyro_elbo()), a, ManualELBO(b, kl=kl), b, binary_images(8))
+    _same_loss_and_grads(PyroELBO(a, pyro_elbo()), a, ManualELBO(b, kl=kl), b, binary_images(8), kl_weight=0.3)
     with torch.no_grad():  # and it is log p(x|z) - beta KL: beta = 0 leaves the reconstruction alone
-        b.kl_weight = 0.0
         torch.manual_seed(1)
-        zero = ManualELBO(b, kl="analytic")(binary_images(8))
-        b.kl_weight = 1.0
+        zero = ManualELBO(b, kl="analytic")(binary_images(8), kl_weight=0.0)
         torch.manual_seed(1)
         q = b.guide_net(binary_images(8))
         z = q.rsample()
@@ -73,25 +70,30 @@ def test_weighted_kl_matches_the_hand_coded_beta_elbo(pyro_elbo, kl):
     torch.testing.assert_close(zero, recon)
 
 
-def test_kl_warmup_schedule_in_a_run(mnist_root, tmp_path, monkeypatch):
-    import pyrovae.run as run
+def test_weighted_iwae_matches_the_hand_coded_one():
+    a, b = _twins()
+    _same_loss_and_grads(PyroIWAE(a, 4), a, ManualIWAE(b, 4), b, binary_images(8), kl_weight=0.3)
+
+
+def test_kl_warmup_schedule_in_a_run(tmp_path, monkeypatch):
+    import pyrovae.runs as runs
 
     seen = []
-    real = run.build_objective
+    real = runs.build_objective
 
-    def spy(name, vae, particles):
-        loss = real(name, vae, particles)
+    class Spy(torch.nn.Module):
+        def __init__(self, loss):
+            super().__init__()
+            self.loss = loss
 
-        def forward(x):
-            seen.append(vae.kl_weight)
-            return loss(x)
-        return forward
+        def forward(self, x, kl_weight=1.0):
+            seen.append(kl_weight)
+            return self.loss(x, kl_weight=kl_weight)
 
-    monkeypatch.setattr(run, "build_objective", spy)
-    config = Config().replace(model={"z_dim": 2, "hidden": (8,)}, data={"data_dir": str(mnist_root)},
-                              train={"epochs": 2, "train_subset": 300, "test_subset": 50, "batch_size": 100,
-                                     "kl_weight": 0.5, "kl_warmup_steps": 4})
-    run.train_run(config, tmp_path / "run", quiet=True)
+    monkeypatch.setattr(runs, "build_objective", lambda name, vae, particles: Spy(real(name, vae, particles)))
+    config = Config().replace(model={"z_dim": 2, "hidden": (8,)},
+                              train={"epochs": 2, "batch_size": 100, "kl_weight": 0.5, "kl_warmup_steps": 4})
+    runs.train_run(config, tmp_path / "run", data=synthetic_data(n_train=300, n_test=50), quiet=True)
     assert seen == pytest.approx([0.125, 0.25, 0.375, 0.5, 0.5, 0.5])
 
 

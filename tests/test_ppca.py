@@ -10,8 +10,8 @@ import torch
 from pyro import poutine
 from torch.distributions import MultivariateNormal
 
-from pyrovae.ppca import GUIDE_COVARIANCES, PPCA, LinearGaussian, maximum_likelihood
-from pyrovae.theory import kl_gaussian
+from pyrovae.lecture.ppca import GUIDE_COVARIANCES, PPCA, LinearGaussian, maximum_likelihood
+from pyrovae.lecture.theory import kl_gaussian
 
 DTYPE = torch.float64
 

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from helpers import grid_2d, ks_distance, small_options
 from pyrovae.guides import GUIDES
 from pyrovae.networks import MLPEncoder
 import pyro.distributions as dist
@@ -20,10 +21,6 @@ from pyrovae.priors import (PRIORS, DiagonalNormalMixture, FlowPrior, MixtureOfG
 NAMES = sorted(PRIORS)
 IMAGE_SHAPE = (1, 4, 4)
 
-
-def small_options(cls) -> dict:
-    """Options that keep a part small: three components where it takes ``components``."""
-    return {"components": 3} if "components" in inspect.signature(cls.__init__).parameters else {}
 
 
 def make_prior(name, z_dim=3, seed=0, guide=None):
@@ -36,24 +33,6 @@ def make_prior(name, z_dim=3, seed=0, guide=None):
     return prior, guide
 
 
-def grid_2d(lim, step, dtype=torch.float64):
-    """Midpoints of a square grid on [-lim, lim]^2: (points, (n*n, 2)) with z_1 varying slowest."""
-    g = torch.arange(-lim, lim, step, dtype=dtype) + step / 2
-    return g, torch.cartesian_prod(g, g)
-
-
-def ks_distance(samples, g, marginal_density, step):
-    """Kolmogorov-Smirnov distance of 1-d samples from a density tabulated at grid midpoints g."""
-    mass = marginal_density * step / (marginal_density * step).sum()  # per grid cell
-    below = torch.cumsum(mass, 0) - mass  # CDF at the lower edge of each cell
-    s = samples.sort().values.to(g.dtype)
-    cell = torch.searchsorted(g + step / 2, s).clamp(max=len(g) - 1)
-    within = ((s - (g[cell] - step / 2)) / step).clamp(0, 1)
-    model_cdf = below[cell] + within * mass[cell]  # linear within a cell
-    n = len(s)
-    above_steps = (torch.arange(1, n + 1, dtype=g.dtype) / n - model_cdf).abs().max()
-    below_steps = (torch.arange(0, n, dtype=g.dtype) / n - model_cdf).abs().max()
-    return max(above_steps, below_steps).item()
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -17,8 +17,7 @@ from pyrovae.config import ConfigError
 from pyrovae.guides import GUIDES
 from pyrovae.likelihoods import LIKELIHOODS, LocationScaleLikelihood
 from pyrovae.priors import PRIORS
-from test_likelihoods import data_of_kind
-from test_priors import small_options
+from helpers import data_of_kind, small_options
 
 IMAGE_SHAPE = (1, 6, 6)
 COMBINATIONS = list(itertools.product(sorted(PRIORS), sorted(LIKELIHOODS), sorted(GUIDES)))

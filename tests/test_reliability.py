@@ -160,6 +160,7 @@ while True:
     time.sleep(0.7)  # inside the second or a later write
     proc.kill()
     proc.wait()
+    proc.stdout.close()
     state = load_checkpoint(path)  # loads: the old or a complete new checkpoint, never a torn one
     assert state["state"]["epoch"] >= 0
     vae, _, _ = load_vae(path)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence
 
-from pyrovae import theory
+from pyrovae.lecture import theory
 
 
 def random_covariance(k: int, generator: torch.Generator, batch: tuple[int, ...] = ()) -> torch.Tensor:
