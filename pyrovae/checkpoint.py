@@ -67,8 +67,15 @@ def _from_version_1(old: dict) -> dict:
     """A version-1 checkpoint in the version-2 layout: the same run, resumable as it was."""
     partial = old.get("partial_epoch", {})
     rng = old.get("rng", {})
-    new = {k: old[k] for k in ("format", "config", "image_shape", "model", "optimizer")}
+    new = {k: old[k] for k in ("format", "image_shape", "optimizer")}
     new["version"] = VERSION
+    model_config = dict(old["config"]["model"])  # the q(z|x) family was called the guide
+    for key, renamed in (("guide", "posterior"), ("guide_options", "posterior_options")):
+        if key in model_config:
+            model_config[renamed] = model_config.pop(key)
+    new["config"] = {**old["config"], "model": model_config}
+    new["model"] = {("posterior." + k[len("guide_net."):] if k.startswith("guide_net.") else k): v
+                    for k, v in old["model"].items()}
     new["state"] = {
         "data_rng": rng.get("data_epoch_start"), "epoch": old["epoch"],
         "noise_rng": {"torch": rng["torch"], "cuda": rng.get("cuda")} if "torch" in rng else None,

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--activation", help=f"hidden nonlinearity ({d.model.activation})")
     t.add_argument("--prior", help=f"p(z) by name ({d.model.prior})")
     t.add_argument("--likelihood", help=f"p(x|z) by name ({d.model.likelihood})")
-    t.add_argument("--guide", help=f"q(z|x) by name ({d.model.guide})")
+    t.add_argument("--posterior", help=f"q(z|x), the guide's family, by name ({d.model.posterior})")
     t.add_argument("--network", help=f"encoder/decoder by name ({d.model.network})")
     t.add_argument("--batch-size", type=_positive_int, help=f"images per step ({d.train.batch_size})")
     t.add_argument("--lr", type=_positive_float, help=f"Adam learning rate ({d.train.lr})")
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 FLAG_FIELDS = {
     "epochs": "train.epochs", "z_dim": "model.z_dim", "hidden": "model.hidden",
     "activation": "model.activation", "prior": "model.prior", "likelihood": "model.likelihood",
-    "guide": "model.guide", "network": "model.network", "batch_size": "train.batch_size", "lr": "train.lr", "seed": "train.seed",
+    "posterior": "model.posterior", "network": "model.network", "batch_size": "train.batch_size", "lr": "train.lr", "seed": "train.seed",
     "device": "train.device", "objective": "train.objective", "binarization": "data.binarization",
     "data_dir": "data.data_dir", "dataset": "data.dataset", "image_size": "data.image_size", "train_subset": "train.train_subset", "test_subset": "train.test_subset",
     "max_steps": "train.max_steps", "grad_clip": "train.grad_clip", "particles": "train.particles",

@@ -37,16 +37,16 @@ class ModelConfig:
     activation: str = "softplus"  # hidden nonlinearity: see pyrovae.networks.ACTIVATIONS
     prior: str = "normal"  # p(z): see pyrovae.priors.PRIORS
     likelihood: str = "bernoulli"  # p(x|z): see pyrovae.likelihoods.LIKELIHOODS
-    guide: str = "diagonal"  # q(z|x): see pyrovae.guides.GUIDES
+    posterior: str = "diagonal"  # q(z|x), the guide's family: see pyrovae.posteriors.POSTERIORS
     network: str = "auto"  # encoder/decoder: see pyrovae.networks.NETWORKS; auto picks by image shape
     min_scale: float = 1e-4  # lower bound on the encoder's standard deviations
     prior_options: dict = field(default_factory=dict)  # keyword options of the prior, e.g. {"components": 10}
     likelihood_options: dict = field(default_factory=dict)  # keyword options of the likelihood
-    guide_options: dict = field(default_factory=dict)  # keyword options of the guide, e.g. {"flows": 2}
+    posterior_options: dict = field(default_factory=dict)  # keyword options of the posterior, e.g. {"flows": 2}
     network_options: dict = field(default_factory=dict)  # keyword options of the network builder
 
     def __post_init__(self) -> None:
-        from pyrovae.guides import GUIDES
+        from pyrovae.posteriors import POSTERIORS
         from pyrovae.likelihoods import LIKELIHOODS
         from pyrovae.networks import ACTIVATIONS, NETWORKS
         from pyrovae.priors import PRIORS
@@ -61,15 +61,15 @@ class ModelConfig:
             ("activation", self.activation, ACTIVATIONS),
             ("prior", self.prior, PRIORS),
             ("likelihood", self.likelihood, LIKELIHOODS),
-            ("guide", self.guide, GUIDES),
+            ("posterior", self.posterior, POSTERIORS),
             ("network", self.network, {"auto": None, **NETWORKS}),
         ]:
             if value not in registry:
                 raise ConfigError(f"unknown model.{key} {value!r}; valid: {_names(registry)}")
         for key, cls, skip in [
-            ("prior", PRIORS[self.prior], {"z_dim", "guide_net", "image_shape"}),
+            ("prior", PRIORS[self.prior], {"z_dim", "posterior", "image_shape"}),
             ("likelihood", LIKELIHOODS[self.likelihood], {"image_shape"}),
-            ("guide", GUIDES[self.guide], {"encoder", "z_dim"}),
+            ("posterior", POSTERIORS[self.posterior], {"encoder", "z_dim"}),
             ("network", None if self.network == "auto" else NETWORKS[self.network],
              {"image_shape", "z_dim", "out_channels", "hidden", "activation", "min_scale"}),
         ]:
@@ -154,7 +154,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)  # the VAE: networks, prior, likelihood, guide
+    model: ModelConfig = field(default_factory=ModelConfig)  # the VAE: networks, prior, likelihood, posterior
     data: DataConfig = field(default_factory=DataConfig)  # what to train on and where it lives
     train: TrainConfig = field(default_factory=TrainConfig)  # optimization and bookkeeping
 
@@ -249,11 +249,19 @@ def _check_options(where: str, options, target, skip: set[str]) -> None:
         raise ConfigError(f"unknown option(s) {unknown} in {where} for {name}; valid: {', '.join(valid) or 'none'}")
 
 
+#: Keys that have a new name: (section, old key) -> new key.
+RENAMED = {("model", "guide"): "posterior", ("model", "guide_options"): "posterior_options"}
+
+
 def _section_from_dict(section_cls, name: str, d: dict[str, Any]):
     if not isinstance(d, dict):
         raise ConfigError(f"config section {name!r} must be a mapping, got {d!r}")
     fields = {f.name: f for f in dataclasses.fields(section_cls)}
     unknown = set(d) - set(fields)
+    renamed = {k: RENAMED[name, k] for k in sorted(unknown) if (name, k) in RENAMED}
+    if renamed:
+        raise ConfigError("; ".join(f"{name}.{old} is now {name}.{new}" for old, new in renamed.items()) +
+                          ": rename the key(s) in the config")
     if unknown:
         raise ConfigError(f"unknown key(s) {sorted(unknown)} in config section {name!r}; valid: {', '.join(fields)}")
     d = dict(d)

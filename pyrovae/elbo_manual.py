@@ -44,7 +44,7 @@ class ManualELBO(nn.Module):
         self.kl = kl
 
     def forward(self, x: torch.Tensor, kl_weight: float = 1.0) -> torch.Tensor:
-        q = self.vae.guide_net(x)  # q(z|x), batch (batch,), event (z_dim,)
+        q = self.vae.posterior(x)  # q(z|x), batch (batch,), event (z_dim,)
         z = q.rsample()  # reparameterization: z = mu + sigma * eps, (batch, z_dim)
         p = self.vae.prior().expand(q.batch_shape)  # p(z), one copy per image like Pyro's plate
         log_px_z = self.vae.likelihood(self.vae.decoder(z)).log_prob(x)  # log p(x|z), (batch,)
@@ -71,7 +71,7 @@ class ManualIWAE(nn.Module):
         self.particles = particles
 
     def forward(self, x: torch.Tensor, kl_weight: float = 1.0) -> torch.Tensor:
-        q = self.vae.guide_net(x)  # q(z|x), batch (batch,)
+        q = self.vae.posterior(x)  # q(z|x), batch (batch,)
         z = q.rsample((self.particles,))  # (K, batch, z_dim), reparameterized
         log_px_z = self.vae.likelihood(self.vae.decoder(z)).log_prob(x)  # (K, batch)
         # log importance weights, (K, batch); beta scales log p(z) and log q(z|x) as Pyro's poutine.scale does

@@ -34,7 +34,7 @@ def seeded_noise(seed: int, device: torch.device):
 
 def elbo_terms(vae, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-image ELBO terms, each of shape (batch,), from one reparameterized z ~ q(z|x)."""
-    q = vae.guide_net(x)
+    q = vae.posterior(x)
     z = q.rsample()  # (batch, z_dim)
     log_px_z = vae.likelihood.log_prob(vae.decoder(z), x)  # (batch,)
     kl = q.log_prob(z) - vae.prior().log_prob(z)  # (batch,) single-sample KL estimate
@@ -204,7 +204,7 @@ def importance_log_likelihood(vae, images: torch.Tensor, k: int = 1000, batch_si
         for start in range(0, n, batch_size):
             x = images[start:start + batch_size]  # (B, C, H, W)
             with fast:
-                q = vae.guide_net(x)  # batch (B,), event (z_dim,)
+                q = vae.posterior(x)  # batch (B,), event (z_dim,)
             per_chunk = max(1, max_rows // x.shape[0])
             log_w = []
             for done in range(0, k, per_chunk):
@@ -230,7 +230,7 @@ def active_units(vae, images: torch.Tensor, threshold: float = 0.01, batch_size:
     E_q[z|x] is the guide's representative code (the encoder mean; for a flow guide, the mean pushed
     through the flows).
     """
-    codes = torch.cat([vae.guide_net.location(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    codes = torch.cat([vae.posterior.location(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
     variance = codes.var(0)  # (z_dim,)
     return {"active_units": int((variance > threshold).sum()), "z_dim": int(codes.shape[1]),
             "threshold": threshold, "variances": variance.tolist()}

@@ -28,7 +28,7 @@ from pyro.poutine.util import is_validation_enabled
 from torch import nn
 
 from pyrovae.config import ModelConfig
-from pyrovae.guides import GUIDES
+from pyrovae.posteriors import POSTERIORS
 from pyrovae.likelihoods import LIKELIHOODS
 from pyrovae.networks import NETWORKS, network_for
 from pyrovae.priors import PRIORS
@@ -43,24 +43,24 @@ class ImageShapeError(ValueError):
 
 
 class VAE(PyroModule):
-    """A VAE built from swappable parts: ``prior``, ``decoder`` + ``likelihood``, and ``guide_net``.
+    """A VAE built from swappable parts: ``prior``, ``decoder`` + ``likelihood``, and ``posterior``.
 
     Args:
         prior: module whose ``forward()`` returns p(z) with event shape (z_dim,).
         decoder: network z -> raw outputs of shape (batch, *image_shape).
         likelihood: module mapping decoder outputs to p(x|z); has ``check(x)``.
-        guide_net: module mapping x to q(z|x) with event shape (z_dim,).
+        posterior: module mapping x to q(z|x) with event shape (z_dim,).
         image_shape: (C, H, W) of one image.
     """
 
-    def __init__(self, prior: nn.Module, decoder: nn.Module, likelihood: nn.Module, guide_net: nn.Module,
+    def __init__(self, prior: nn.Module, decoder: nn.Module, likelihood: nn.Module, posterior: nn.Module,
                  image_shape: tuple[int, ...]):
         # a unique Pyro name keeps parameter-store entries of two instances apart
         super().__init__(name=f"vae{next(_instance_ids)}")
         self.prior = prior
         self.decoder = decoder
         self.likelihood = likelihood
-        self.guide_net = guide_net
+        self.posterior = posterior
         self.image_shape = tuple(image_shape)
 
     def check_data(self, x: torch.Tensor) -> None:
@@ -94,13 +94,13 @@ class VAE(PyroModule):
         if is_validation_enabled():
             self.check_data(x)
         with pyro.plate("data", x.shape[0]), _kl_scale(kl_weight):
-            return pyro.sample("z", self.guide_net(x))  # (batch, z_dim)
+            return pyro.sample("z", self.posterior(x))  # (batch, z_dim)
 
     # --- conveniences for pictures and evaluation (no Pyro machinery) ---------------------------
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The mean of q(z|x): (batch, z_dim)."""
-        return self.guide_net.location(x)
+        return self.posterior.location(x)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -130,6 +130,6 @@ def build_vae(config: ModelConfig, image_shape: tuple[int, ...] = (1, 28, 28)) -
     encoder, decoder = NETWORKS[network](
         image_shape, c.z_dim, image_shape[0] * likelihood.outputs_per_pixel,
         hidden=c.hidden, activation=c.activation, min_scale=c.min_scale, **c.network_options)
-    guide_net = GUIDES[c.guide].build(encoder, c.z_dim, **c.guide_options)
-    prior = PRIORS[c.prior].build(c.z_dim, guide_net=guide_net, image_shape=image_shape, **c.prior_options)
-    return VAE(prior=prior, decoder=decoder, likelihood=likelihood, guide_net=guide_net, image_shape=image_shape)
+    posterior = POSTERIORS[c.posterior].build(encoder, c.z_dim, **c.posterior_options)
+    prior = PRIORS[c.prior].build(c.z_dim, posterior=posterior, image_shape=image_shape, **c.prior_options)
+    return VAE(prior=prior, decoder=decoder, likelihood=likelihood, posterior=posterior, image_shape=image_shape)

@@ -29,8 +29,8 @@ class Prior(nn.Module):
     """Base class: ``forward()`` -> p(z) with event shape (z_dim,)."""
 
     @classmethod
-    def build(cls, z_dim: int, *, guide_net: nn.Module, image_shape: tuple[int, ...], **options) -> "Prior":
-        """Construct from a config; ``guide_net`` and ``image_shape`` are there for priors that need them."""
+    def build(cls, z_dim: int, *, posterior: nn.Module, image_shape: tuple[int, ...], **options) -> "Prior":
+        """Construct from a config; ``posterior`` and ``image_shape`` are there for priors that need them."""
         return cls(z_dim, **options)
 
 
@@ -156,7 +156,7 @@ class VampPrior(Prior):
 
     The guide is shared with the VAE, not owned: it is kept as a plain reference rather than a
     submodule, so its parameters appear once in ``vae.parameters()`` and ``vae.state_dict()`` (under
-    ``guide_net``), and this module's own state is the pseudo-inputs alone. Moving the VAE moves both.
+    ``posterior``), and this module's own state is the pseudo-inputs alone. Moving the VAE moves both.
 
     With a flow guide every component is a flow distribution, and scoring z runs the flow's
     (sequential) inverse, which is slower than with the diagonal guide; it also replaces the values the
@@ -167,19 +167,19 @@ class VampPrior(Prior):
         init_noise: standard deviation of the initial pseudo-inputs around grey 0.5, in logit units.
     """
 
-    def __init__(self, z_dim: int, guide_net: nn.Module, image_shape: tuple[int, ...],
+    def __init__(self, z_dim: int, posterior: nn.Module, image_shape: tuple[int, ...],
                  components: int = 500, init_noise: float = 0.1):
         super().__init__()
         if components < 1:
             raise ValueError(f"the VampPrior needs at least one pseudo-input, got components={components}")
         self.z_dim = z_dim
-        object.__setattr__(self, "guide_net", guide_net)  # a reference, not a submodule: see above
+        object.__setattr__(self, "posterior", posterior)  # a reference, not a submodule: see above
         self.raw_pseudo_inputs = nn.Parameter(init_noise * torch.randn(components, *image_shape))
         self.register_buffer("logits", torch.zeros(components))  # uniform weights 1/K
 
     @classmethod
-    def build(cls, z_dim: int, *, guide_net: nn.Module, image_shape: tuple[int, ...], **options) -> "VampPrior":
-        return cls(z_dim, guide_net, image_shape, **options)
+    def build(cls, z_dim: int, *, posterior: nn.Module, image_shape: tuple[int, ...], **options) -> "VampPrior":
+        return cls(z_dim, posterior, image_shape, **options)
 
     @property
     def pseudo_inputs(self) -> torch.Tensor:
@@ -187,7 +187,7 @@ class VampPrior(Prior):
         return torch.sigmoid(self.raw_pseudo_inputs)
 
     def forward(self) -> dist.Distribution:
-        posteriors = self.guide_net(self.pseudo_inputs)  # q(z|u_k): batch (K,), event (z_dim,)
+        posteriors = self.posterior(self.pseudo_inputs)  # q(z|u_k): batch (K,), event (z_dim,)
         gaussian = posteriors.base_dist if isinstance(posteriors, dist.Independent) else None
         if isinstance(gaussian, dist.Normal) and posteriors.reinterpreted_batch_ndims == 1:  # the diagonal guide
             return DiagonalNormalMixture(self.logits, gaussian.loc, gaussian.scale)

@@ -60,7 +60,7 @@ def test_unknown_component_options_are_refused_with_the_valid_ones():
     with pytest.raises(ConfigError, match=r"unknown option\(s\) \['components'\] in model.prior_options"):
         Config().replace(model={"prior_options": {"components": 3}})
     with pytest.raises(ConfigError, match="must be a mapping"):
-        Config().replace(model={"guide_options": [1, 2]})
+        Config().replace(model={"posterior_options": [1, 2]})
     with pytest.raises(ConfigError, match="unknown model.network 'resnet'; valid: auto, " + ", ".join(sorted(NETWORKS))):
         Config().replace(model={"network": "resnet"})
 

@@ -28,10 +28,10 @@ def _exact_case():
     vae = build_vae(ModelConfig(z_dim=3, hidden=(16,)))
     with torch.no_grad():
         vae.decoder.net[-1].weight.zero_()  # p(x|z) = p(x)
-        head = vae.guide_net.encoder.head
+        head = vae.posterior.encoder.head
         head.weight.zero_()
         head.bias[:3] = 0.0  # loc = 0
-        head.bias[3:] = math.log(math.expm1(1.0 - vae.guide_net.encoder.min_scale))  # scale = 1
+        head.bias[3:] = math.log(math.expm1(1.0 - vae.posterior.encoder.min_scale))  # scale = 1
     x = binary_images(8)
     exact = -vae.likelihood(vae.decoder(torch.zeros(8, 3))).log_prob(x).mean().item()
     return vae, x, exact
@@ -75,7 +75,7 @@ def test_active_units_count_the_dimensions_the_encoder_uses():
     torch.manual_seed(0)
     vae = build_vae(ModelConfig(z_dim=4, hidden=(16,)))
     with torch.no_grad():
-        head = vae.guide_net.encoder.head
+        head = vae.posterior.encoder.head
         head.weight[1:4].zero_()  # only the mean of z_0 depends on x
         head.bias[1:4] = 0.0
         head.weight[0] *= 50
@@ -270,10 +270,10 @@ def _float64_reference(vae, x, k, seed):
     with torch.no_grad():
         with seeded_noise(seed, x.device):
             vae.prior()
-            z = vae.guide_net(x).sample((k,)).double()  # (k, B, z_dim): the draws the estimator makes
+            z = vae.posterior(x).sample((k,)).double()  # (k, B, z_dim): the draws the estimator makes
         x64 = x.double()
         log_w = (vae64.likelihood(vae64.decoder(z)).log_prob(x64) + vae64.prior().log_prob(z)
-                 - vae64.guide_net(x64).log_prob(z))  # (k, B)
+                 - vae64.posterior(x64).log_prob(z))  # (k, B)
         return -(torch.logsumexp(log_w, 0) - math.log(k)).mean().item()
 
 

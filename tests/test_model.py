@@ -132,7 +132,7 @@ def test_state_dict_round_trip_gives_identical_outputs():
 def test_guide_scale_is_bounded_away_from_zero():
     vae = build_vae(SMALL)
     with torch.no_grad():
-        for p in vae.guide_net.parameters():
+        for p in vae.posterior.parameters():
             p.fill_(-1e4)  # drives the raw scale to -infinity
-    scale = vae.guide_net(binary_images(2)).base_dist.scale
+    scale = vae.posterior(binary_images(2)).base_dist.scale
     assert (scale >= SMALL.min_scale).all() and torch.isfinite(scale).all()

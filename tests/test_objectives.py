@@ -64,7 +64,7 @@ def test_weighted_kl_matches_the_hand_coded_beta_elbo(pyro_elbo, kl):
         torch.manual_seed(1)
         zero = ManualELBO(b, kl="analytic")(binary_images(8), kl_weight=0.0)
         torch.manual_seed(1)
-        q = b.guide_net(binary_images(8))
+        q = b.posterior(binary_images(8))
         z = q.rsample()
         recon = -b.likelihood(b.decoder(z)).log_prob(binary_images(8)).sum()
     torch.testing.assert_close(zero, recon)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import grid_2d, ks_distance, small_options
-from pyrovae.guides import GUIDES
+from pyrovae.posteriors import POSTERIORS
 from pyrovae.networks import MLPEncoder
 import pyro.distributions as dist
 
@@ -27,9 +27,9 @@ def make_prior(name, z_dim=3, seed=0, guide=None):
     """(prior, guide): the guide is the one a prior such as the VampPrior calls."""
     torch.manual_seed(seed)
     if guide is None:
-        guide = GUIDES["diagonal"].build(MLPEncoder(IMAGE_SHAPE, z_dim, (16,)), z_dim)
+        guide = POSTERIORS["diagonal"].build(MLPEncoder(IMAGE_SHAPE, z_dim, (16,)), z_dim)
     cls = PRIORS[name]
-    prior = cls.build(z_dim, guide_net=guide, image_shape=IMAGE_SHAPE, **small_options(cls))
+    prior = cls.build(z_dim, posterior=guide, image_shape=IMAGE_SHAPE, **small_options(cls))
     return prior, guide
 
 
@@ -194,7 +194,7 @@ def test_matmul_mixture_refuses_mismatched_shapes():
 def test_vamp_prior_shares_the_guide_without_owning_it():
     prior, guide = make_prior("vamp", z_dim=3)
     assert [n for n, _ in prior.named_parameters()] == ["raw_pseudo_inputs"]
-    assert prior.guide_net is guide
+    assert prior.posterior is guide
     prior().log_prob(torch.randn(8, 3)).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in guide.parameters())
 
@@ -236,6 +236,6 @@ def test_laplace_matches_its_closed_form():
 def test_nonsense_options_are_refused(cls):
     key = {MixtureOfGaussiansPrior: "components", VampPrior: "components", FlowPrior: "flows",
            StudentTPrior: "df"}[cls]
-    guide = GUIDES["diagonal"].build(MLPEncoder(IMAGE_SHAPE, 2, (8,)), 2)
+    guide = POSTERIORS["diagonal"].build(MLPEncoder(IMAGE_SHAPE, 2, (8,)), 2)
     with pytest.raises(ValueError, match=key):
-        cls.build(2, guide_net=guide, image_shape=IMAGE_SHAPE, **{key: 0})
+        cls.build(2, posterior=guide, image_shape=IMAGE_SHAPE, **{key: 0})

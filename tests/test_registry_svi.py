@@ -14,17 +14,17 @@ import torch
 
 from pyrovae import ModelConfig, PyroELBO, build_vae
 from pyrovae.config import ConfigError
-from pyrovae.guides import GUIDES
+from pyrovae.posteriors import POSTERIORS
 from pyrovae.likelihoods import LIKELIHOODS, LocationScaleLikelihood
 from pyrovae.priors import PRIORS
 from helpers import data_of_kind, small_options
 
 IMAGE_SHAPE = (1, 6, 6)
-COMBINATIONS = list(itertools.product(sorted(PRIORS), sorted(LIKELIHOODS), sorted(GUIDES)))
+COMBINATIONS = list(itertools.product(sorted(PRIORS), sorted(LIKELIHOODS), sorted(POSTERIORS)))
 
 
 def config(prior="normal", likelihood="bernoulli", guide="diagonal") -> ModelConfig:
-    return ModelConfig(z_dim=2, hidden=(16,), prior=prior, likelihood=likelihood, guide=guide,
+    return ModelConfig(z_dim=2, hidden=(16,), prior=prior, likelihood=likelihood, posterior=guide,
                        prior_options=small_options(PRIORS[prior]))
 
 
@@ -45,7 +45,7 @@ def test_one_svi_step(prior, likelihood, guide):
     assert not unchanged, f"one step left these parameters unchanged: {unchanged}"
 
 
-@pytest.mark.parametrize("prior,guide", list(itertools.product(sorted(PRIORS), sorted(GUIDES))))
+@pytest.mark.parametrize("prior,guide", list(itertools.product(sorted(PRIORS), sorted(POSTERIORS))))
 def test_state_dict_round_trip_and_no_shared_module_counted_twice(prior, guide):
     torch.manual_seed(0)
     a = build_vae(config(prior, guide=guide), IMAGE_SHAPE)
@@ -72,13 +72,13 @@ def test_state_dict_round_trip_and_no_shared_module_counted_twice(prior, guide):
 def test_vamp_prior_from_a_config():
     vae = build_vae(ModelConfig(z_dim=2, hidden=(16,), prior="vamp", prior_options={"components": 3}), IMAGE_SHAPE)
     assert vae.prior.pseudo_inputs.shape == (3, *IMAGE_SHAPE)
-    assert vae.prior.guide_net is vae.guide_net
-    assert not any(k.startswith("prior.guide_net") for k in vae.state_dict())
+    assert vae.prior.posterior is vae.posterior
+    assert not any(k.startswith("prior.posterior") for k in vae.state_dict())
     twin = copy.deepcopy(vae)
-    assert twin.prior.guide_net is twin.guide_net
+    assert twin.prior.posterior is twin.posterior
 
 
-@pytest.mark.parametrize("key,registry", [("prior", PRIORS), ("likelihood", LIKELIHOODS), ("guide", GUIDES)])
+@pytest.mark.parametrize("key,registry", [("prior", PRIORS), ("likelihood", LIKELIHOODS), ("posterior", POSTERIORS)])
 def test_every_part_refuses_unknown_options_and_lists_its_own(key, registry):
     for name, cls in registry.items():
         with pytest.raises(ConfigError, match="no_such_option"):

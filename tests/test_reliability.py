@@ -110,6 +110,44 @@ def _wait_for(path, proc, timeout=120):
         time.sleep(0.05)
 
 
+def _as_version_1(path):
+    """Rewrite a checkpoint in the layout of version 1: progress spread over the top level, the
+    posterior called the guide."""
+    new = load_checkpoint(path)
+    state, model_config = new["state"], dict(new["config"]["model"])
+    model_config["guide"], model_config["guide_options"] = model_config.pop("posterior"), model_config.pop(
+        "posterior_options")
+    old = {"format": new["format"], "version": 1, "config": {**new["config"], "model": model_config},
+           "image_shape": new["image_shape"], "optimizer": new["optimizer"], "epoch": state["epoch"],
+           "model": {k.replace("posterior.", "guide_net.", 1): v for k, v in new["model"].items()},
+           "global_step": state["step"], "metrics": state["history"],
+           "partial_epoch": {"step": state["epoch_step"], "loss_sum": float(state["loss_sum"]),
+                             "images": state["images"], "seconds": state["seconds"], "interrupted": False},
+           "rng": {"torch": state["noise_rng"]["torch"], "data_epoch_start": state["data_rng"], "cuda": None}}
+    torch.save(old, path)
+
+
+@faults("a version-1 checkpoint (older pyrovae) loads and resumes exactly")
+def test_a_version_1_checkpoint_resumes_exactly(tmp_path):
+    straight = _run(tmp_path / "straight", epochs=2)
+    _run(tmp_path / "old", epochs=2, max_steps=8)
+    _as_version_1(tmp_path / "old" / "checkpoint.pt")
+    resumed = _run(tmp_path / "old", resume=True, epochs=2)
+    assert _rows(resumed) == _rows(straight)
+    a, b = _params(tmp_path / "straight" / "checkpoint.pt"), _params(tmp_path / "old" / "checkpoint.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@faults("a checkpoint of a version this pyrovae does not know")
+def test_an_unknown_checkpoint_version_is_refused_with_what_to_do(tmp_path):
+    _run(tmp_path / "run", epochs=1)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    state["version"] = 99
+    torch.save(state, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="version 99.*reads versions 1 to 2.*train it afresh"):
+        load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 @faults("SIGINT mid-run: checkpoint, resume hint, exit 130",
         "SIGTERM mid-run: checkpoint, resume hint, exit 143, exact resume")
@@ -242,7 +280,9 @@ BAD_INPUTS = [
     (case("images of the wrong shape for the network"), _wrong_shape, ImageShapeError, "expected a batch of images"),
     (case("an unknown prior name"), lambda: Config().replace(model={"prior": "cauchy"}), ConfigError, "valid: "),
     (case("an unknown likelihood name"), lambda: Config().replace(model={"likelihood": "x"}), ConfigError, "valid: "),
-    (case("an unknown guide name"), lambda: Config().replace(model={"guide": "x"}), ConfigError, "valid: "),
+    (case("an unknown posterior name"), lambda: Config().replace(model={"posterior": "x"}), ConfigError, "valid: "),
+    (case("a config written with the old key model.guide"), lambda: Config.from_dict({"model": {"guide": "iaf"}}),
+     ConfigError, "model.guide is now model.posterior"),
     (case("an unknown network name"), lambda: Config().replace(model={"network": "x"}), ConfigError, "valid: auto"),
     (case("a zero learning rate"), lambda: Config().replace(train={"lr": 0.0}), ConfigError, "train.lr"),
     (case("a negative learning rate"), lambda: Config().replace(train={"lr": -1e-3}), ConfigError, "train.lr"),

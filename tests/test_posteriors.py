@@ -1,23 +1,23 @@
 """Every guide in the registry: shapes, reparameterized draws, log q of its own draws, normalization,
 draws against the density, gradients, devices.
 
-Driven by ``GUIDES``: a new guide is tested here without editing this file.
+Driven by ``POSTERIORS``: a new guide is tested here without editing this file.
 """
 
 import pytest
 import torch
 
-from pyrovae.guides import GUIDES, IAFGuide
+from pyrovae.posteriors import POSTERIORS, IAFPosterior
 from pyrovae.networks import MLPEncoder
 from helpers import grid_2d, ks_distance
 
-NAMES = sorted(GUIDES)
+NAMES = sorted(POSTERIORS)
 IMAGE_SHAPE = (1, 4, 4)
 
 
 def make_guide(name, z_dim=3, seed=0, **options):
     torch.manual_seed(seed)
-    return GUIDES[name].build(MLPEncoder(IMAGE_SHAPE, z_dim, (16,)), z_dim, **options)
+    return POSTERIORS[name].build(MLPEncoder(IMAGE_SHAPE, z_dim, (16,)), z_dim, **options)
 
 
 def images(n=5, seed=0):
@@ -99,7 +99,7 @@ def test_moves_with_its_module_and_round_trips(name):
 
 def test_iaf_guide_owns_its_flows():
     guide = make_guide("iaf", flows=3, hidden=(12,))
-    assert isinstance(guide, IAFGuide) and len(guide.flows) == 3
+    assert isinstance(guide, IAFPosterior) and len(guide.flows) == 3
     own = {id(p) for p in guide.parameters()}
     assert {id(p) for flow in guide.flows for p in flow.parameters()} <= own
     assert any(k.startswith("flows.2.") for k in guide.state_dict())

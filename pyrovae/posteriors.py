@@ -1,8 +1,9 @@
-"""Amortized variational families q(z|x): an encoder network produces the parameters for each x.
+"""Amortized approximate posteriors q(z|x), the variational families: an encoder network produces the
+parameters for each x. ``VAE.guide``, the Pyro program, samples z from one of them. 
 
-A guide module wraps an encoder (x -> (loc, scale), each (batch, z_dim)) and returns q(z|x) from
+A posterior module wraps an encoder (x -> (loc, scale), each (batch, z_dim)) and returns q(z|x) from
 ``forward(x)`` with batch shape (batch,) and event shape (z_dim,). To add one: subclass
-:class:`Guide` and add it to ``GUIDES``.
+:class:`Posterior` and add it to ``POSTERIORS``.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ import torch
 from pyro.distributions.transforms import affine_autoregressive
 from torch import nn
 
-__all__ = ["GUIDES", "Guide", "DiagonalNormalGuide", "IAFGuide"]
+__all__ = ["POSTERIORS", "Posterior", "DiagonalNormalPosterior", "IAFPosterior"]
 
 
-class Guide(nn.Module):
+class Posterior(nn.Module):
     """Base class: ``forward(x)`` -> q(z|x)."""
 
     @classmethod
-    def build(cls, encoder: nn.Module, z_dim: int, **options) -> "Guide":
+    def build(cls, encoder: nn.Module, z_dim: int, **options) -> "Posterior":
         return cls(encoder, **options)
 
     def location(self, x: torch.Tensor) -> torch.Tensor:
@@ -27,7 +28,7 @@ class Guide(nn.Module):
         return self.encoder(x)[0]
 
 
-class DiagonalNormalGuide(Guide):
+class DiagonalNormalPosterior(Posterior):
     """q(z|x) = N(z; mu(x), diag(sigma(x)^2)), with mu and sigma from one encoder network."""
 
     def __init__(self, encoder: nn.Module):
@@ -39,7 +40,7 @@ class DiagonalNormalGuide(Guide):
         return dist.Normal(loc, scale, validate_args=False).to_event(1)
 
 
-class IAFGuide(Guide):
+class IAFPosterior(Posterior):
     """q(z|x): the diagonal Gaussian of the encoder followed by inverse autoregressive flows.
 
     Kingma et al. (2016)::
@@ -63,14 +64,14 @@ class IAFGuide(Guide):
     def __init__(self, encoder: nn.Module, z_dim: int, flows: int = 2, hidden: tuple[int, ...] | None = None):
         super().__init__()
         if flows < 1:
-            raise ValueError(f"an IAF guide needs at least one flow, got flows={flows}")
+            raise ValueError(f"an IAF posterior needs at least one flow, got flows={flows}")
         self.encoder = encoder
         widths = list(hidden) if hidden is not None else None
         self.flows = nn.ModuleList(
             affine_autoregressive(z_dim, hidden_dims=widths, stable=True) for _ in range(flows))
 
     @classmethod
-    def build(cls, encoder: nn.Module, z_dim: int, **options) -> "IAFGuide":
+    def build(cls, encoder: nn.Module, z_dim: int, **options) -> "IAFPosterior":
         return cls(encoder, z_dim, **options)
 
     def forward(self, x: torch.Tensor) -> dist.Distribution:
@@ -87,7 +88,7 @@ class IAFGuide(Guide):
 
 
 #: Guides by config name.
-GUIDES: dict[str, type[Guide]] = {
-    "diagonal": DiagonalNormalGuide,
-    "iaf": IAFGuide,
+POSTERIORS: dict[str, type[Posterior]] = {
+    "diagonal": DiagonalNormalPosterior,
+    "iaf": IAFPosterior,
 }
