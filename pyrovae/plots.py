@@ -73,9 +73,6 @@ def latent_scatter(codes: torch.Tensor, labels: torch.Tensor, path) -> Path:
     return save(fig, path)
 
 
-# --- information theory (experiments/information_theory.py, experiments/looking_back.py) -------
-
-
 def curves(series: dict[str, list[float]], path, ylabel: str, title: str = "", xlabel: str = "epoch",
            ylim: tuple[float, float] | None = None, logx: bool = False) -> Path:
     """Several curves against epochs (1, 2, ...), one per name."""

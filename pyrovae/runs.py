@@ -193,31 +193,6 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _resumable_config(out: Path, config: Config | None, state: dict) -> Config:
-    """The saved config, with the training budget (epochs, max_steps) taken from ``config``."""
-    saved = Config.from_dict(state["config"])
-    if config is None:
-        return saved
-    budget = {"epochs": config.train.epochs, "max_steps": config.train.max_steps}
-    mine = config.replace(train={"epochs": saved.train.epochs, "max_steps": saved.train.max_steps})
-    if mine != saved:
-        a, b = _flat(saved.to_dict()), _flat(mine.to_dict())
-        diff = [f"{k}: saved {a.get(k)!r}, given {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        raise CheckpointError(f"cannot resume {out}: its config differs from the one given ({'; '.join(diff)}); "
-                              "only the budget (train.epochs, train.max_steps) may change on resume")
-    return saved.replace(train=budget)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k in ("model", "data", "train"):
-            out.update(_flat(v, f"{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 @torch.no_grad()
 def write_figures(vae, out: Path, history, test_binary, test_labels, seed: int = 0) -> None:
     from pyrovae import plots

@@ -16,18 +16,18 @@
 The 33 TFLOP of the default decoder's products (5 x 10^7 rows of 50x400 and 400x784) are most of
 the work; the rest is the Bernoulli log-density, elementwise over 784 logits per row.
 
-    PYROVAE_DATA=../shared/data python experiments/benchmark_iwae.py --checkpoint runs/mnist_meanfield
-    python experiments/benchmark_iwae.py --smoke
+    PYROVAE_DATA=../shared/data python experiments/benchmarks/benchmark_iwae.py --checkpoint runs/mnist_meanfield
+    python experiments/benchmarks/benchmark_iwae.py --smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import resource
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -35,10 +35,13 @@ from torch.nn import functional as F
 
 from pyrovae.checkpoint import load_vae
 from pyrovae.config import Config
-from pyrovae.evaluate import importance_log_likelihood, seeded_noise
+from pyrovae.data import prepare_test
+from pyrovae.evaluate import _CPUFastPaths, importance_log_likelihood, seeded_noise
+from pyrovae.experiment import add_output_flags, output_folders
 from pyrovae.model import build_vae
-from pyrovae.networks import Softplus
-from pyrovae.run import prepare_data, provenance, write_json
+from pyrovae.runs import provenance, write_json
+
+OUT = "results/benchmark_iwae"
 
 
 def peak_memory_gb() -> float:
@@ -51,7 +54,7 @@ def stock_decoder(decoder: nn.Module, z: torch.Tensor) -> torch.Tensor:
     for layer in decoder.net:
         if isinstance(layer, nn.Linear):
             h = F.linear(h, layer.weight, layer.bias)
-        elif isinstance(layer, Softplus):
+        elif isinstance(layer, nn.Softplus):
             h = F.softplus(h)
         else:
             h = layer(h)
@@ -66,7 +69,7 @@ def stock_estimator(vae, images, k, batch_size=100, max_rows=4096, seed=0):
         prior = vae.prior()
         for start in range(0, images.shape[0], batch_size):
             x = images[start:start + batch_size]
-            q = vae.guide_net(x)
+            q = vae.posterior(x)
             m_max = max(1, max_rows // x.shape[0])
             log_w = []
             for done in range(0, k, m_max):
@@ -83,42 +86,42 @@ def stock_estimator(vae, images, k, batch_size=100, max_rows=4096, seed=0):
 @torch.no_grad()
 def matmul_floor(decoder: nn.Module, rows: int, chunk: int = 4000, blas: bool = False) -> None:
     """The decoder's Linear products alone, ``rows`` rows in chunks of ``chunk``: through the decoder's
-    own layers (oneDNN), or with ``torch.mm`` (the default BLAS) when ``blas``."""
+    own layers on the estimator's oneDNN route (its ``_CPUFastPaths``), or with ``torch.mm`` (the
+    default BLAS) when ``blas``."""
     layers = [m for m in decoder.modules() if isinstance(m, nn.Linear)]
     if not layers:
         raise SystemExit("the floor is measured for MLP decoders (made of nn.Linear layers)")
     inputs = [torch.randn(chunk, m.in_features) for m in layers]
-    for done in range(0, rows, chunk):
-        n = min(chunk, rows - done)
-        for a, m in zip(inputs, layers):
-            torch.mm(a[:n], m.weight.t()) if blas else m(a[:n])
+    with contextlib.nullcontext() if blas else _CPUFastPaths():
+        for done in range(0, rows, chunk):
+            n = min(chunk, rows - done)
+            for a, m in zip(inputs, layers):
+                torch.mm(a[:n], m.weight.t()) if blas else m(a[:n])
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="a run folder or checkpoint.pt (default: an untrained default VAE; "
                                              "the time hardly depends on the weights)")
-    parser.add_argument("--k", type=int, default=5000)
+    parser.add_argument("--particles", dest="k", type=int, default=5000)
     parser.add_argument("--images", type=int, default=None, help="test images for the full figure (default: all)")
     parser.add_argument("--ratio-images", type=int, default=40, help="test images for the interleaved ratios")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", default="results/benchmark_iwae")
-    parser.add_argument("--smoke", action="store_true", help="seconds-long run on a few images, K=20")
+    add_output_flags(parser, out=OUT, smoke="seconds-long run on a few images, K=20")
     args = parser.parse_args(argv)
     if args.smoke:
         args.k, args.images, args.ratio_images, args.rounds = 20, 30, 10, 1
-        args.out = str(Path(args.out) / "smoke") if args.out == "results/benchmark_iwae" else args.out
 
     if args.checkpoint:
         vae, config, state = load_vae(args.checkpoint)
-        source = f"{args.checkpoint} (epoch {state['epoch']})"
+        source = f"{args.checkpoint} (epoch {state['state']['epoch']})"
     else:
         config = Config()
         torch.manual_seed(0)
         vae = build_vae(config.model)
         source = "untrained default VAE"
     vae.eval()
-    test = prepare_data(config, torch.device("cpu")).test
+    test, _ = prepare_test(config, torch.device("cpu"))
     if args.images:
         test = test[:args.images]
     print(f"{source}; {test.shape[0]} test images, K={args.k}, {torch.get_num_threads()} threads", flush=True)
@@ -156,13 +159,15 @@ def main(argv=None) -> None:
     if abs(values["ours"] - values["stock"]) > 1e-3:
         raise SystemExit(f"ours and the stock estimator disagree beyond float32 rounding: {values}")
 
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    write_json(Path(args.out) / "results.json", {
-        "model": source, "k": args.k, "images": int(test.shape[0]), "neg_log_likelihood": full["neg_log_likelihood"],
-        "neg_elbo_same_draws": full["neg_elbo"], "seconds": seconds, "peak_memory_gb": memory_peak,
-        "memory_before_estimate_gb": memory_before, "threads": torch.get_num_threads(),
-        "ratio_images": int(part.shape[0]), "rounds": args.rounds, "seconds_per_round": times,
-        "medians": medians, "ratios": ratios, "slice_values": values, **provenance("cpu")})
+    with output_folders(args.smoke, args.out, default_out=OUT) as folders:
+        folders.out.mkdir(parents=True, exist_ok=True)
+        write_json(folders.out / "results.json", {
+            "model": source, "k": args.k, "images": int(test.shape[0]),
+            "neg_log_likelihood": full["neg_log_likelihood"],
+            "neg_elbo_same_draws": full["neg_elbo"], "seconds": seconds, "peak_memory_gb": memory_peak,
+            "memory_before_estimate_gb": memory_before, "threads": torch.get_num_threads(),
+            "ratio_images": int(part.shape[0]), "rounds": args.rounds, "seconds_per_round": times,
+            "medians": medians, "ratios": ratios, "slice_values": values, **provenance("cpu")})
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ must agree: the script stops if they differ by more than 1e-3 nats at any point.
 The components are drawn like encoder posteriors: means N(0, 3^2), scales in [0.05, 1.5]; the points
 are drawn near random components, where the densities matter.
 
-    python experiments/benchmark_mixture.py
-    python experiments/benchmark_mixture.py --smoke
+    python experiments/benchmarks/benchmark_mixture.py
+    python experiments/benchmarks/benchmark_mixture.py --smoke
 """
 
 from __future__ import annotations
@@ -20,13 +20,15 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import pyro.distributions as dist
 import torch
 
+from pyrovae.experiment import add_output_flags, output_folders
 from pyrovae.priors import DiagonalNormalMixture
-from pyrovae.run import provenance, write_json
+from pyrovae.runs import provenance, write_json
+
+OUT = "results/benchmark_mixture"
 
 
 def problem(components: int, dim: int, points: int, seed: int = 0):
@@ -53,12 +55,10 @@ def main(argv=None) -> int:
     parser.add_argument("--points", type=int, default=4000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default="results/benchmark_mixture")
-    parser.add_argument("--smoke", action="store_true", help="a second-long run on a small mixture")
+    add_output_flags(parser, out=OUT, smoke="a second-long run on a small mixture")
     args = parser.parse_args(argv)
     if args.smoke:
         args.components, args.points, args.rounds, args.repeats = 20, 100, 1, 1
-        args.out = str(Path(args.out) / "smoke") if args.out == "results/benchmark_mixture" else args.out
 
     logits, loc, scale, z = problem(args.components, args.dim, args.points)
     ours = DiagonalNormalMixture(logits, loc, scale)
@@ -83,12 +83,13 @@ def main(argv=None) -> int:
     for name, value in median.items():
         print(f"{name:6s} {1e3 * value:8.2f} ms per call (median of {args.rounds} rounds)")
     print(f"ratio ours/stock {ratio:.3f}")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    write_json(Path(args.out) / "results.json", {
-        "components": args.components, "dim": args.dim, "points": args.points, "rounds": args.rounds,
-        "repeats": args.repeats, "seconds": times, "median_seconds": median, "ratio_ours_over_stock": ratio,
-        "max_abs_error_nats": error, **provenance("cpu"),
-    })
+    with output_folders(args.smoke, args.out, default_out=OUT) as folders:
+        folders.out.mkdir(parents=True, exist_ok=True)
+        write_json(folders.out / "results.json", {
+            "components": args.components, "dim": args.dim, "points": args.points, "rounds": args.rounds,
+            "repeats": args.repeats, "seconds": times, "median_seconds": median, "ratio_ours_over_stock": ratio,
+            "max_abs_error_nats": error, **provenance("cpu"),
+        })
     return 0
 
 

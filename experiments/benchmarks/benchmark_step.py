@@ -1,30 +1,30 @@
 """Seconds per optimizer step of the default MNIST VAE, seven ways, interleaved in one run.
 
-1. ``pyro_trace``: our loop (``pyrovae.train.train_epoch``, fused Adam) on ``PyroELBO(vae, Trace_ELBO())``.
-2. ``pyro_meanfield``: our loop on ``PyroELBO(vae, TraceMeanField_ELBO())``.
+1. ``pyro_trace``: our step (``pyrovae.engine.train_step``, fused Adam) on ``PyroELBO(vae, Trace_ELBO())``.
+2. ``pyro_meanfield``: our step on ``PyroELBO(vae, TraceMeanField_ELBO())``.
 3. ``svi_trace``: stock ``SVI(vae.model, vae.guide, pyro.optim.Adam, Trace_ELBO())``.
 4. ``svi_jit_trace``: stock ``SVI`` with ``JitTrace_ELBO`` (its ``differentiable_loss`` is not compiled,
    only ``loss_and_grads``, which ``SVI.step`` calls).
 5. ``svi_jit_meanfield``: stock ``SVI`` with ``JitTraceMeanField_ELBO``, as Pyro 1.9.2 ships it.
 6. ``svi_jit_meanfield_cached``: the same with :class:`CachedJitTraceMeanField_ELBO`, which keeps its
    compiled loss between steps (see below).
-7. ``manual``: our loop on the hand-coded ``ManualELBO(vae, kl="mc")``, the reference of the ratios
+7. ``manual``: our step on the hand-coded ``ManualELBO(vae, kl="mc")``, the reference of the ratios
    (the estimator of ``Trace_ELBO``, written in plain PyTorch).
 
 Every method has its own copy of one initialization and steps on the same fixed batches (binarized
-once, checked once). For each batch size, each round runs ``--steps`` steps of every method in turn,
-so a noisy machine slows them alike; round 0 warms up (and compiles) and is not counted. The script
-prints the median seconds per step and the ratio to ``manual``, and the number of times each JIT
-method traced its loss.
+once, checked once; then every method runs with Pyro's validation off, as ``fit`` does). For each
+batch size, each round runs ``--steps`` steps of every method in turn, so a noisy machine slows them
+alike; round 0 warms up (and compiles) and is not counted. The script prints the median seconds per
+step and the ratio to ``manual``, and the number of times each JIT method traced its loss.
 
 Why a cached variant: ``JitTraceMeanField_ELBO.differentiable_loss`` in Pyro 1.9.2 stores its compiled
 function in ``self._differentiable_loss`` but tests ``self._loss_and_surrogate_loss`` (the attribute
 ``JitTrace_ELBO`` uses) to decide whether to build it, so every call builds a new
 ``pyro.ops.jit.CompiledFunction`` with an empty cache and traces the model and guide again.
 
-    python experiments/benchmark_step.py --rounds 3 --steps 10
-    python experiments/benchmark_step.py --batch-sizes 256 --profile
-    python experiments/benchmark_step.py --smoke
+    python experiments/benchmarks/benchmark_step.py --rounds 3 --steps 10
+    python experiments/benchmarks/benchmark_step.py --batch-sizes 256 --profile
+    python experiments/benchmarks/benchmark_step.py --smoke
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import pyro
 import torch
@@ -47,12 +46,14 @@ from pyro.infer import SVI, JitTrace_ELBO, JitTraceMeanField_ELBO, Trace_ELBO, T
 from pyrovae.config import Config
 from pyrovae.data import binarize, load_mnist
 from pyrovae.elbo_manual import ManualELBO
+from pyrovae.engine import make_optimizer, train_step
+from pyrovae.experiment import add_output_flags, output_folders
 from pyrovae.model import build_vae
 from pyrovae.objectives import PyroELBO
-from pyrovae.run import provenance, write_json
-from pyrovae.train import make_optimizer, train_epoch
+from pyrovae.runs import provenance, write_json
 
 REFERENCE = "manual"
+OUT = "results/benchmark_step"
 
 
 class CachedJitTraceMeanField_ELBO(JitTraceMeanField_ELBO):
@@ -89,11 +90,12 @@ class TraceCounter:
 
 
 def loop_stepper(vae, loss_fn):
-    """``steps(xs)``: one optimizer step per batch by our training loop."""
+    """``steps(xs)``: one optimizer step per batch by our training step."""
     optimizer = make_optimizer(vae.parameters(), 1e-3, torch.device("cpu"))
 
     def steps(xs):
-        train_epoch(loss_fn, optimizer, xs, progress=False)
+        for x in xs:
+            train_step(loss_fn, optimizer, x)
     return steps
 
 
@@ -127,7 +129,6 @@ def make_methods(model_config, names):
     for name in names:
         vae = build_vae(model_config)  # a new Pyro name each: no two share entries in the param store
         vae.load_state_dict(first.state_dict())
-        vae.check_inputs = False  # the batches are checked once below
         out[name] = (vae, METHODS[name](vae))
     return out
 
@@ -161,10 +162,11 @@ def bench_batch_size(images, batch_size, rounds, steps, names, model_config, cou
 
 
 def profile_pyro_step(images, model_config, steps, top=20) -> str:
-    """Where one ``PyroELBO(Trace_ELBO())`` step of our loop spends its time at batch 256."""
+    """Where one ``PyroELBO(Trace_ELBO())`` step of ours spends its time at batch 256."""
     (vae, step), = make_methods(model_config, ["pyro_trace"]).values()
     g = torch.Generator().manual_seed(0)
     xs = [binarize(images[torch.randint(images.shape[0], (256,), generator=g)], g) for _ in range(steps)]
+    vae.check_data(xs[0])
     step(xs)  # warm up
     with torch.profiler.profile() as prof:
         step(xs)
@@ -187,8 +189,7 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--profile", action="store_true", help="also profile the pyro_trace step at batch 256")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--out", default=None, help="output folder; default results/benchmark_step (none under --smoke)")
-    p.add_argument("--smoke", action="store_true", help="a tiny model, 1 round of 2 steps at batch 32, in seconds")
+    add_output_flags(p, out=OUT, smoke="a tiny model, 1 round of 2 steps at batch 32, in seconds")
     args = p.parse_args(argv)
     if REFERENCE not in args.methods:
         args.methods.append(REFERENCE)
@@ -196,15 +197,14 @@ def main(argv=None) -> int:
     if args.smoke:
         args.rounds, args.steps, args.batch_sizes = 1, 2, [32]
         model_config = Config().replace(model={"z_dim": 8, "hidden": (64,)}).model
-    elif args.out is None:
-        args.out = "results/benchmark_step"
     warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
     warnings.filterwarnings("ignore", message=".*torch.jit.trace. is deprecated")
 
     images = load_mnist(args.data_dir, train=True, download=False).images
     counter = TraceCounter()
     results = {}
-    with counter.counting():
+    # the data are checked once per batch size; after that no method pays for Pyro's checks
+    with counter.counting(), pyro.validation_enabled(False):
         for batch_size in args.batch_sizes:
             results[batch_size] = bench_batch_size(images, batch_size, args.rounds, args.steps, args.methods,
                                                    model_config, counter)
@@ -216,19 +216,19 @@ def main(argv=None) -> int:
             traced = f"  traced {r['jit_traces'][name]}x in {r['total_steps']} steps" if name in r["jit_traces"] else ""
             print(f"  median step {name:26s} {m * 1e3:8.2f} ms  ratio to {REFERENCE} "
                   f"{r['ratio_to_manual'][name]:5.2f}{traced}")
-    profile = profile_pyro_step(images, model_config, 3 if args.smoke else 10) if args.profile else None
+    with pyro.validation_enabled(False):
+        profile = profile_pyro_step(images, model_config, 3 if args.smoke else 10) if args.profile else None
     if profile:
         print(profile)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "results.json", {
+    with output_folders(args.smoke, args.out, default_out=OUT) as folders:
+        folders.out.mkdir(parents=True, exist_ok=True)
+        write_json(folders.out / "results.json", {
             "model": "784-400-50 default MNIST VAE" if not args.smoke else "smoke: z_dim 8, hidden 64",
             "rounds": args.rounds, "steps": args.steps, "reference": REFERENCE,
             "batch_sizes": {str(b): r for b, r in results.items()}, **provenance("cpu")})
         if profile:
-            (out / "profile.txt").write_text(profile)
-        print(f"wrote {out}")
+            (folders.out / "profile.txt").write_text(profile)
+        print(f"wrote {folders.out}")
     return 0
 
 

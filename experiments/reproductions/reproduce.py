@@ -11,15 +11,16 @@ Each reproduction is a config in ``experiments/configs/`` and a resumable run in
 Train (or continue, from the last epoch's checkpoint) one of them, for as long as the budget allows;
 a run stopped by Ctrl-C, SIGTERM or a crash continues from where it was with the same command:
 
-    PYROVAE_DATA=../shared/data python experiments/reproduce.py train burda_vae
+    PYROVAE_DATA=../shared/data python experiments/reproductions/reproduce.py train burda_vae
 
 Then evaluate every run's latest checkpoint the way the papers do (-log p(x) by IWAE-5000 on the
 10,000 test images, MNIST binarized dynamically for training and once, with a fixed seed, for
 testing) and write ``results/reproduce/`` and the table in ``results/README.md``:
 
-    PYROVAE_DATA=../shared/data python experiments/reproduce.py report --k 5000
+    PYROVAE_DATA=../shared/data python experiments/reproductions/reproduce.py report --particles 5000
 
-``--smoke`` trains each config for a few steps on a few images and reports IWAE-10 into ``--out``.
+``--smoke`` trains each config for one epoch on a few images and reports IWAE-10, into temporary
+folders unless ``--runs``/``--out`` say where.
 """
 
 from __future__ import annotations
@@ -28,17 +29,15 @@ import argparse
 import json
 import re
 import sys
-import time
 from pathlib import Path
 
-import torch
-
-from pyrovae.checkpoint import load_checkpoint, load_vae
+from pyrovae.checkpoint import load_checkpoint
 from pyrovae.config import Config, apply_overrides, read_config_file
-from pyrovae.evaluate import active_units, evaluate, importance_log_likelihood
-from pyrovae.run import prepare_data, provenance, train_run, write_json
+from pyrovae.experiment import add_output_flags, command, output_folders
+from pyrovae.runs import TrainedRun, evaluate_run, provenance, train_run, write_json
 
-CONFIGS = Path(__file__).parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+OUT, RUNS = "results/reproduce", "runs/reproduce"
 
 #: name -> (the published figure it is set against, -log p(x) in nats by IWAE-5000)
 PUBLISHED = {
@@ -68,7 +67,7 @@ def compress_schedule(config: Config, epochs: int) -> Config:
     return config.replace(train={"epochs": epochs, "lr_milestones": tuple(milestones)})
 
 
-def train(name: str, runs: Path, epochs: int | None, overrides: list[str] = (), quiet: bool = False) -> dict:
+def train(name: str, runs: Path, epochs: int | None, overrides: list[str] = (), quiet: bool = False) -> TrainedRun:
     """Start the run ``runs/name`` or, if it has a checkpoint, continue it to ``epochs`` epochs in all.
 
     A new run planned for fewer (or more) epochs than its config's has its learning-rate schedule
@@ -89,23 +88,20 @@ def train(name: str, runs: Path, epochs: int | None, overrides: list[str] = (), 
 
 def report_run(name: str, runs: Path, k: int, test_images: int | None) -> dict:
     """The figures of one run's latest checkpoint: IWAE-K, -ELBO and its terms, active units, budget."""
-    vae, config, state = load_vae(runs / name / "checkpoint.pt")
-    vae.eval()
-    test = prepare_data(config, torch.device("cpu")).test
-    test = test[:test_images] if test_images else test
-    start = time.perf_counter()
-    iwae = importance_log_likelihood(vae, test, k=k)
-    iwae_seconds = time.perf_counter() - start
-    elbo = evaluate(vae, test, seed=config.data.test_binarization_seed)
-    history = state["metrics"]
+    checkpoint = runs / name / "checkpoint.pt"
+    evaluated = evaluate_run(checkpoint, device="cpu", particles=k, test_images=test_images)
+    test = evaluated["test"]
+    saved = load_checkpoint(checkpoint)  # for the training curve; the run may have moved on since, so cut it
+    config = Config.from_dict(saved["config"])
+    history = saved["state"]["history"][: evaluated["epoch"]]
     source, published = PUBLISHED.get(name, ("", None))
     return {
         "name": name, "published": published, "published_source": source,
-        "neg_log_likelihood": iwae["neg_log_likelihood"], "k": k, "test_images": int(test.shape[0]),
-        "neg_elbo": elbo["neg_elbo"], "reconstruction": elbo["reconstruction"], "kl": elbo["kl"],
-        "active_units": active_units(vae, test)["active_units"], "z_dim": config.model.z_dim,
-        "epochs": state["epoch"], "epochs_planned": config.train.epochs, "steps": state["global_step"],
-        "train_seconds": sum(row["seconds"] for row in history), "iwae_seconds": iwae_seconds,
+        "neg_log_likelihood": test["neg_log_likelihood"], "k": k, "test_images": test["images"],
+        "neg_elbo": test["neg_elbo"], "reconstruction": test["reconstruction"], "kl": test["kl"],
+        "active_units": test["active_units"], "z_dim": test["z_dim"],
+        "epochs": evaluated["epoch"], "epochs_planned": config.train.epochs, "steps": evaluated["step"],
+        "train_seconds": sum(row["seconds"] for row in history), "iwae_seconds": test["iwae_seconds"],
         "objective": config.train.objective, "particles": config.train.particles,
         "train_binarization": config.data.binarization, "config": config.to_dict(),
         "curve": [row["test_neg_elbo"] for row in history],
@@ -140,9 +136,9 @@ def earlier_row(path: Path, checkpoint: Path, k: int, test_images: int | None) -
     if not path.is_file():
         return None
     row = json.loads(path.read_text())
-    state = load_checkpoint(checkpoint)
+    state = load_checkpoint(checkpoint)["state"]
     same = (row.get("epochs"), row.get("steps"), row.get("k"), row.get("test_images_requested", "unknown"))
-    return row if same == (state["epoch"], state["global_step"], k, test_images) else None
+    return row if same == (state["epoch"], state["step"], k, test_images) else None
 
 
 def report(names: list[str], runs: Path, out: Path, k: int, test_images: int | None, readme: Path | None,
@@ -177,36 +173,32 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", nargs="?", choices=["train", "report"], default="report")
     parser.add_argument("names", nargs="*", help=f"runs by name (default: all of {', '.join(PUBLISHED)})")
-    parser.add_argument("--runs", default="runs/reproduce", help="where the runs and their checkpoints live")
     parser.add_argument("--epochs", type=int, default=None, help="train: epochs in all (default: the config's)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="train: override a config value of a new run, as pyrovae train --set")
-    parser.add_argument("--k", type=int, default=5000, help="report: importance samples per image")
+    parser.add_argument("--particles", dest="k", type=int, default=5000, help="report: importance samples per image")
     parser.add_argument("--test-images", type=int, default=None, help="report: the first N test images (default all)")
-    parser.add_argument("--out", default="results/reproduce", help="report: results folder")
-    parser.add_argument("--smoke", action="store_true", help="train each config a few steps, then report IWAE-10")
+    add_output_flags(parser, out=OUT, runs=RUNS, smoke="train each config one epoch on 300 images, then report IWAE-10")
     args = parser.parse_args(argv)
     names = args.names or list(PUBLISHED)
     unknown = [n for n in names if not (CONFIGS / f"{n}.toml").is_file()]
     if unknown:
         parser.error(f"no config for {unknown} in {CONFIGS}; known: {', '.join(PUBLISHED)}")
-    runs, out = Path(args.runs), Path(args.out)
-    command = "python experiments/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    rerun = command(__file__, argv)
 
-    if args.smoke:
-        if out == Path("results/reproduce"):
-            parser.error("--smoke writes only where --out (and --runs) say")
-        tiny = ["train.train_subset=300", "train.test_subset=100"]
-        for name in names:
-            few = ["model.prior_options.components=5"] if config_for(name).model.prior == "vamp" else []
-            train(name, runs, epochs=1, overrides=tiny + few, quiet=True)
-        report(names, runs, out, k=10, test_images=50, readme=out / "README.md", command=command)
-        return 0
-    if args.action == "train":
-        for name in names:
-            train(name, runs, args.epochs, args.overrides)
-        return 0
-    report(names, runs, out, args.k, args.test_images, readme=Path("results/README.md"), command=command)
+    with output_folders(args.smoke, args.out, args.runs, default_out=OUT, default_runs=RUNS) as (out, runs):
+        if args.smoke:
+            tiny = ["train.train_subset=300", "train.test_subset=100"]
+            for name in names:
+                few = ["model.prior_options.components=5"] if config_for(name).model.prior == "vamp" else []
+                train(name, runs, epochs=1, overrides=tiny + few, quiet=True)
+            # the table goes beside the figures, not into results/README.md
+            report(names, runs, out, k=10, test_images=50, readme=out / "README.md", command=rerun)
+        elif args.action == "train":
+            for name in names:
+                train(name, runs, args.epochs, args.overrides)
+        else:
+            report(names, runs, out, args.k, args.test_images, readme=Path("results/README.md"), command=rerun)
     return 0
 
 

@@ -8,44 +8,40 @@
 Every method trains its own copy of one initialized VAE, sees the same batches in the same order
 (its own generator, seeded alike) and draws its reparameterization noise from the same seed, so twins
 (1, 4) and (2, 3) should follow the same trajectory up to float rounding. Epochs are interleaved
-(epoch 1 of each method, then epoch 2 of each, ...) so a noisy machine slows all methods alike.
+(epoch 1 of each method, then epoch 2 of each, ...) so a noisy machine slows all methods alike: each
+method keeps its own ``TrainState``, and ``fit`` takes it one epoch further at a time.
 
 Also measured: the variance of the encoder's gradient under the one-sample and the closed-form KL,
 from many draws of the noise on one fixed batch, at the initial parameters and after training.
 
-    python experiments/compare_elbo.py --epochs 3
-    python experiments/compare_elbo.py --smoke --out /tmp/compare_elbo
+    python experiments/studies/compare_elbo.py --epochs 3
+    python experiments/studies/compare_elbo.py --smoke --out /tmp/compare_elbo
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import pyro
 import torch
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from pyrovae import plots
 from pyrovae.config import Config
-from pyrovae.data import batches
-from pyrovae.elbo_manual import ManualELBO
-from pyrovae.evaluate import evaluate
+from pyrovae.data import prepare_data
+from pyrovae.engine import TrainState, fit, make_optimizer
+from pyrovae.experiment import add_output_flags, output_folders
 from pyrovae.model import build_vae
-from pyrovae.objectives import PyroELBO
-from pyrovae.run import prepare_data, provenance, write_json
-from pyrovae.train import make_optimizer, train_epoch
+from pyrovae.objectives import build_objective
+from pyrovae.runs import provenance, write_json
 
-#: The objectives compared, by name: a factory taking the VAE.
-METHODS = {
-    "trace_elbo": lambda vae: PyroELBO(vae, Trace_ELBO()),
-    "meanfield_elbo": lambda vae: PyroELBO(vae, TraceMeanField_ELBO()),
-    "manual_analytic": lambda vae: ManualELBO(vae, kl="analytic"),
-    "manual_mc": lambda vae: ManualELBO(vae, kl="mc"),
-}
+#: The objectives compared, by their names in ``pyrovae.objectives.OBJECTIVES``.
+METHODS = ("trace_elbo", "meanfield_elbo", "manual_analytic", "manual_mc")
 #: Pairs that compute the same estimator and should therefore train alike.
 TWINS = [("trace_elbo", "manual_mc"), ("meanfield_elbo", "manual_analytic")]
+#: The one-sample and the closed-form KL of the hand-coded ELBO, for the gradient variance.
+KL_ESTIMATORS = {"mc": "manual_mc", "analytic": "manual_analytic"}
+OUT = "results/compare_elbo"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,14 +56,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=None, help="hidden width; default the config's (400)")
     p.add_argument("--grad-samples", type=int, default=200, help="gradient draws per estimator for the variance")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--out", default=None, help="output folder; default results/compare_elbo (none under --smoke)")
-    p.add_argument("--smoke", action="store_true", help="a tiny model on 512 images for 2 epochs, in seconds")
+    add_output_flags(p, out=OUT, smoke="a tiny model on 512 images for 2 epochs, in seconds")
     args = p.parse_args(argv)
     if args.smoke:
         args.epochs, args.train_subset, args.test_subset = 2, 512, 256
         args.z_dim, args.hidden, args.grad_samples = args.z_dim or 8, args.hidden or 64, 20
-    elif args.out is None:
-        args.out = "results/compare_elbo"
     return args
 
 
@@ -96,10 +89,10 @@ def gradient_variance(vae, x: torch.Tensor, draws: int, seed: int) -> dict:
 
     ``x`` is one fixed batch; the loss is the batch-summed -ELBO that training differentiates.
     """
-    params = list(vae.guide_net.parameters())
+    params = list(vae.posterior.parameters())
     result = {}
-    for kl in ("mc", "analytic"):
-        loss_fn = ManualELBO(vae, kl=kl)
+    for kl, objective in KL_ESTIMATORS.items():
+        loss_fn = build_objective(objective, vae)
         total = [torch.zeros_like(p, dtype=torch.float64) for p in params]
         square = [torch.zeros_like(p, dtype=torch.float64) for p in params]
         torch.manual_seed(seed)
@@ -118,21 +111,19 @@ def gradient_variance(vae, x: torch.Tensor, draws: int, seed: int) -> dict:
 def train_interleaved(vaes, config, data, epochs, log=print) -> list[dict]:
     """Epoch e of every method, then epoch e + 1 of every method; returns one row per epoch."""
     t = config.train
-    losses = {name: METHODS[name](vae) for name, vae in vaes.items()}
-    optimizers = {name: make_optimizer(vae.parameters(), t.lr, torch.device("cpu")) for name, vae in vaes.items()}
-    generators = {name: torch.Generator().manual_seed(t.seed + 1) for name in vaes}  # data order, binarization
+    device = data.train.device
+    losses = {name: build_objective(name, vae) for name, vae in vaes.items()}
+    optimizers = {name: make_optimizer(vae.parameters(), t.lr, device) for name, vae in vaes.items()}
+    states = {name: TrainState.start(t.seed, device) for name in vaes}  # the same data order and binarization
     history = []
     for epoch in range(1, epochs + 1):
         row = {"epoch": epoch}
+        budget = config.replace(train={"epochs": epoch})  # fit stops after this one epoch
         for name, vae in vaes.items():
             pyro.set_rng_seed(t.seed + 1000 * epoch)  # the same reparameterization noise for every method
-            with vae.inputs_checked():
-                state = train_epoch(losses[name], optimizers[name],
-                                    batches(data.train, t.batch_size, generators[name], data.per_batch),
-                                    progress=False, where=f"{name} epoch {epoch} ")
-            test = evaluate(vae, data.test, seed=0)
-            row[name] = {"train_neg_elbo": state.loss, "test_neg_elbo": test["neg_elbo"],
-                         "test_kl": test["kl"], "seconds": state.seconds}
+            states[name] = fit(budget, vae, losses[name], optimizers[name], data, states[name], quiet=True)
+            done = states[name].history[-1]
+            row[name] = {key: done[key] for key in ("train_neg_elbo", "test_neg_elbo", "test_kl", "seconds")}
         history.append(row)
         log(f"epoch {epoch}: " + "  ".join(
             f"{n} test {row[n]['test_neg_elbo']:.2f} ({row[n]['seconds']:.1f} s)" for n in vaes), flush=True)
@@ -165,7 +156,6 @@ def run(args, config, data) -> int:
     vaes = twin_vaes(config, METHODS, tuple(data.train.shape[1:]))
     probe = data.train[: args.batch_size]
     fixed_batch = data.per_batch(probe, torch.Generator().manual_seed(args.seed)) if data.per_batch else probe
-    next(iter(vaes.values())).check_data(fixed_batch)  # once: the loop then skips the per-call check
 
     variance = {"initial": gradient_variance(vaes["manual_mc"], fixed_batch, args.grad_samples, args.seed)}
     history = train_interleaved(vaes, config, data, args.epochs)
@@ -182,14 +172,14 @@ def run(args, config, data) -> int:
         print(f"encoder gradient variance ({k}): mc {v['mc']['total_variance']:.4g}  analytic "
               f"{v['analytic']['total_variance']:.4g}  ratio {v['ratio_mc_to_analytic']:.3f}")
 
-    if args.out:
-        out = Path(args.out)
+    with output_folders(args.smoke, args.out, default_out=OUT) as folders:
+        out = folders.out
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "metrics.json", {
             "config": config.to_dict(), "seed": args.seed, "epochs": args.epochs, "smoke": args.smoke,
             "grad_samples": args.grad_samples, "units": "nats per image; seconds of training per epoch",
             "gradient_variance_batch": {"images": int(fixed_batch.shape[0]), "loss": "batch-summed -ELBO",
-                                        "parameters": "encoder (guide_net)"},
+                                        "parameters": "encoder (posterior)"},
             "history": history, "gradient_variance": variance, "summary": summary, **provenance("cpu")})
         plots.curves({n: [r[n]["test_neg_elbo"] for r in history] for n in METHODS}, out / "test_neg_elbo.png",
                      "test -ELBO per image (nats)", "Same start, same data, same noise")

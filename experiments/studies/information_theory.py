@@ -1,11 +1,11 @@
-"""The lecture's information-theory figures, recomputed with ``pyrovae.theory`` and checked as they are drawn.
+"""The lecture's information-theory figures, recomputed with ``pyrovae.lecture.theory`` and checked as they are drawn.
 
 Writes ``coin_entropy.png``, ``surprise.png``, ``gaussian_kl.png``, ``claims.json`` (each claim with
 the numbers measured, and provenance) and ``README.md`` (each claim beside its figure) to ``--out``.
 Exits with status 1 if any claim fails.
 
-    python experiments/information_theory.py                       # results/theory/
-    python experiments/information_theory.py --smoke --out /tmp/x  # coarse grids, for the tests
+    python experiments/studies/information_theory.py                       # results/theory/
+    python experiments/studies/information_theory.py --smoke --out /tmp/x  # coarse grids, for the tests
 """
 
 from __future__ import annotations
@@ -13,22 +13,23 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from pyrovae import plots, theory
-from pyrovae.run import provenance, write_json
+from pyrovae.lecture import figures, theory
+from pyrovae.experiment import add_output_flags, command, output_folders
+from pyrovae.runs import provenance, write_json
 
 DTYPE = torch.float64
+OUT = "results/theory"
 
 
 def coin_entropy_claims(points: int, out: Path) -> list[dict]:
     """H(p) of a coin: largest at p = 1/2, where it is exactly 1 bit; 0 for a sure coin."""
     p = torch.linspace(0, 1, points, dtype=DTYPE)  # odd count: 0.5 is on the grid
     h = theory.entropy(torch.stack([p, 1 - p], dim=-1))
-    plots.coin_entropy(p, h, out / "coin_entropy.png")
+    figures.coin_entropy(p, h, out / "coin_entropy.png")
     best = int(h.argmax())
     return [
         claim("coin_entropy.png", "the entropy of a coin is largest for a fair coin, p = 1/2",
@@ -48,7 +49,7 @@ def surprise_claims(points: int, out: Path) -> list[dict]:
     lengths = theory.surprise(message)  # code lengths of 10, 11, 0
     entropy = theory.entropy(message)
     marked = {f"p = {q:g}: {theory.surprise(q).item():g} bit": (q, theory.surprise(q).item()) for q in (0.125, 0.25, 0.5, 1.0)}
-    plots.surprise_curve(p, s, marked, out / "surprise.png")
+    figures.surprise_curve(p, s, marked, out / "surprise.png")
     return [
         claim("surprise.png", "an event of probability 1/2 carries 1 bit of surprise", theory.surprise(0.5).item() == 1.0,
               surprise_bits=theory.surprise(0.5).item()),
@@ -78,7 +79,7 @@ def gaussian_kl_claims(points: int, out: Path) -> list[dict]:
     grid = torch.linspace(-6, 8, 400, dtype=DTYPE)
     densities = {"p = N(0, 1)": torch.distributions.Normal(0.0, 1.0).log_prob(grid).exp(),
                  "q = N(2, 2$^2$)": torch.distributions.Normal(2.0, 2.0).log_prob(grid).exp()}
-    plots.gaussian_kl_asymmetry(grid, densities, shifts, kl_shift, scales, kl_scale, out / "gaussian_kl.png")
+    figures.gaussian_kl_asymmetry(grid, densities, shifts, kl_shift, scales, kl_scale, out / "gaussian_kl.png")
 
     at = lambda values, x, where: values[int((where - x).abs().argmin())].item()  # noqa: E731
     forward_2, backward_2 = at(kl_shift["KL(p || q)"], 2.0, shifts), at(kl_shift["KL(q || p)"], 2.0, shifts)
@@ -105,15 +106,15 @@ def claim(figure: str, text: str, holds: bool, **numbers) -> dict:
     return {"figure": figure, "claim": text, "holds": bool(holds), **numbers}
 
 
-def write_readme(path: Path, claims: list[dict], command: str) -> None:
+def write_readme(path: Path, claims: list[dict], made_by: str) -> None:
     lines = [
         "# Information theory: the lecture's claims, recomputed",
         "",
         "Made by",
         "",
-        f"    {command}",
+        f"    {made_by}",
         "",
-        "from `pyrovae.theory` (every formula is in its docstring; tested in `tests/test_theory.py`).",
+        "from `pyrovae.lecture.theory` (every formula is in its docstring; tested in `tests/test_theory.py`).",
         "Numbers and provenance are in `claims.json`.",
         "",
         "| figure | claim | holds | measured |",
@@ -127,7 +128,7 @@ def write_readme(path: Path, claims: list[dict], command: str) -> None:
     lines += [
         "",
         "`looking_back.png`, `looking_back_first_image.png` and `looking_back.json`, if present, come from",
-        "`experiments/looking_back.py`;",
+        "`experiments/studies/looking_back.py`;",
         "`looking_back.md` says what they show and how they were made.",
         "",
     ]
@@ -136,22 +137,20 @@ def write_readme(path: Path, claims: list[dict], command: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=None, help="output folder (default results/theory; a temporary folder with --smoke)")
-    p.add_argument("--smoke", action="store_true", help="coarse grids, for the tests")
+    add_output_flags(p, out=OUT, smoke="coarse grids, for the tests")
     args = p.parse_args(argv)
-
-    out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="theory_")) if args.smoke else Path("results/theory"))
-    out.mkdir(parents=True, exist_ok=True)
     points = 21 if args.smoke else 1001  # odd: p = 1/2, m = 0 and s = 1 lie on the grids
 
-    claims = [*coin_entropy_claims(points, out), *surprise_claims(points, out), *gaussian_kl_claims(points, out)]
-    info = provenance()
-    write_json(out / "claims.json", {"claims": claims, "grid_points": points, **info})
-    write_readme(out / "README.md", claims, f"python experiments/{info['command']}")
+    with output_folders(args.smoke, args.out, default_out=OUT) as folders:
+        out = folders.out
+        out.mkdir(parents=True, exist_ok=True)
+        claims = [*coin_entropy_claims(points, out), *surprise_claims(points, out), *gaussian_kl_claims(points, out)]
+        write_json(out / "claims.json", {"claims": claims, "grid_points": points, **provenance()})
+        write_readme(out / "README.md", claims, command(__file__, argv))
 
-    for c in claims:
-        print(f"{'ok  ' if c['holds'] else 'FAIL'} {c['figure']:17s} {c['claim']}")
-    print(f"wrote {out}")
+        for c in claims:
+            print(f"{'ok  ' if c['holds'] else 'FAIL'} {c['figure']:17s} {c['claim']}")
+        print(f"wrote {out}")
     return 0 if all(c["holds"] for c in claims) else 1
 
 

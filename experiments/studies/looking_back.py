@@ -15,8 +15,8 @@ estimator decodes S codes per image, which is why its budget is set separately.
 Writes ``looking_back.png``, ``looking_back.json`` (estimates, settings, provenance) and
 ``looking_back.md`` (the table and the command) to ``--out``.
 
-    python experiments/looking_back.py --checkpoint runs/mnist_baseline    # results/theory/
-    python experiments/looking_back.py --smoke --out /tmp/x                 # seconds, for the tests
+    python experiments/studies/looking_back.py --checkpoint runs/mnist    # results/theory/
+    python experiments/studies/looking_back.py --smoke --out /tmp/x       # seconds, for the tests
 """
 
 from __future__ import annotations
@@ -24,24 +24,23 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from pyrovae import plots
 from pyrovae.checkpoint import load_vae
 from pyrovae.config import Config
-from pyrovae.data import DatasetNotFoundError, batches
-from pyrovae.evaluate import evaluate
+from pyrovae.data import DatasetNotFoundError, Prepared, prepare_data, prepare_test
+from pyrovae.engine import fit, make_optimizer
+from pyrovae.experiment import add_output_flags, command, output_folders
+from pyrovae.lecture import figures
 from pyrovae.model import build_vae
 from pyrovae.objectives import build_objective
-from pyrovae.run import prepare_data, provenance, write_json
-from pyrovae.train import train_epoch
+from pyrovae.runs import provenance, write_json
 
 ESTIMATORS = ("naive", "importance")
+OUT = "results/theory"
 LABELS = {"naive": "naive: z ~ p(z)", "importance": "importance sampling: z ~ q(z|x)"}
 
 
@@ -67,7 +66,7 @@ def naive_log_weights(vae, x: torch.Tensor, samples: int, chunk: int):
 
 def importance_log_weights(vae, x: torch.Tensor, samples: int, chunk: int):
     """log p(x|z_s) + log p(z_s) - log q(z_s|x), z_s ~ q(z|x), in chunks of shape (B, c)."""
-    q = vae.guide_net(x)  # batch shape (B,)
+    q = vae.posterior(x)  # batch shape (B,)
     prior = vae.prior()
     per_chunk = max(1, chunk // x.shape[0])
     for start in range(0, samples, per_chunk):
@@ -114,17 +113,15 @@ def estimate(vae, x: torch.Tensor, estimator: str, counts: list[int], repeats: i
 
 
 # --- the model and the data ---------------------------------------------------------------------
-def briefly_trained_vae(config: Config, train_images: torch.Tensor, test_binary: torch.Tensor, log=print):
-    """A small VAE trained for a few epochs in-process (smoke runs without a checkpoint)."""
-    vae = build_vae(config.model, tuple(train_images.shape[1:]))
+def briefly_trained_vae(config: Config, data: Prepared, log=print):
+    """A small VAE trained for a few epochs in-process (runs without a checkpoint)."""
+    vae = build_vae(config.model, tuple(data.train.shape[1:]))
     loss_fn = build_objective(config.train.objective, vae)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=config.train.lr)
-    generator = torch.Generator().manual_seed(config.train.seed)
-    for _ in range(config.train.epochs):
-        train_epoch(loss_fn, optimizer, batches(train_images, config.train.batch_size, generator), progress=False)
+    state = fit(config, vae, loss_fn, make_optimizer(vae.parameters(), config.train.lr, data.train.device), data,
+                quiet=True)
     vae.eval()
-    log(f"trained a small VAE in-process: {config.train.epochs} epochs on {len(train_images)} images, "
-        f"test -ELBO {evaluate(vae, test_binary)['neg_elbo']:.1f} nats/image")
+    log(f"trained a small VAE in-process: {config.train.epochs} epochs on {len(data.train)} images, "
+        f"test -ELBO {state.history[-1]['test_neg_elbo']:.1f} nats/image")
     return vae
 
 
@@ -137,23 +134,26 @@ SMOKE_CONFIG = Config().replace(
 def load_model_and_images(args, log=print):
     """(vae, config, description, binary test images), or None if the data is missing."""
     if args.checkpoint:
-        vae, config, state = load_vae(args.checkpoint)
+        vae, config, saved = load_vae(args.checkpoint)
         vae.eval()
-        described = {"checkpoint": str(args.checkpoint), "epoch": state.get("epoch")}
+        described = {"checkpoint": str(args.checkpoint), "epoch": saved["state"]["epoch"]}
     else:
         config, vae, described = SMOKE_CONFIG, None, {"checkpoint": None}
-    config = config.replace(train={"test_subset": args.images, "train_subset": config.train.train_subset or 1})
+    config = config.replace(train={"test_subset": args.images})
     if args.data_dir:
         config = config.replace(data={"data_dir": args.data_dir})
     try:
-        prepared = prepare_data(config, torch.device("cpu"), download=False)
-        train_images, test_binary = prepared.train, prepared.test
+        if vae is None:  # the training split too, to train on
+            data = prepare_data(config, torch.device("cpu"), download=False)
+            test_binary = data.test
+        else:
+            test_binary, _ = prepare_test(config, torch.device("cpu"), download=False)
     except DatasetNotFoundError as e:
         log(f"skipping: MNIST is not available ({str(e).splitlines()[0]})")
         return None
     if vae is None:
-        vae = briefly_trained_vae(config, train_images, test_binary, log)
-        described["trained_in_process"] = {"epochs": config.train.epochs, "images": len(train_images)}
+        vae = briefly_trained_vae(config, data, log)
+        described["trained_in_process"] = {"epochs": config.train.epochs, "images": len(data.train)}
     return vae, config, described, test_binary
 
 
@@ -204,7 +204,6 @@ def band(values: torch.Tensor) -> dict[str, torch.Tensor]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=None, help="a run folder or checkpoint.pt from `pyrovae train`")
-    p.add_argument("--out", default=None, help="output folder (default results/theory; a temporary folder with --smoke)")
     p.add_argument("--data-dir", default=None, help="MNIST root (default: the checkpoint's, else $PYROVAE_DATA)")
     p.add_argument("--images", type=int, default=None, help="test images (default 100; 20 with --smoke)")
     p.add_argument("--max-samples", type=int, default=None,
@@ -215,7 +214,7 @@ def main(argv=None) -> int:
     p.add_argument("--chunk", type=int, default=8192, help="decoded codes per chunk: bounds memory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--smoke", action="store_true", help="a tiny budget, for the tests")
+    add_output_flags(p, out=OUT, smoke="20 images, S up to 1000, 2 repeats, a small VAE trained in-process")
     args = p.parse_args(argv)
     small = {"images": 20, "max_samples": 1000, "max_is_samples": 100, "repeats": 2}
     large = {"images": 100, "max_samples": 100_000, "max_is_samples": 10_000, "repeats": 5}
@@ -224,16 +223,18 @@ def main(argv=None) -> int:
             setattr(args, key, value)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.out:
-        out = Path(args.out)
-    else:
-        out = Path(tempfile.mkdtemp(prefix="looking_back_")) if args.smoke else Path("results/theory")
 
     torch.manual_seed(args.seed)
     loaded = load_model_and_images(args)
     if loaded is None:
         return 0
-    vae, config, described, x = loaded
+    with output_folders(args.smoke, args.out, default_out=OUT) as folders:
+        report(args, *loaded, folders.out, command(__file__, argv))
+    return 0
+
+
+def report(args, vae, config, described: dict, x: torch.Tensor, out, made_by: str) -> None:
+    """Estimate, print and write the figures, JSON and table into ``out``; ``made_by``: the command."""
     out.mkdir(parents=True, exist_ok=True)
 
     counts = [10**i for i in range(int(math.log10(args.max_samples)) + 1)]
@@ -251,24 +252,22 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     print(f"ELBO (mean log weight under q, {budget['importance'][-1]} samples x {args.repeats} repeats): {elbo:.2f} nats/image")
 
-    info = provenance()
-    command = f"python experiments/{info['command']}"
     write_json(out / "looking_back.json", {
         "units": "nats per image; test images binarized once with seed data.test_binarization_seed",
         "model": described, "config": config.to_dict(), "images": len(x), "repeats": args.repeats,
         "chunk": args.chunk, "seed": args.seed, "seconds": seconds, "elbo": elbo, "estimators": summary,
-        **info, "command": command,
+        **provenance(), "command": made_by,
     })
     counts_t = torch.tensor(counts, dtype=torch.float64)
     curves = {LABELS[n]: band(estimates[n].mean(-1)) for n in ESTIMATORS}
     first = {LABELS[n]: band(estimates[n][:, :, 0]) for n in ESTIMATORS}
     where = f"epoch {described['epoch']}" if described["checkpoint"] else "a briefly trained small VAE"
-    plots.log_likelihood_estimates(
+    figures.log_likelihood_estimates(
         counts_t, curves, out / "looking_back.png", reference={"ELBO (mean log weight)": elbo},
         title=(f"log p(x) estimates, mean over {len(x)} test images ({where});\n"
                f"line: mean, band: min-max over {args.repeats} repeats"),
         ylabel="estimate of log p(x) (nats/image)", zoom=[LABELS["importance"]])
-    plots.log_likelihood_estimates(
+    figures.log_likelihood_estimates(
         counts_t, first, out / "looking_back_first_image.png",
         reference={"ELBO (mean log weight)": mean_log_weights["importance"][:, 0].mean().item()},
         title=f"the same for the first test image alone;\nband: min-max over {args.repeats} repeats",
@@ -278,7 +277,7 @@ def main(argv=None) -> int:
         "",
         "Made by",
         "",
-        f"    {command}",
+        f"    {made_by}",
         "",
         f"Model: {describe(described)}. Test images: the first {len(x)}, binarized once with the fixed test seed.",
         "`looking_back.png`: the test-set mean of each estimate against the number of samples S (mean and",
@@ -303,7 +302,6 @@ def main(argv=None) -> int:
         "",
     ]))
     print(f"wrote {out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -5,38 +5,34 @@ dynamic binarization) for the same number of epochs and seed; then the test -ELB
 fixed binarization) and -log p(x) by importance sampling with K samples (the first ``--test-images``
 test images) are reported per image in nats.
 
-    python experiments/prior_likelihood_grid.py --epochs 10 --k 1000
-    python experiments/prior_likelihood_grid.py --smoke
+    python experiments/studies/prior_likelihood_grid.py --epochs 10 --particles 1000
+    python experiments/studies/prior_likelihood_grid.py --smoke
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-import torch
-
-from pyrovae.checkpoint import load_vae
 from pyrovae.config import Config
 from pyrovae.evaluate import importance_log_likelihood
+from pyrovae.experiment import add_output_flags, output_folders
 from pyrovae.priors import PRIORS
-from pyrovae.run import prepare_data, provenance, train_run, write_json
+from pyrovae.runs import provenance, train_run, write_json
 
 #: small options so that every prior fits the budget (the VampPrior's K is the paper's 500)
 PRIOR_OPTIONS = {"mog": {"components": 10}, "vamp": {"components": 500}, "flow": {"flows": 2}}
+OUT, RUNS = "results/prior_grid", "runs/prior_grid"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--priors", default=",".join(PRIORS), help="comma-separated prior names")
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--k", type=int, default=1000, help="importance samples per image")
+    p.add_argument("--particles", dest="k", type=int, default=1000, help="importance samples per image")
     p.add_argument("--test-images", type=int, default=2000, help="test images for the -log p(x) estimate")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--runs", default="runs/prior_grid", help="where the runs (with checkpoints) go")
-    p.add_argument("--out", default=None, help="results folder (default results/prior_grid; none under --smoke)")
-    p.add_argument("--smoke", action="store_true", help="tiny budget; writes results only where --out says")
+    add_output_flags(p, out=OUT, runs=RUNS, smoke="1 epoch on 512 images, K=5 on 50 test images")
     args = p.parse_args(argv)
 
     priors = [name.strip() for name in args.priors.split(",") if name.strip()]
@@ -48,34 +44,32 @@ def main(argv=None) -> int:
     if args.smoke:
         train.update(epochs=1, train_subset=512, test_subset=200)
         k, test_images = 5, 50
-    rows = {}
-    for name in priors:
-        options = PRIOR_OPTIONS.get(name, {})
-        if args.smoke and name == "vamp":
-            options = {"components": 10}
-        config = Config().replace(model={"prior": name, "prior_options": options}, train=train)
-        run_dir = Path(args.runs) / name
-        metrics = train_run(config, run_dir, overwrite=True, quiet=True)
-        vae, _, _ = load_vae(run_dir / "checkpoint.pt")
-        vae.eval()
-        test = prepare_data(config, torch.device("cpu"), download=True).test[:test_images]
-        iwae = importance_log_likelihood(vae, test, k=k)
-        last = metrics["epochs"][-1]
-        rows[name] = {"test_neg_elbo": last["test_neg_elbo"], "test_kl": last["test_kl"],
-                      "neg_log_likelihood": iwae["neg_log_likelihood"], "k": k, "iwae_test_images": test_images,
-                      "options": options, "train_seconds": sum(r["seconds"] for r in metrics["epochs"]),
-                      "curve": [r["test_neg_elbo"] for r in metrics["epochs"]]}
-        print(f"{name:16s} test -ELBO {last['test_neg_elbo']:8.2f}   -log p(x) (K={k}) "
-              f"{iwae['neg_log_likelihood']:8.2f} nats/image   ({rows[name]['train_seconds']:.0f} s training)",
-              flush=True)
-    if "normal" in rows:
-        base = rows["normal"]["neg_log_likelihood"]
-        for name in ("mog", "vamp", "flow"):
-            if name in rows:
-                gap = base - rows[name]["neg_log_likelihood"]
-                print(f"{name} vs the standard Normal prior: {gap:+.2f} nats ({'better' if gap > 0 else 'NOT better'})")
-    out = Path(args.out) if args.out else None if args.smoke else Path("results/prior_grid")
-    if out is not None:
+    with output_folders(args.smoke, args.out, args.runs, default_out=OUT, default_runs=RUNS) as folders:
+        rows = {}
+        for name in priors:
+            options = PRIOR_OPTIONS.get(name, {})
+            if args.smoke and name == "vamp":
+                options = {"components": 10}
+            config = Config().replace(model={"prior": name, "prior_options": options}, train=train)
+            trained = train_run(config, folders.runs / name, overwrite=True, quiet=True)
+            iwae = importance_log_likelihood(trained.vae, trained.data.test[:test_images], k=k)
+            metrics = trained.metrics
+            last = metrics["epochs"][-1]
+            rows[name] = {"test_neg_elbo": last["test_neg_elbo"], "test_kl": last["test_kl"],
+                          "neg_log_likelihood": iwae["neg_log_likelihood"], "k": k, "iwae_test_images": test_images,
+                          "options": options, "train_seconds": sum(r["seconds"] for r in metrics["epochs"]),
+                          "curve": [r["test_neg_elbo"] for r in metrics["epochs"]]}
+            print(f"{name:16s} test -ELBO {last['test_neg_elbo']:8.2f}   -log p(x) (K={k}) "
+                  f"{iwae['neg_log_likelihood']:8.2f} nats/image   ({rows[name]['train_seconds']:.0f} s training)",
+                  flush=True)
+        if "normal" in rows:
+            base = rows["normal"]["neg_log_likelihood"]
+            for name in ("mog", "vamp", "flow"):
+                if name in rows:
+                    gap = base - rows[name]["neg_log_likelihood"]
+                    verdict = "better" if gap > 0 else "NOT better"
+                    print(f"{name} vs the standard Normal prior: {gap:+.2f} nats ({verdict})")
+        out = folders.out
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "results.json", {"budget": {"epochs": train["epochs"], "seed": args.seed, "k": k,
                                                      "iwae_test_images": test_images},

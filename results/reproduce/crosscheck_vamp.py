@@ -10,16 +10,16 @@ import torch
 
 from pyrovae.checkpoint import load_vae
 from pyrovae.evaluate import importance_log_likelihood, seeded_noise
-from pyrovae.run import prepare_data
+from pyrovae.data import prepare_data
 torch.set_num_threads(1)
 vae, config, state = load_vae("runs/reproduce/tomczak_vamp/checkpoint.pt"); vae.eval()
 x = prepare_data(config, torch.device("cpu")).test[:100]
 k = 1000
 ours = importance_log_likelihood(vae, x, k=k, batch_size=100, max_rows=100_000)
 with torch.no_grad(), seeded_noise(0, x.device):
-    posteriors = vae.guide_net(vae.prior.pseudo_inputs)
+    posteriors = vae.posterior(vae.prior.pseudo_inputs)
     prior = dist.MixtureSameFamily(dist.Categorical(logits=torch.zeros(posteriors.batch_shape[0])), posteriors)
-    q = vae.guide_net(x)
+    q = vae.posterior(x)
     z = q.sample((k,))  # (k, 100, D)
     logits = vae.decoder(z)  # (k, 100, 1, 28, 28)
     log_px_z = dist.Bernoulli(logits=logits).log_prob(x.expand_as(logits)).flatten(2).sum(-1)
