@@ -281,7 +281,7 @@ def fit(config: Config, vae, loss_fn, optimizer, data: Prepared, state: TrainSta
                 if save:
                     state.seconds, start = state.seconds + time.perf_counter() - start, time.perf_counter()
                     state.save(checkpoint, config, vae, optimizer, device)
-                if stop:
+                if stop and state.epoch_step < steps_per_epoch:  # at the last batch, let the epoch end
                     break
             if state.epoch_step < steps_per_epoch:  # stopped inside the epoch (checkpoint written)
                 break

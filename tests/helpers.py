@@ -97,3 +97,17 @@ def ks_distance(samples, g, marginal_density, step):
     above_steps = (torch.arange(1, n + 1, dtype=g.dtype) / n - model_cdf).abs().max()
     below_steps = (torch.arange(0, n, dtype=g.dtype) / n - model_cdf).abs().max()
     return max(above_steps, below_steps).item()
+
+
+def extreme_bernoulli_case(shape):
+    """Bernoulli logits (40, 5, *shape) with saturated values among them, binary x (5, *shape), the
+    likelihood, and the float64 reference log-density (40, 5)."""
+    from pyrovae.likelihoods import LIKELIHOODS
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn((40, 5, *shape), generator=g) * 6
+    logits.view(-1)[:12] = torch.tensor([-200.0, 200.0, 0.0, 17.0, -17.0, 30.0, -30.0, 88.0, -88.0, 1e-8, 5.0, -5.0])
+    x = torch.bernoulli(torch.full((5, *shape), 0.4), generator=g)
+    lik = LIKELIHOODS["bernoulli"].build(shape)
+    reference = torch.distributions.Bernoulli(logits=logits.double()).log_prob(x.double()).flatten(-3).sum(-1)
+    return logits, x, lik, reference

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from helpers import binary_images
+from helpers import binary_images, extreme_bernoulli_case
 from pyrovae import ModelConfig, build_vae
 from pyrovae.evaluate import evaluate, importance_log_likelihood
 
@@ -244,14 +244,8 @@ def test_fast_bernoulli_log_prob_against_float64_at_extreme_logits(shape):
     """The estimator's Bernoulli log-density sums softplus through products of 1 + exp(-|l|) in
     blocks; it stays within float32 rounding of the float64 value, saturated logits included."""
     from pyrovae.evaluate import _log_px_z
-    from pyrovae.likelihoods import LIKELIHOODS
 
-    g = torch.Generator().manual_seed(1)
-    logits = torch.randn((40, 5, *shape), generator=g) * 6
-    logits.view(-1)[:12] = torch.tensor([-200.0, 200.0, 0.0, 17.0, -17.0, 30.0, -30.0, 88.0, -88.0, 1e-8, 5.0, -5.0])
-    x = torch.bernoulli(torch.full((5, *shape), 0.4), generator=g)
-    lik = LIKELIHOODS["bernoulli"].build(shape)
-    reference = torch.distributions.Bernoulli(logits=logits.double()).log_prob(x.double()).flatten(-3).sum(-1)
+    logits, x, lik, reference = extreme_bernoulli_case(shape)
     with torch.no_grad():
         fast = _log_px_z(lik, logits, x)
     assert fast.shape == (40, 5) and fast.dtype == torch.float32

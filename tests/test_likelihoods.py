@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from helpers import data_of_kind
+from helpers import data_of_kind, extreme_bernoulli_case
 from pyrovae.likelihoods import (
     LIKELIHOODS, ContinuousBernoulliLikelihood, DataSupportError, DiscretizedLogisticLikelihood,
     DiscretizedLogisticMixture, LocationScaleLikelihood, NormalLikelihood,
@@ -262,12 +262,7 @@ def test_log_prob_method_is_the_distributions_log_prob_with_and_without_gradient
 def test_bernoulli_log_prob_against_float64_at_extreme_logits(shape):
     """The Bernoulli log-density in float32 stays within float32 rounding of the float64 value,
     saturated logits included. (The estimator's faster form is tested in test_evaluate.py.)"""
-    g = torch.Generator().manual_seed(1)
-    logits = torch.randn((40, 5, *shape), generator=g) * 6
-    logits.view(-1)[:12] = torch.tensor([-200.0, 200.0, 0.0, 17.0, -17.0, 30.0, -30.0, 88.0, -88.0, 1e-8, 5.0, -5.0])
-    x = torch.bernoulli(torch.full((5, *shape), 0.4), generator=g)
-    lik = LIKELIHOODS["bernoulli"].build(shape)
-    reference = torch.distributions.Bernoulli(logits=logits.double()).log_prob(x.double()).flatten(-3).sum(-1)
+    logits, x, lik, reference = extreme_bernoulli_case(shape)
     with torch.no_grad():
         ours = lik.log_prob(logits, x)
     scale = logits.abs().flatten(-3).sum(-1).double()  # float32 rounding grows with the size of the terms

@@ -84,6 +84,17 @@ def test_step_budget_stops_mid_epoch_and_resumes_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@faults("a step budget (or a signal) that ends exactly at the last batch of an epoch, then resume")
+def test_a_stop_at_the_last_batch_of_an_epoch_resumes_exactly(tmp_path):
+    straight = _run(tmp_path / "straight", epochs=2)
+    first = _run(tmp_path / "pieces", epochs=2, max_steps=6)  # 6 steps an epoch: the budget ends epoch 1
+    assert len(first["epochs"]) == 1 and "stopped_at_step" not in first
+    resumed = _run(tmp_path / "pieces", resume=True, epochs=2)
+    assert _rows(resumed) == _rows(straight)
+    a, b = _params(tmp_path / "straight" / "checkpoint.pt"), _params(tmp_path / "pieces" / "checkpoint.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_learning_rate_schedule_steps_at_the_milestones_and_resumes_exactly(tmp_path):
     schedule = {"lr_decay": 0.5, "lr_milestones": (1, 2)}
     straight = _run(tmp_path / "straight", epochs=3, **schedule)
