@@ -12,7 +12,8 @@ Inference (the amortized guide)::
 ``VAE.model`` and ``VAE.guide`` share one signature and work with stock Pyro
 (``SVI``, ``Predictive``, ``poutine.trace``). The parameters belong to the ``VAE`` module: under
 Pyro's global parameter store each instance registers them under its own unique name, so two models
-in one process never share parameters; ``pyrovae.train`` keeps them out of the store altogether.
+in one process never share parameters; ``pyrovae.engine`` trains them with a torch optimizer,
+without the store.
 """
 
 from __future__ import annotations

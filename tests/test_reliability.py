@@ -57,15 +57,20 @@ def _rows(metrics):
     return [{k: v for k, v in row.items() if k != "seconds"} for row in metrics["epochs"]]
 
 
+def _assert_same_run(metrics_a, metrics_b, folder_a, folder_b):
+    """Two runs agree bit for bit: every epoch's figures (time aside) and every parameter."""
+    assert _rows(metrics_a) == _rows(metrics_b)
+    a, b = _params(folder_a / "checkpoint.pt"), _params(folder_b / "checkpoint.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # --- resume, interruption, atomic checkpoints ------------------------------------------------------
 @faults("a run stopped after 2 epochs and resumed to 4 equals 4 epochs straight, bit for bit")
 def test_resume_is_exact(tmp_path):
     straight = _run(tmp_path / "straight", epochs=4)
     _run(tmp_path / "pieces", epochs=2)
     resumed = _run(tmp_path / "pieces", resume=True, epochs=4)
-    assert _rows(resumed) == _rows(straight)
-    a, b = _params(tmp_path / "straight" / "checkpoint.pt"), _params(tmp_path / "pieces" / "checkpoint.pt")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    _assert_same_run(resumed, straight, tmp_path / "pieces", tmp_path / "straight")
     ca = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")["optimizer"]["state"]
     cb = load_checkpoint(tmp_path / "pieces" / "checkpoint.pt")["optimizer"]["state"]
     assert all(torch.equal(ca[i]["exp_avg_sq"], cb[i]["exp_avg_sq"]) for i in ca)
@@ -79,9 +84,7 @@ def test_step_budget_stops_mid_epoch_and_resumes_exactly(tmp_path):
     state = load_checkpoint(tmp_path / "pieces" / "checkpoint.pt")["state"]
     assert state["step"] == 8 and state["epoch_step"] == 2
     resumed = _run(tmp_path / "pieces", resume=True, epochs=2)
-    assert _rows(resumed) == _rows(straight)
-    a, b = _params(tmp_path / "straight" / "checkpoint.pt"), _params(tmp_path / "pieces" / "checkpoint.pt")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    _assert_same_run(resumed, straight, tmp_path / "pieces", tmp_path / "straight")
 
 
 @faults("a step budget (or a signal) that ends exactly at the last batch of an epoch, then resume")
@@ -90,9 +93,7 @@ def test_a_stop_at_the_last_batch_of_an_epoch_resumes_exactly(tmp_path):
     first = _run(tmp_path / "pieces", epochs=2, max_steps=6)  # 6 steps an epoch: the budget ends epoch 1
     assert len(first["epochs"]) == 1 and "stopped_at_step" not in first
     resumed = _run(tmp_path / "pieces", resume=True, epochs=2)
-    assert _rows(resumed) == _rows(straight)
-    a, b = _params(tmp_path / "straight" / "checkpoint.pt"), _params(tmp_path / "pieces" / "checkpoint.pt")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    _assert_same_run(resumed, straight, tmp_path / "pieces", tmp_path / "straight")
 
 
 def test_learning_rate_schedule_steps_at_the_milestones_and_resumes_exactly(tmp_path):
@@ -103,9 +104,7 @@ def test_learning_rate_schedule_steps_at_the_milestones_and_resumes_exactly(tmp_
     assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [2.5e-4]
     _run(tmp_path / "pieces", epochs=1, **schedule)
     resumed = _run(tmp_path / "pieces", resume=True, epochs=3, **schedule)
-    assert _rows(resumed) == _rows(straight)
-    a, b = _params(tmp_path / "straight" / "checkpoint.pt"), _params(tmp_path / "pieces" / "checkpoint.pt")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    _assert_same_run(resumed, straight, tmp_path / "pieces", tmp_path / "straight")
 
 
 def _cli_run(args, env):
@@ -144,9 +143,7 @@ def test_a_version_1_checkpoint_resumes_exactly(tmp_path):
     _run(tmp_path / "old", epochs=2, max_steps=8)
     _as_version_1(tmp_path / "old" / "checkpoint.pt")
     resumed = _run(tmp_path / "old", resume=True, epochs=2)
-    assert _rows(resumed) == _rows(straight)
-    a, b = _params(tmp_path / "straight" / "checkpoint.pt"), _params(tmp_path / "old" / "checkpoint.pt")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    _assert_same_run(resumed, straight, tmp_path / "old", tmp_path / "straight")
 
 
 @faults("a checkpoint of a version this pyrovae does not know")
