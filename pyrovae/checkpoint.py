@@ -7,6 +7,7 @@ over the old one, so a crash mid-write leaves the previous checkpoint intact. It
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 from pyrovae.atomic import atomic_write
 from pyrovae.config import Config, ConfigError
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_vae"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_vae", "load"]
 
 FORMAT = "pyrovae-checkpoint"
 VERSION = 2  # 2: the progress is one TrainState under "state"; 1 (still read): it was spread over the top level
@@ -36,7 +37,9 @@ def save_checkpoint(path, *, vae, optimizer, config: Config, state: dict) -> Non
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "state": state,
     }
-    atomic_write(path, lambda f: torch.save(payload, f))
+    buffer = io.BytesIO()  # serialized in memory first: a failed disk write is then a plain OSError
+    torch.save(payload, buffer)
+    atomic_write(path, buffer.getbuffer())
 
 
 def load_checkpoint(path, map_location="cpu") -> dict[str, Any]:
@@ -51,7 +54,7 @@ def load_checkpoint(path, map_location="cpu") -> dict[str, Any]:
     except Exception as e:
         raise CheckpointError(
             f"{path} could not be read as a pyrovae checkpoint (truncated, corrupt or not a checkpoint): "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            f"{type(e).__name__}: {str(e).splitlines()[0].split('. ')[0] if str(e) else ''}"
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a pyrovae checkpoint (no '{FORMAT}' marker)")
@@ -90,7 +93,13 @@ def load_vae(path, map_location="cpu"):
     """(vae, config, state) from a checkpoint; the VAE is rebuilt from the saved config."""
     from pyrovae.model import build_vae
 
-    state = load_checkpoint(path, map_location)
+    return vae_from_checkpoint(load_checkpoint(path, map_location), path, map_location)
+
+
+def vae_from_checkpoint(state: dict, path, map_location="cpu"):
+    """(vae, config, state) from a checkpoint already read (``path`` names it in messages)."""
+    from pyrovae.model import build_vae
+
     try:
         config = Config.from_dict(state["config"])
     except (ConfigError, TypeError) as e:
@@ -101,3 +110,16 @@ def load_vae(path, map_location="cpu"):
     except RuntimeError as e:
         raise CheckpointError(f"{path}: the saved weights do not fit the saved config: {str(e).splitlines()[0]}") from None
     return vae.to(map_location), config, state
+
+
+def load(run, map_location="cpu"):
+    """The trained VAE of a run folder (or its ``checkpoint.pt``), in eval mode, ready for Pyro.
+
+    Its config is ``vae.config``. For example::
+
+        vae = pyrovae.load("runs/mnist")
+        images = pyro.infer.Predictive(vae.model, num_samples=1)(batch_size=16)["x"]
+    """
+    vae, config, _ = load_vae(run, map_location)
+    vae.config = config
+    return vae.eval()

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
 
+from pyrovae.atomic import StorageError
 from pyrovae.checkpoint import CheckpointError
 from pyrovae.config import Config, ConfigError, apply_overrides, read_config_file
 from pyrovae.data import DatasetNotFoundError
+from pyrovae.distributed import CollectiveError
 from pyrovae.likelihoods import DataSupportError
 from pyrovae.model import ImageShapeError
+from pyrovae.objectives import OBJECTIVES
 from pyrovae.engine import DeviceUnavailableError, Interrupted, NonFiniteLossError
 from pyrovae.runs import RunFolderError
 
@@ -19,7 +23,7 @@ __all__ = ["main", "build_parser"]
 
 #: Errors that are the user's to fix: printed as one message, no traceback.
 USER_ERRORS = (ConfigError, CheckpointError, DatasetNotFoundError, DataSupportError, ImageShapeError,
-               RunFolderError, DeviceUnavailableError, NonFiniteLossError)
+               RunFolderError, DeviceUnavailableError, NonFiniteLossError, StorageError, CollectiveError)
 
 
 def _positive_int(text: str) -> int:
@@ -69,10 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=_positive_float, help=f"Adam learning rate ({d.train.lr})")
     t.add_argument("--seed", type=int, help=f"random seed ({d.train.seed})")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], help=f"({d.train.device})")
-    t.add_argument("--objective", help=f"({d.train.objective}) trace_elbo, meanfield_elbo, iwae, manual_analytic, "
-                                        "manual_mc or manual_iwae")
+    t.add_argument("--objective", help=f"the loss ({d.train.objective}): " + ", ".join(sorted(OBJECTIVES)))
     t.add_argument("--binarization", help="dynamic or static (MNIST training images)")
-    t.add_argument("--dataset", help="mnist, fashion_mnist, cifar10, or folder:PATH")
+    t.add_argument("--dataset", help="mnist, fashion_mnist, cifar10, lfw, or folder:PATH")
     t.add_argument("--image-size", type=_positive_int, help="resize and centre-crop images to NxN")
     t.add_argument("--data-dir", help="data root (default: $PYROVAE_DATA, else ~/.cache/pyrovae)")
     t.add_argument("--train-subset", type=_positive_int, help="train on the first N images only")
@@ -87,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue this run to --epochs epochs in all")
     t.add_argument("--quiet", action="store_true", help="no progress bar, no per-epoch lines")
+    t.add_argument("--tensorboard", action="store_true", default=None,
+                   help="also log to RUN/tensorboard for `tensorboard --logdir` (needs the tensorboard package)")
+    plugin_help = "import this module first: it adds priors, likelihoods, posteriors or networks by name (repeatable)"
+    t.add_argument("--plugin", action="append", default=None, metavar="MODULE", help=plugin_help)
 
     e = sub.add_parser("evaluate", help="test metrics of a checkpoint")
     e.add_argument("checkpoint", help="checkpoint.pt of a run, or the run folder")
@@ -113,9 +120,9 @@ FLAG_FIELDS = {
     "data_dir": "data.data_dir", "dataset": "data.dataset", "image_size": "data.image_size", "train_subset": "train.train_subset", "test_subset": "train.test_subset",
     "max_steps": "train.max_steps", "grad_clip": "train.grad_clip", "particles": "train.particles",
     "kl_weight": "train.kl_weight", "kl_warmup_steps": "train.kl_warmup_steps",
-    "checkpoint_every": "train.checkpoint_every_steps",
+    "checkpoint_every": "train.checkpoint_every_steps", "tensorboard": "train.tensorboard", "plugin": "model.plugins",
 }
-BUDGET_FLAGS = {"epochs", "max_steps"}
+RESUME_FLAGS = {"epochs", "max_steps", "data_dir"}  # a budget, and where the data are now
 
 
 def config_from_args(args) -> Config:
@@ -134,22 +141,28 @@ def _train(args) -> int:
     from pyrovae.runs import train_run
 
     if args.resume:
-        changed = [f"--{f.replace('_', '-')}" for f in FLAG_FIELDS if f not in BUDGET_FLAGS
+        changed = [f"--{f.replace('_', '-')}" for f in FLAG_FIELDS if f not in RESUME_FLAGS
                    and getattr(args, f) is not None] + (["--config"] if args.config else []) + \
                   (["--set"] if args.set else []) + (["--out"] if args.out else [])
         if changed:
-            raise ConfigError(f"--resume continues a run with its saved config; only --epochs and --max-steps "
-                              f"may be given with it, not {', '.join(changed)}")
+            raise ConfigError(f"--resume continues a run with its saved config; only --epochs, --max-steps and "
+                              f"--data-dir may be given with it, not {', '.join(changed)}")
         out = Path(args.resume)
         saved = Config.from_dict(load_checkpoint(out / "checkpoint.pt")["config"])
         config = saved.replace(train={"epochs": args.epochs or saved.train.epochs, "max_steps": args.max_steps})
+        data_dir = args.data_dir
+        if data_dir is None and saved.data.data_dir and not Path(saved.data.data_dir).is_dir():
+            data_dir = os.environ.get("PYROVAE_DATA")  # the saved location is gone: look where the user says
     else:
         config = config_from_args(args)
         name = config.data.dataset.split(":")[0]
         out = Path(args.out or f"runs/{name}-{datetime.now():%Y%m%d-%H%M%S}")
-    metrics = train_run(config, out, quiet=args.quiet, overwrite=args.overwrite, resume=bool(args.resume)).metrics
+        data_dir = None
+    world = _join(config.train.device)
+    metrics = train_run(config, out, quiet=args.quiet, overwrite=args.overwrite, resume=bool(args.resume),
+                        data_dir=data_dir, world=world).metrics
     last = metrics["epochs"][-1] if metrics["epochs"] else None
-    if last:
+    if last and world.main:
         print(f"test -ELBO {last['test_neg_elbo']:.2f} nats/image after {last['epoch']} epochs; outputs in {out}")
     return 0
 
@@ -159,7 +172,11 @@ def _evaluate(args) -> int:
 
     ckpt = Path(args.checkpoint)
     out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "evaluation.json"
-    metrics = evaluate_run(ckpt, device=args.device, data_dir=args.data_dir, particles=args.particles, out=out)["test"]
+    world = _join(args.device)
+    metrics = evaluate_run(ckpt, device=args.device, data_dir=args.data_dir, particles=args.particles, out=out,
+                           world=world)["test"]
+    if not world.main:
+        return 0
     print(f"test -ELBO {metrics['neg_elbo']:.3f} nats/image  (reconstruction {metrics['reconstruction']:.3f}, "
           f"KL {metrics['kl']:.3f}) on {metrics['images']} images; {metrics['active_units']} active units; "
           f"written to {out}")
@@ -173,12 +190,12 @@ def _sample(args) -> int:
     import torch
 
     from pyrovae import plots
+    from pyrovae.atomic import make_folder
     from pyrovae.checkpoint import load_vae
 
     vae, _, _ = load_vae(args.checkpoint)
     vae.eval()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(args.out)
     torch.manual_seed(args.seed)
     path = plots.image_grid(vae.sample(args.n), out / "samples.png", nrow=min(args.n, 8),
                             title="E[x|z], z ~ p(z)")
@@ -186,7 +203,29 @@ def _sample(args) -> int:
     return 0
 
 
+def _join(device: str):
+    """Under torchrun, join the other processes (gloo on the CPU, NCCL on CUDA); else one process."""
+    from pyrovae import distributed
+    from pyrovae.engine import resolve_device
+
+    return distributed.start(resolve_device(device))[0] if distributed.launched() else distributed.World()
+
+
+def _rank_prefix() -> str:
+    rank = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ and os.environ["WORLD_SIZE"] != "1" else "0"
+    return f"[rank {rank}] " if rank != "0" else ""
+
+
 def main(argv: list[str] | None = None) -> int:
+    from pyrovae.distributed import stop
+
+    try:
+        return _main(argv)
+    finally:
+        stop()  # leave the process group, if torchrun made one
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     command = {"train": _train, "evaluate": _evaluate, "sample": _sample}[args.command]
@@ -195,13 +234,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         parser.error(str(e))
     except USER_ERRORS as e:
-        print(f"pyrovae {args.command}: error: {e}", file=sys.stderr)
+        print(f"{_rank_prefix()}pyrovae {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # the file system refused: say which file, without a traceback
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"{_rank_prefix()}pyrovae {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 1
     except Interrupted as e:
-        print(f"pyrovae {args.command}: {e}", file=sys.stderr)
+        if not _rank_prefix():
+            print(f"pyrovae {args.command}: {e}", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
-        print(f"pyrovae {args.command}: interrupted", file=sys.stderr)
+        print(f"{_rank_prefix()}pyrovae {args.command}: interrupted", file=sys.stderr)
         return 130
 
 

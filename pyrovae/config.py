@@ -10,6 +10,8 @@ import dataclasses
 import inspect
 import json
 import sys
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,8 +46,17 @@ class ModelConfig:
     likelihood_options: dict = field(default_factory=dict)  # keyword options of the likelihood
     posterior_options: dict = field(default_factory=dict)  # keyword options of the posterior, e.g. {"flows": 2}
     network_options: dict = field(default_factory=dict)  # keyword options of the network builder
+    plugins: tuple[str, ...] = ()  # modules to import first; they add parts by name (see pyrovae.plugins)
 
     def __post_init__(self) -> None:
+        from pyrovae.plugins import PluginError, load_plugins
+
+        if not isinstance(self.plugins, tuple) or not all(isinstance(m, str) and m for m in self.plugins):
+            raise ConfigError(f"model.plugins must be a list of module names, got {self.plugins!r}")
+        try:
+            load_plugins(self.plugins)
+        except PluginError as e:
+            raise ConfigError(f"model.plugins: {e}") from None
         from pyrovae.posteriors import POSTERIORS
         from pyrovae.likelihoods import LIKELIHOODS
         from pyrovae.networks import ACTIVATIONS, NETWORKS
@@ -80,7 +91,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "mnist"  # mnist, fashion_mnist, cifar10, or folder:PATH (any folder of images)
+    dataset: str = "mnist"  # mnist, fashion_mnist, cifar10, lfw, or folder:PATH (any folder of images)
     data_dir: str | None = None  # data root; None: $PYROVAE_DATA, else the user cache folder
     binarization: str = "dynamic"  # MNIST training binarization: dynamic (fresh draw per use) or static
     test_binarization_seed: int = 0  # the one fixed draw of the binarized test set
@@ -107,7 +118,7 @@ class TrainConfig:
     # lr_decay = 10^(-1/7) after 1, 4, 13, 40, 121, 364, 1093 epochs (stages of 3^i epochs)
     seed: int = 0  # seeds initialization, reparameterization noise, data order and binarization
     device: str = "auto"  # auto (CUDA when present), cpu or cuda
-    objective: str = "meanfield_elbo"  # loss: see pyrovae.objectives.OBJECTIVES (analytic KL where one exists)
+    objective: str = "meanfield"  # loss: see pyrovae.objectives.OBJECTIVES (analytic KL where one exists, no host read)
     particles: int = 5  # K, importance samples per image for the iwae objectives (ignored by the others)
     kl_weight: float = 1.0  # beta: weight of the KL term (beta-VAE, Higgins et al. 2017); 1 is the ELBO
     kl_warmup_steps: int = 0  # raise the KL weight linearly to kl_weight over these steps (k/N at step k); 0: none
@@ -117,6 +128,7 @@ class TrainConfig:
     log_every_steps: int = 100  # read the loss and the non-finite flags back from the device every N steps
     train_subset: int | None = None  # train on the first N images only (quick checks); None: all
     test_subset: int | None = None  # evaluate on the first N test images only; None: all
+    tensorboard: bool = False  # also log to <run>/tensorboard (pip install 'pyrovae[tensorboard]')
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "log_every_steps"):
@@ -146,6 +158,16 @@ class TrainConfig:
                               f"got {milestones!r}")
         if not isinstance(self.kl_warmup_steps, int) or self.kl_warmup_steps < 0:
             raise ConfigError(f"train.kl_warmup_steps must be an integer >= 0, got {self.kl_warmup_steps!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2 ** 63 - 1:
+            raise ConfigError(f"train.seed must be an integer from 0 to 2**63 - 2, got {self.seed!r}")
+        if not isinstance(self.tensorboard, bool):
+            raise ConfigError(f"train.tensorboard must be true or false, got {self.tensorboard!r}")
+        if self.tensorboard:
+            from pyrovae.board import tensorboard_available
+
+            if not tensorboard_available():
+                raise ConfigError("train.tensorboard needs the tensorboard package: pip install 'pyrovae[tensorboard]' "
+                                  "(or pip install tensorboard), or leave train.tensorboard off")
         for key in ("max_steps", "checkpoint_every_steps", "train_subset", "test_subset"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -232,13 +254,17 @@ def apply_overrides(d: dict[str, Any], overrides) -> dict[str, Any]:
 
 
 def _check_options(where: str, options, target, skip: set[str]) -> None:
-    """Options must be a mapping of keyword arguments that ``target``'s constructor accepts."""
+    """Options must be a mapping of keyword arguments that ``target``'s constructor accepts, each of the
+    type its annotation names. (Ranges are the part's own to check: ``build_vae`` reports them.)"""
     if not isinstance(options, dict):
         raise ConfigError(f"{where} must be a mapping of option names to values, got {options!r}")
     if target is None or not options:
         return
     fn = target.__init__ if isinstance(target, type) else target
-    params = inspect.signature(fn).parameters
+    try:
+        params = inspect.signature(fn, eval_str=True).parameters
+    except (NameError, TypeError):  # annotations that cannot be evaluated: names only
+        params = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     valid = [n for n, p in params.items() if n != "self" and n not in skip
@@ -247,6 +273,45 @@ def _check_options(where: str, options, target, skip: set[str]) -> None:
     if unknown:
         name = getattr(target, "__name__", str(target))
         raise ConfigError(f"unknown option(s) {unknown} in {where} for {name}; valid: {', '.join(valid) or 'none'}")
+    for key, value in options.items():
+        annotation = params[key].annotation
+        if annotation is not inspect.Parameter.empty and not isinstance(annotation, str) \
+                and not _has_type(value, annotation):
+            raise ConfigError(f"{where}.{key} must be {_type_name(annotation)}, got {value!r}")
+
+
+def _has_type(value, annotation) -> bool:
+    """Whether a config value (TOML/JSON: lists for tuples) fits a simple annotation."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin in (tuple, list):
+        item = args[0] if args else typing.Any
+        return isinstance(value, (list, tuple)) and all(_has_type(v, item) for v in value)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True  # an annotation this check does not model: the part checks it
+
+
+def _type_name(annotation) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if annotation is type(None):
+        return "None"
+    if origin in (tuple, list):
+        plural = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
+        return f"a list of {plural.get(args[0], 'values') if args else 'values'}"
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 
 #: Keys that have a new name: (section, old key) -> new key.
@@ -265,10 +330,10 @@ def _section_from_dict(section_cls, name: str, d: dict[str, Any]):
     if unknown:
         raise ConfigError(f"unknown key(s) {sorted(unknown)} in config section {name!r}; valid: {', '.join(fields)}")
     d = dict(d)
-    for key in ("hidden", "lr_milestones"):  # tuples of ints, written as lists (or one int) in TOML/JSON
+    for key in ("hidden", "lr_milestones", "plugins"):  # tuples, written as lists (or one value) in TOML/JSON
         if isinstance(d.get(key), list):
             d[key] = tuple(d[key])
-        elif isinstance(d.get(key), int):
+        elif isinstance(d.get(key), (int, str)):
             d[key] = (d[key],)
     try:
         return section_cls(**d)

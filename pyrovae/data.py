@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
@@ -27,7 +29,7 @@ import torch
 __all__ = [
     "DATASETS", "BINARIZATIONS", "DatasetNotFoundError", "ImageData", "MNIST_FILES",
     "data_root", "load_dataset", "load_mnist", "load_image_folder", "binarize", "to_unit", "batches",
-    "dataset_is_known", "Prepared", "prepare_data", "prepare_train", "prepare_test",
+    "load_lfw", "lfw_is_test_person", "dataset_is_known", "Prepared", "prepare_data", "prepare_train", "prepare_test",
 ]
 
 MNIST_FILES = [
@@ -174,7 +176,8 @@ class _Decoded(ImageData):
 
 
 @functools.lru_cache(maxsize=4)
-def _decode_folder(folder: Path, files: tuple[Path, ...], image_size, fingerprint: str) -> _Decoded:
+def _decode_folder(folder: Path, files: tuple[Path, ...], image_size, fingerprint: str,
+                   crop: float = 1.0) -> _Decoded:
     cache = _cache_dir() / "decoded" / f"{fingerprint}.pt"
     if cache.is_file():
         try:
@@ -182,11 +185,19 @@ def _decode_folder(folder: Path, files: tuple[Path, ...], image_size, fingerprin
             return _Decoded(saved["images"], saved["labels"])
         except Exception:
             cache.unlink(missing_ok=True)  # a bad cache is rebuilt
-    decoded = [_read_image(f) for f in files]
-    colour = any(img.shape[0] >= 3 for img in decoded)
+    from pyrovae.progress import progress
+
+    decoded = [_read_image(f) for f in progress(files, desc=f"decoding {folder.name}", unit="image")]
+    coloured = [f for f, img in zip(files, decoded) if img.shape[0] >= 3]
+    colour, grey = bool(coloured), len(decoded) - len(coloured)
+    if colour and grey:  # said aloud: one colour file turns the whole folder into RGB (and the network)
+        print(f"note: {len(coloured)} of the {len(decoded)} images in {folder} are colour (e.g. "
+              f"{coloured[0].name}) and {grey} grey; all are read as RGB, "
+              "grey ones repeated in 3 channels. Convert or remove the odd ones if that is not what you want",
+              file=sys.stderr)
     decoded = [_channels(img, 3 if colour else 1) for img in decoded]
     if image_size is not None:
-        decoded = [_square(img, image_size) for img in decoded]
+        decoded = [_square(img, image_size, crop) for img in decoded]
     sizes = {tuple(img.shape[1:]) for img in decoded}
     if len(sizes) > 1:
         a, b = sorted(sizes)[:2]
@@ -200,7 +211,9 @@ def _decode_folder(folder: Path, files: tuple[Path, ...], image_size, fingerprin
         from pyrovae.atomic import atomic_write
 
         cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(cache, lambda fh: torch.save({"images": result.images, "labels": result.labels}, fh))
+        buffer = io.BytesIO()
+        torch.save({"images": result.images, "labels": result.labels}, buffer)
+        atomic_write(cache, buffer.getbuffer())
     except OSError:
         pass  # no cache when the cache folder is not writable
     return result
@@ -229,9 +242,14 @@ def _channels(img: torch.Tensor, channels: int) -> torch.Tensor:
     return img.float().mean(0, keepdim=True).round().to(torch.uint8)
 
 
-def _square(img: torch.Tensor, size: int) -> torch.Tensor:
+def _square(img: torch.Tensor, size: int, crop: float = 1.0) -> torch.Tensor:
+    """(C, size, size): the central ``crop`` of the shorter side (all of it by default), resized and
+    centre-cropped to a square."""
     from torchvision.transforms.v2 import functional as F
 
+    if crop < 1:
+        side = max(1, round(crop * min(img.shape[-2:])))
+        img = F.center_crop(img, [side, side])
     return F.center_crop(F.resize(img, size, antialias=True), [size, size])
 
 
@@ -251,9 +269,85 @@ def load_folder_dataset(spec: str, data_dir=None, *, train: bool, download: bool
     return ImageData(everything.images[pick].to(device), everything.labels[pick].to(device))
 
 
+# --- Labeled Faces in the Wild --------------------------------------------------------------------
+#: Where a copy of LFW is looked for under the data root, in this order; each is a folder of person
+#: folders, ``<person>/<person>_NNNN.jpg``. torchvision's ``LFWPeople(root)`` keeps the archive it
+#: unpacks in ``root/lfw-py``: ``lfw_funneled`` (lfw-funneled.tgz, the default), ``lfw-deepfunneled``
+#: or ``lfw`` (lfw.tgz, the original images).
+LFW_FOLDERS = tuple((*base, images) for base in (("lfw-py",), ("lfw", "lfw-py"), ("lfw",))
+                    for images in ("lfw_funneled", "lfw-deepfunneled", "lfw")) + (("lfw",),)
+LFW_CROP = 0.5  # the face crop: the central half of the shorter side (125x125 of the 250x250 images)
+LFW_SIZE = 64  # side of the images after the crop, unless data.image_size says otherwise
+LFW_TEST_SHARE = 10  # one person in LFW_TEST_SHARE, by a hash of the name, is a test person
+
+
+def lfw_is_test_person(name: str) -> bool:
+    """Whether a person's images belong to the test split: SHA-1 of the name, mod ``LFW_TEST_SHARE``, is 0.
+
+    A fixed rule on the name alone, the same on every machine and for any subset of the people
+    (Python's ``hash`` is salted per process), so no person is in both splits. About a tenth of the
+    people; the share of images varies with who is drawn (George W. Bush alone has 530 of 13,233).
+    """
+    return int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) % LFW_TEST_SHARE == 0
+
+
+def _person_images(folder: Path) -> list[Path]:
+    """The images one level down, ``folder/<person>/*``, sorted (people alphabetically)."""
+    return sorted(p for p in folder.glob("*/*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _lfw_folder(root: Path) -> tuple[Path, list[Path]] | None:
+    """The first of ``LFW_FOLDERS`` under ``root`` that holds person folders of images, and its images."""
+    for parts in LFW_FOLDERS:
+        folder = root.joinpath(*parts)
+        if folder.is_dir() and (files := _person_images(folder)):
+            return folder, files
+    return None
+
+
+def _missing_lfw_message(root: Path) -> str:
+    places = "\n".join(f"  {root.joinpath(*parts, '<person>', '<person>_0001.jpg')}" for parts in
+                       (("lfw-py", "lfw_funneled"), ("lfw", "lfw_funneled"), ("lfw",)))
+    return (
+        f"Labeled Faces in the Wild (lfw) was not found under {root}, and it cannot be downloaded: "
+        "torchvision's LFWPeople download host is gone.\n"
+        "Get lfw-funneled.tgz (13,233 JPEGs of 5,749 people, 250x250; from a mirror of "
+        "http://vis-www.cs.umass.edu/lfw/) and unpack it so that the images are at one of:\n"
+        f"{places}\n"
+        "(lfw-deepfunneled.tgz and the original lfw.tgz work too, unpacked into lfw-py/ or lfw/ in the same "
+        "way.) Point --data-dir or PYROVAE_DATA at the folder that holds lfw/ or lfw-py/."
+    )
+
+
+def load_lfw(data_dir=None, *, train: bool, download: bool = True, device="cpu", image_size=None,
+             **_) -> ImageData:
+    """Labeled Faces in the Wild, as placed by the user under the data root (see ``LFW_FOLDERS``).
+
+    Each image is centre-cropped to the central ``LFW_CROP`` of its shorter side (125x125 of the
+    250x250 funneled images: mostly the face, with little hair or background), then resized to
+    ``image_size`` (default ``LFW_SIZE``, 64) with antialiasing: 3 x 64 x 64 uint8. The split is by
+    person (:func:`lfw_is_test_person`); labels number the people of the split in alphabetical
+    order. Decoded tensors are cached as for :func:`load_image_folder`. ``download`` is accepted and
+    ignored: there is nothing to download from.
+    """
+    root = data_root(data_dir)
+    found = _lfw_folder(root)
+    if found is None:
+        raise DatasetNotFoundError(_missing_lfw_message(root))
+    folder, files = found
+    files = [f for f in files if lfw_is_test_person(f.parent.name) != train]
+    if not files:
+        raise DatasetNotFoundError(f"{folder} holds no {'training' if train else 'test'} images: the split is by "
+                                   f"person, one in {LFW_TEST_SHARE} by a hash of the name, and too few people "
+                                   f"are there for both splits")
+    size = image_size or LFW_SIZE
+    key = ("lfw", LFW_CROP, size)  # the cache key: the files, and how they are cropped and resized
+    return _decode_folder(folder, tuple(files), size, _fingerprint(files, key), crop=LFW_CROP).to_device(device)
+
+
 #: Datasets by config name: a loader taking (data_dir, train=, download=, device=, image_size=).
 #: ``folder:PATH`` names any folder of images.
-DATASETS = {"mnist": load_mnist, "fashion_mnist": load_fashion_mnist, "cifar10": load_cifar10}
+DATASETS = {"mnist": load_mnist, "fashion_mnist": load_fashion_mnist, "cifar10": load_cifar10, "lfw": load_lfw}
 
 
 def dataset_is_known(name: str) -> bool:
@@ -357,3 +451,26 @@ def prepare_data(config, device: torch.device, download: bool = True) -> Prepare
     train, per_batch = prepare_train(config, device, download)
     test, labels = prepare_test(config, device, download)
     return Prepared(train, per_batch, test, labels, _data_kind(config))
+
+
+# --- what a run was trained on -------------------------------------------------------------------
+#: The image shape of each named dataset as loaded by default (before data.image_size): known before loading.
+STORED_SHAPES = {"mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "cifar10": (3, 32, 32), "lfw": (3, LFW_SIZE, LFW_SIZE)}
+
+
+def expected_image_shape(data_config) -> tuple[int, ...] | None:
+    """(C, H, W) the configured dataset will have, without reading it; None for a folder of images."""
+    stored = STORED_SHAPES.get(data_config.dataset)
+    if stored is None:
+        return None
+    size = data_config.image_size
+    return stored if size is None else (stored[0], size, size)
+
+
+def fingerprint(data: Prepared) -> dict:
+    """Shapes and a SHA-256 of the prepared training and test tensors: the identity of a run's data."""
+    digest = hashlib.sha256()
+    for tensor in (data.train, data.test):
+        digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
+        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return {"train_shape": list(data.train.shape), "test_shape": list(data.test.shape), "sha256": digest.hexdigest()}

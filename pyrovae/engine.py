@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,12 +27,13 @@ from typing import Iterable, Iterator
 
 import pyro
 import torch
-from tqdm.auto import tqdm
 
 from pyrovae.checkpoint import load_checkpoint, save_checkpoint
 from pyrovae.config import Config, TrainConfig
 from pyrovae.data import Prepared, batches
+from pyrovae.distributed import World, shard
 from pyrovae.evaluate import evaluate
+from pyrovae.progress import progress
 
 __all__ = ["train_step", "fit", "TrainState", "StepResult", "NonFiniteWatch", "make_optimizer", "resolve_device",
            "learning_rate", "kl_weight_at", "NonFiniteLossError", "DeviceUnavailableError", "Interrupted"]
@@ -164,7 +164,8 @@ class NonFiniteWatch:
 
 def parameter_names(loss_fn, optimizer: torch.optim.Optimizer) -> list[str]:
     """The name of every parameter the optimizer holds, as the loss module calls it."""
-    named = {id(p): n for n, p in loss_fn.named_parameters()} if hasattr(loss_fn, "named_parameters") else {}
+    named = {id(p): n.removeprefix("module.") for n, p in loss_fn.named_parameters()} \
+        if hasattr(loss_fn, "named_parameters") else {}  # (a DistributedDataParallel wrapper adds "module.")
     return [named.get(id(p), f"parameter {i}") for i, p in enumerate(_parameters(optimizer))]
 
 
@@ -182,11 +183,15 @@ class TrainState:
     images: int = 0  # images seen in the current epoch
     seconds: float = 0.0  # training time in the current epoch
     history: list = field(default_factory=list)  # one row of figures per finished epoch
+    data: dict | None = None  # what the run trains on: pyrovae.data.fingerprint, checked on resume
+    world_size: int = 1  # processes that trained the run (torchrun); loss_sum and images are their totals
+    rank_noise_rng: list | None = None  # every process's noise generators, in rank order (several processes)
 
     @classmethod
-    def start(cls, seed: int, device: torch.device) -> "TrainState":
+    def start(cls, seed: int, device: torch.device, data: dict | None = None) -> "TrainState":
         data_rng = torch.Generator(device=device).manual_seed(seed + 1)  # data order and binarization
-        return cls(data_rng=data_rng.get_state(), loss_sum=torch.zeros((), dtype=torch.float64, device=device))
+        return cls(data_rng=data_rng.get_state(), loss_sum=torch.zeros((), dtype=torch.float64, device=device),
+                   data=data)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -195,14 +200,17 @@ class TrainState:
     def from_dict(cls, d: dict, device: torch.device) -> "TrainState":
         return cls(**{**d, "loss_sum": d["loss_sum"].to(device)})
 
-    def epoch_batches(self, data: Prepared, batch_size: int) -> Iterator[torch.Tensor]:
-        """The batches of the current epoch not yet trained on: the same draws as a straight run."""
+    def epoch_batches(self, data: Prepared, batch_size: int, world: World = World()) -> Iterator[torch.Tensor]:
+        """This process's part of each batch of the current epoch not yet trained on: the same draws
+        as a straight one-process run (see :mod:`pyrovae.distributed`)."""
         generator = torch.Generator(device=data.train.device)
         generator.set_state(self.data_rng)
-        epoch = batches(data.train, batch_size, generator, data.per_batch)
+        epoch = batches(data.train, batch_size, generator, data.per_batch)  # global batches, prepared
         for _ in range(self.epoch_step):  # resuming part-way: replay the draws up to where it stopped
             next(epoch)
-        yield from epoch
+        for batch in epoch:
+            if batch.shape[0] >= world.size:  # a last batch too small to give every process an image is dropped
+                yield batch[shard(batch.shape[0], world)]
         self.data_rng = generator.get_state()  # the next epoch starts where this one's draws ended
 
     def record(self, result: StepResult, images: int) -> None:
@@ -211,9 +219,22 @@ class TrainState:
         self.loss_sum += result.loss.double()  # stays on the device
         self.images += images
 
-    def end_epoch(self, test: dict, lr: float) -> dict:
+    def totals(self, world: World) -> tuple[float, int]:
+        """The epoch's -ELBO sum and image count so far, over all processes (host reads)."""
+        both = torch.stack([self.loss_sum, self.loss_sum.new_tensor(float(self.images))])
+        loss, images = world.sum_(both.clone()).tolist()
+        return loss, int(images)
+
+    def summed(self, world: World) -> "TrainState":
+        """A copy holding the epoch's sums over all processes (what a checkpoint holds)."""
+        loss, images = self.totals(world)
+        return dataclasses.replace(self, loss_sum=torch.tensor(loss, dtype=torch.float64), images=images,
+                                   world_size=world.size)
+
+    def end_epoch(self, test: dict, lr: float, world: World = World()) -> dict:
+        loss, images = self.totals(world)
         self.epoch += 1
-        row = {"epoch": self.epoch, "train_neg_elbo": float(self.loss_sum) / max(self.images, 1),
+        row = {"epoch": self.epoch, "train_neg_elbo": loss / max(images, 1),
                "test_neg_elbo": test["neg_elbo"], "test_reconstruction": test["reconstruction"],
                "test_kl": test["kl"], **({"test_bits_per_dim": test["bits_per_dim"]} if "bits_per_dim" in test else {}),
                "seconds": self.seconds, "steps": self.step, "lr": lr}
@@ -222,12 +243,30 @@ class TrainState:
         self.loss_sum = torch.zeros_like(self.loss_sum)
         return row
 
-    def save(self, path: Path | None, config: Config, vae, optimizer, device: torch.device) -> None:
+    def save(self, path: Path | None, config: Config, vae, optimizer, device: torch.device,
+             world: World = World()) -> None:
+        """Write the checkpoint (rank 0; the others hand it their noise generators and their sums)."""
         if path is None:
             return
         self.noise_rng = {"torch": torch.get_rng_state(),
                           "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        save_checkpoint(path, vae=vae, optimizer=optimizer, config=config, state=self.to_dict())
+        noise = world.gather(self.noise_rng)
+        saved = dataclasses.replace(self.summed(world), rank_noise_rng=noise if world.size > 1 else None)
+        if world.main:
+            save_checkpoint(path, vae=vae, optimizer=optimizer, config=config, state=saved.to_dict())
+        world.barrier()  # no process goes on before the checkpoint is in place
+
+    def resumed_by(self, world: World) -> "TrainState":
+        """A state loaded from a checkpoint, as this process resumes it: rank 0 carries the epoch's sums
+        (the checkpoint holds the totals of all processes), and each process its own noise generators
+        when the number of processes is the one that saved them."""
+        if not world.main:
+            self.loss_sum, self.images = torch.zeros_like(self.loss_sum), 0
+        if self.rank_noise_rng is not None and len(self.rank_noise_rng) == world.size:
+            self.noise_rng = self.rank_noise_rng[world.rank]
+        elif not world.main:
+            self.noise_rng = None  # a different number of processes: a fresh stream (not bit-exact)
+        return self
 
     def restore_noise(self, device: torch.device) -> None:
         """Resuming: the reparameterization noise goes on from where it stopped."""
@@ -256,53 +295,71 @@ def _stop_on_signals():
 
 # --- the loop ------------------------------------------------------------------------------------
 def fit(config: Config, vae, loss_fn, optimizer, data: Prepared, state: TrainState | None = None, *,
-        checkpoint: Path | None = None, quiet: bool = False, log=print) -> TrainState:
-    """Train ``vae`` through ``loss_fn`` to ``config.train``'s budget; checkpoint to ``checkpoint``."""
+        checkpoint: Path | None = None, quiet: bool = False, log=print, board=None,
+        world: World = World()) -> TrainState:
+    """Train ``vae`` through ``loss_fn`` to ``config.train``'s budget; checkpoint to ``checkpoint``;
+    log to ``board`` (a :class:`pyrovae.board.Board`) when given. Under torchrun every process runs
+    this loop on its part of each batch (``loss_fn`` wrapped by :func:`pyrovae.distributed.wrap`)."""
     t, device = config.train, data.train.device
     state = state or TrainState.start(t.seed, device)
     state.restore_noise(device)
+    quiet = quiet or not world.main
     watch = NonFiniteWatch(parameter_names(loss_fn, optimizer), device)
-    steps_per_epoch = -(-data.train.shape[0] // t.batch_size)
+    n, per_step = data.train.shape[0], t.batch_size
+    steps_per_epoch = n // per_step + (n % per_step >= world.size)  # a last batch too small for the world is dropped
     vae.check_data(next(batches(data.train[: t.batch_size], t.batch_size, torch.Generator(device), data.per_batch)))
+    stopped_by = 0  # the signal that stopped the run, agreed by all processes
     with pyro.validation_enabled(False), _stop_on_signals() as signals, _progress(quiet) as bar:  # data checked
-        while state.epoch < t.epochs and not _budget_spent(t, state) and not signals:
+        while state.epoch < t.epochs and not _budget_spent(t, state) and not stopped_by:
             _set_learning_rate(optimizer, learning_rate(t, state.epoch))
             vae.train()
             checked, start = state.epoch_step, time.perf_counter()
-            for x in state.epoch_batches(data, t.batch_size):
+            for x in state.epoch_batches(data, t.batch_size, world):
                 result = train_step(loss_fn, optimizer, x, kl_weight=kl_weight_at(t, state.step), grad_clip=t.grad_clip)
                 watch.add(result)
                 state.record(result, x.shape[0])
                 bar.update()
-                stop = bool(signals) or _budget_spent(t, state)
+                stopped_by = world.max(signals[0] if signals else 0, device) if world.active else \
+                    (signals[0] if signals else 0)
+                stop = bool(stopped_by) or _budget_spent(t, state)
                 save = stop or (t.checkpoint_every_steps is not None and state.step % t.checkpoint_every_steps == 0)
                 if save or state.step % t.log_every_steps == 0:
                     checked = _check(watch, checked, state, checkpoint)
+                    if board is not None and world.main:
+                        board.step(state.step, result.loss, x.shape[0], learning_rate(t, state.epoch),
+                                   kl_weight_at(t, state.step - 1))
                 if save:
                     state.seconds, start = state.seconds + time.perf_counter() - start, time.perf_counter()
-                    state.save(checkpoint, config, vae, optimizer, device)
+                    state.save(checkpoint, config, vae, optimizer, device, world)
                 if stop and state.epoch_step < steps_per_epoch:  # at the last batch, let the epoch end
                     break
             if state.epoch_step < steps_per_epoch:  # stopped inside the epoch (checkpoint written)
+                loss, images = state.totals(world)
+                if not quiet:
+                    log(f"stopped in epoch {state.epoch + 1} after {state.epoch_step} of its {steps_per_epoch} "
+                        f"steps ({state.step} in all)  train -ELBO so far {loss / max(images, 1):8.2f}")
                 break
             _check(watch, checked, state, checkpoint)
             state.seconds += time.perf_counter() - start
-            row = state.end_epoch(evaluate(vae, data.test, seed=config.data.test_binarization_seed),
-                                  learning_rate(t, state.epoch))
-            state.save(checkpoint, config, vae, optimizer, device)
+            vae.eval()  # the test figures in evaluation mode (batch-norm statistics untouched)
+            row = state.end_epoch(evaluate(vae, data.test, seed=config.data.test_binarization_seed, world=world),
+                                  learning_rate(t, state.epoch), world)
+            state.save(checkpoint, config, vae, optimizer, device, world)
+            if board is not None and world.main:
+                board.epoch(row, vae, data.test, seed=config.train.seed)
             if not quiet:
                 log(f"epoch {row['epoch']:3d}  train -ELBO {row['train_neg_elbo']:8.2f}  test -ELBO "
                     f"{row['test_neg_elbo']:8.2f} nats/image  ({row['seconds']:.2f} s)")
-    if signals:
+    if stopped_by:
         kept = f"checkpoint written to {checkpoint}" if checkpoint is not None else "no checkpoint kept"
-        raise Interrupted(signals[0], f"stopped by {signal.Signals(signals[0]).name} at epoch {state.epoch + 1}, "
+        raise Interrupted(stopped_by, f"stopped by {signal.Signals(stopped_by).name} at epoch {state.epoch + 1}, "
                                       f"step {state.epoch_step} of the epoch; {kept}")
     return state
 
 
 def _progress(quiet: bool):
     """A progress bar, shown only on a terminal; updated by hand, one tick a step."""
-    return tqdm(disable=quiet or not sys.stderr.isatty(), leave=False, unit="batch")
+    return progress(quiet=quiet, unit="batch")
 
 
 def _budget_spent(t: TrainConfig, state: TrainState) -> bool:

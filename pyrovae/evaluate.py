@@ -18,7 +18,9 @@ import math
 import torch
 from torch.overrides import TorchFunctionMode
 
+from pyrovae.distributed import World, shard
 from pyrovae.likelihoods import BernoulliLikelihood
+from pyrovae.progress import progress
 
 __all__ = ["seeded_noise", "elbo_terms", "evaluate", "importance_log_likelihood", "active_units"]
 
@@ -32,6 +34,17 @@ def seeded_noise(seed: int, device: torch.device):
         yield
 
 
+def batch_noise(seed: int, start: int, device: torch.device):
+    """The draws for the batch that begins at image ``start``: its own stream, whoever scores it."""
+    return seeded_noise(seed * 1_000_003 + start, device)
+
+
+def _my_batches(n: int, batch_size: int, world: World) -> range:
+    """The start of every batch of ``n`` images that this process scores (all of them in one process)."""
+    starts = range(0, n, batch_size)
+    return starts[shard(len(starts), world)]
+
+
 def elbo_terms(vae, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-image ELBO terms, each of shape (batch,), from one reparameterized z ~ q(z|x)."""
     q = vae.posterior(x)
@@ -42,24 +55,26 @@ def elbo_terms(vae, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate(vae, images: torch.Tensor, batch_size: int = 1000, seed: int = 0) -> dict[str, float]:
+def evaluate(vae, images: torch.Tensor, batch_size: int = 1000, seed: int = 0, world: World = World()
+             ) -> dict[str, float]:
     """Mean -ELBO, reconstruction log-likelihood and KL per image (nats) on model-ready ``images``.
 
     For 8-bit likelihoods also ``bits_per_dim`` = -ELBO / (C * H * W * ln 2), an upper bound on the
-    model's bits/dim.
+    model's bits/dim. The draws belong to the batches (:func:`batch_noise`), so under torchrun the
+    processes share the batches out and the figures are those of one process.
     """
     vae.check_data(images[:batch_size])
-    totals = {"elbo": 0.0, "reconstruction": 0.0, "kl": 0.0}
-    with seeded_noise(seed, images.device):
-        for start in range(0, images.shape[0], batch_size):
+    sums = torch.zeros(3, dtype=torch.float64, device=images.device)  # elbo, reconstruction, kl
+    for start in _my_batches(images.shape[0], batch_size, world):
+        with batch_noise(seed, start, images.device):
             terms = elbo_terms(vae, images[start:start + batch_size])
-            for key in totals:
-                totals[key] += terms[key].sum().item()
+        sums += torch.stack([terms[key].double().sum() for key in ("elbo", "reconstruction", "kl")])
+    elbo, reconstruction, kl = world.sum_(sums).tolist()
     n = images.shape[0]
     result = {
-        "neg_elbo": -totals["elbo"] / n,
-        "reconstruction": totals["reconstruction"] / n,
-        "kl": totals["kl"] / n,
+        "neg_elbo": -elbo / n,
+        "reconstruction": reconstruction / n,
+        "kl": kl / n,
         "images": n,
     }
     if getattr(vae.likelihood, "data_kind", None) == "8bit":  # a discrete likelihood: bits per dimension
@@ -179,7 +194,7 @@ def _log_px_z(likelihood, outputs: torch.Tensor, x: torch.Tensor) -> torch.Tenso
 
 @torch.no_grad()
 def importance_log_likelihood(vae, images: torch.Tensor, k: int = 1000, batch_size: int = 100,
-                              max_rows: int = 4096, seed: int = 0) -> dict[str, float]:
+                              max_rows: int = 4096, seed: int = 0, world: World = World()) -> dict[str, float]:
     """-log p(x) per image by importance sampling with the encoder (the IWAE bound, Burda et al. 2015).
 
     log p(x) >= log (1/K) sum_k p(x, z_k) / q(z_k|x),  z_k ~ q(z|x),
@@ -190,19 +205,23 @@ def importance_log_likelihood(vae, images: torch.Tensor, k: int = 1000, batch_si
 
     On the CPU in float32 the networks' linear layers and softplus run through the fast routes of
     :class:`_CPUFastPaths`, and a Bernoulli likelihood is scored by :func:`_bernoulli_log_prob`.
+    The draws belong to the batches of ``batch_size`` images, so under torchrun the processes share
+    the batches out and the figure equals the one-process figure.
     """
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"the number of importance samples K must be a positive integer, got {k!r}")
     vae.check_data(images[:batch_size])
-    total_log_px, total_elbo, n = 0.0, 0.0, images.shape[0]
+    n = images.shape[0]
+    sums = torch.zeros(2, dtype=torch.float64, device=images.device)  # log p(x) bound, ELBO; on the device
     # Only the networks run under the fast routes: every torch call made under the mode pays for a
     # Python dispatch, which the distributions' many small operations need not.
     fast = _fast_paths_for(images)
-    with seeded_noise(seed, images.device):
-        with fast:
-            prior = vae.prior()  # a VampPrior runs the encoder here
-        for start in range(0, n, batch_size):
-            x = images[start:start + batch_size]  # (B, C, H, W)
+    with fast:
+        prior = vae.prior()  # a VampPrior runs the encoder here (no draws)
+    mine = _my_batches(n, batch_size, world)
+    for start in progress(mine, desc=f"IWAE-{k}", unit="batch", quiet=not world.main):
+        x = images[start:start + batch_size]  # (B, C, H, W)
+        with batch_noise(seed, start, images.device):  # the draws belong to this batch of images
             with fast:
                 q = vae.posterior(x)  # batch (B,), event (z_dim,)
             per_chunk = max(1, max_rows // x.shape[0])
@@ -214,9 +233,9 @@ def importance_log_likelihood(vae, images: torch.Tensor, k: int = 1000, batch_si
                     outputs = vae.decoder(z)  # (m, B, ...)
                 log_px_z = _log_px_z(vae.likelihood, outputs, x)  # (m, B): x broadcast, not copied m times
                 log_w.append(log_px_z + prior.log_prob(z) - q.log_prob(z))  # (m, B)
-            log_w = torch.cat(log_w)  # (K, B)
-            total_log_px += (torch.logsumexp(log_w, 0) - math.log(k)).sum().item()
-            total_elbo += log_w.mean(0).sum().item()
+        log_w = torch.cat(log_w)  # (K, B)
+        sums += torch.stack([(torch.logsumexp(log_w, 0) - math.log(k)).double().sum(), log_w.mean(0).double().sum()])
+    total_log_px, total_elbo = world.sum_(sums).tolist()
     result = {"neg_log_likelihood": -total_log_px / n, "neg_elbo": -total_elbo / n, "k": k, "images": n}
     if getattr(vae.likelihood, "data_kind", None) == "8bit":
         result["bits_per_dim"] = result["neg_log_likelihood"] / (math.prod(vae.image_shape) * math.log(2))

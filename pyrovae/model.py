@@ -10,10 +10,12 @@ Inference (the amortized guide)::
     z_n ~ q(z | x_n) = N(mu(x_n), diag(sigma(x_n)^2))
 
 ``VAE.model`` and ``VAE.guide`` share one signature and work with stock Pyro
-(``SVI``, ``Predictive``, ``poutine.trace``). The parameters belong to the ``VAE`` module: under
-Pyro's global parameter store each instance registers them under its own unique name, so two models
-in one process never share parameters; ``pyrovae.engine`` trains them with a torch optimizer,
-without the store.
+(``SVI``, ``Predictive``, ``poutine.trace``); ``vae.model(batch_size=n)`` runs generatively.
+The parameters belong to the ``VAE`` module and a torch optimizer trains them. Run under Pyro's
+default settings, a ``PyroModule`` also enters its parameters into Pyro's global parameter store,
+each instance under its own unique name, so two models in one process never share parameters.
+``pyrovae.runs.train_run`` trains under ``pyro.settings.context(module_local_params=True)``, which
+keeps the store empty.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pyro.nn import PyroModule, pyro_method
 from pyro.poutine.util import is_validation_enabled
 from torch import nn
 
-from pyrovae.config import ModelConfig
+from pyrovae.config import ConfigError, ModelConfig
 from pyrovae.posteriors import POSTERIORS
 from pyrovae.likelihoods import LIKELIHOODS
 from pyrovae.networks import NETWORKS, network_for
@@ -75,23 +77,32 @@ class VAE(PyroModule):
         self.likelihood.check(x)
 
     @pyro_method
-    def model(self, x: torch.Tensor, kl_weight: float = 1.0) -> torch.Tensor:
+    def model(self, x: torch.Tensor | None = None, kl_weight: float = 1.0, batch_size: int | None = None
+              ) -> torch.Tensor:
         """p(x, z) = p(z) p(x|z); ``x`` of shape (batch, C, H, W) is observed.
 
+        Without ``x`` the model runs generatively: it draws ``batch_size`` (default 1) codes from the
+        prior and images from the likelihood, as ``pyro.infer.Predictive`` expects.
         ``kl_weight`` (beta) scales log p(z) here and log q(z|x) in the guide, hence the KL term
         (beta-VAE, KL warm-up); Pyro hands model and guide the same arguments.
         """
-        if is_validation_enabled():  # Pyro's switch: on by default, off in the training loop
+        if x is not None and is_validation_enabled():  # Pyro's switch: on by default, off in the training loop
             self.check_data(x)
-        with pyro.plate("data", x.shape[0]):
+        if x is not None and batch_size is not None and batch_size != x.shape[0]:
+            raise ValueError(f"batch_size={batch_size} does not match the {x.shape[0]} images given; give one of them")
+        n = x.shape[0] if x is not None else (1 if batch_size is None else batch_size)
+        with pyro.plate("data", n):
             with _kl_scale(kl_weight):
                 z = pyro.sample("z", self.prior())  # (batch, z_dim)
             pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)  # (batch, C, H, W)
         return z
 
     @pyro_method
-    def guide(self, x: torch.Tensor, kl_weight: float = 1.0) -> torch.Tensor:
-        """q(z|x), amortized by the encoder."""
+    def guide(self, x: torch.Tensor, kl_weight: float = 1.0, batch_size: int | None = None) -> torch.Tensor:
+        """q(z|x), amortized by the encoder. (``batch_size`` only mirrors the model's signature.)"""
+        if x is None:
+            raise ValueError("the guide q(z|x) needs images x; to draw from the prior run vae.model(batch_size=n) "
+                             "without a guide")
         if is_validation_enabled():
             self.check_data(x)
         with pyro.plate("data", x.shape[0]), _kl_scale(kl_weight):
@@ -124,13 +135,28 @@ def _kl_scale(kl_weight: float):
 
 
 def build_vae(config: ModelConfig, image_shape: tuple[int, ...] = (1, 28, 28)) -> VAE:
-    """Build the VAE a :class:`ModelConfig` describes: the one place where names become objects."""
+    """Build the VAE a :class:`ModelConfig` describes: the one place where names become objects.
+
+    A part that refuses its options (a value out of range, or one that does not suit the image shape)
+    raises :class:`pyrovae.config.ConfigError` naming the config field.
+    """
     c = config
-    likelihood = LIKELIHOODS[c.likelihood].build(image_shape, **c.likelihood_options)
+    likelihood = _part("likelihood", c.likelihood, c.likelihood_options,
+                       lambda: LIKELIHOODS[c.likelihood].build(image_shape, **c.likelihood_options))
     network = network_for(image_shape) if c.network == "auto" else c.network
-    encoder, decoder = NETWORKS[network](
+    encoder, decoder = _part("network", network, c.network_options, lambda: NETWORKS[network](
         image_shape, c.z_dim, image_shape[0] * likelihood.outputs_per_pixel,
-        hidden=c.hidden, activation=c.activation, min_scale=c.min_scale, **c.network_options)
-    posterior = POSTERIORS[c.posterior].build(encoder, c.z_dim, **c.posterior_options)
-    prior = PRIORS[c.prior].build(c.z_dim, posterior=posterior, image_shape=image_shape, **c.prior_options)
+        hidden=c.hidden, activation=c.activation, min_scale=c.min_scale, **c.network_options))
+    posterior = _part("posterior", c.posterior, c.posterior_options,
+                      lambda: POSTERIORS[c.posterior].build(encoder, c.z_dim, **c.posterior_options))
+    prior = _part("prior", c.prior, c.prior_options, lambda: PRIORS[c.prior].build(
+        c.z_dim, posterior=posterior, image_shape=image_shape, **c.prior_options))
     return VAE(prior=prior, decoder=decoder, likelihood=likelihood, posterior=posterior, image_shape=image_shape)
+
+
+def _part(kind: str, name: str, options: dict, make):
+    try:
+        return make()
+    except (ValueError, TypeError) as e:
+        given = f" with model.{kind}_options {options}" if options else ""
+        raise ConfigError(f"model.{kind} {name!r}{given} cannot be built: {e}") from None

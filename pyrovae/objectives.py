@@ -1,7 +1,8 @@
 """Training objectives as loss modules: ``loss(x)`` is the negative ELBO summed over the batch.
 
 One training loop trains any of them (``pyrovae.engine.fit``), each called as ``loss(x, kl_weight=beta)``: Pyro's estimators around a VAE's
-model/guide pair, and the hand-coded ELBO of :mod:`pyrovae.elbo_manual`.
+model/guide pair, the same estimators scored from Pyro's traces without reading a value back from the
+device (:class:`TracedELBO`), and the hand-coded ELBO of :mod:`pyrovae.elbo_manual`.
 """
 
 from __future__ import annotations
@@ -11,13 +12,17 @@ import math
 import pyro
 import torch
 from pyro import poutine
-from pyro.poutine.util import site_is_subsample
+from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer.util import MultiFrameTensor, is_validation_enabled
+from pyro.poutine.util import site_is_subsample
+from pyro.util import check_model_guide_match
 from torch import nn
+from torch.distributions import kl_divergence
 
 from pyrovae.elbo_manual import ManualELBO, ManualIWAE
 
-__all__ = ["OBJECTIVES", "PyroELBO", "PyroIWAE", "build_objective"]
+__all__ = ["OBJECTIVES", "PyroELBO", "PyroIWAE", "TracedELBO", "build_objective"]
 
 
 class PyroELBO(nn.Module):
@@ -72,10 +77,161 @@ class PyroIWAE(nn.Module):
         return -(torch.logsumexp(log_w, 0) - math.log(self.particles)).sum()
 
 
+class TracedELBO(nn.Module):
+    """-ELBO of ``vae.model``/``vae.guide`` from Pyro's traces, with no value read back from the device.
+
+    The guide is traced, the model is replayed against its draws (one particle), and every sample
+    site is scored with ``site["fn"].log_prob(site["value"])``, scaled by the site's ``scale`` and
+    masked by its ``mask`` as Pyro does (``kl_weight`` reaches the loss this way: the VAE scales its
+    latent site in model and guide). Nothing here branches on a tensor's value or warns on a NaN: a
+    non-finite loss is left to the training step's on-device guard.
+
+    ``kl="mc"`` is the estimator of Pyro's ``Trace_ELBO``::
+
+        ELBO = sum_model log p(site) - sum_guide log q(site)
+
+    with every log density from the one draw. Guide sites that cannot be reparameterized add
+    ``Trace_ELBO``'s score-function term (weighted by the log ratio log p - log q of the sites in the
+    same plates), which carries gradient but no value.
+
+    ``kl="analytic"`` is the estimator of Pyro's ``TraceMeanField_ELBO``: each latent site of the
+    model must be a site of the guide too, and contributes -KL(q || p) in closed form where torch has
+    one (scaled and masked by the guide site's), else the one-draw log p(z) - log q(z|x); the
+    observed sites contribute log p(x|z). Every guide site must be reparameterized. Where the KL is
+    in closed form, log p(z) and log q(z|x) are not computed at all (the stock estimator scores them
+    and leaves them unused).
+
+    Both give the stock estimators' loss and gradients under the same noise, scoring the sites in
+    the same order. The stock ones read values back to the host at every call: per-site sums and the
+    surrogate loss as Python floats, and NaN checks on the loss and on its gradient.
+    """
+
+    def __init__(self, vae: nn.Module, kl: str = "mc"):
+        super().__init__()
+        if kl not in ("analytic", "mc"):
+            raise ValueError(f"kl must be 'analytic' or 'mc', got {kl!r}")
+        self.vae, self.kl = vae, kl
+        self._model, self._guide = vae.model, vae.guide  # bound once, as in PyroELBO
+
+    def forward(self, x: torch.Tensor, kl_weight: float = 1.0) -> torch.Tensor:
+        guide_trace = poutine.trace(self._guide).get_trace(x, kl_weight=kl_weight)
+        model_trace = poutine.trace(poutine.replay(self._model, trace=guide_trace)).get_trace(x, kl_weight=kl_weight)
+        if is_validation_enabled():  # shapes and names only: no value is read
+            check_model_guide_match(model_trace, guide_trace)
+        model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
+        elbo = (_mean_field_elbo if self.kl == "analytic" else _trace_elbo)(model_sites, guide_sites)
+        return -elbo
+
+
+def _sample_sites(trace) -> dict:
+    """The sample sites of a trace by name, in the order they ran, without plates' subsample sites."""
+    return {name: site for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not site_is_subsample(site)}
+
+
+def _log_prob(site) -> torch.Tensor:
+    """log density of the site's value, scaled and masked as the site says: the site's batch shape."""
+    log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+    return scale_and_mask(log_p, site["scale"], site["mask"])
+
+
+def _trace_elbo(model_sites: dict, guide_sites: dict) -> torch.Tensor:
+    """Trace_ELBO's one-particle estimate, a scalar; its value is the ELBO, its gradient the estimator's."""
+    # every model site first, then the guide: the order stock Pyro scores them in (flows cache values)
+    log_p = {name: _log_prob(site) for name, site in model_sites.items()}  # each (batch,) in the data plate
+    elbo = 0.0
+    for term in log_p.values():
+        elbo = elbo + term.sum()
+    log_q = {}
+    gradient_only = 0.0  # surrogate minus ELBO: no value, the score-function gradient
+    score_functions = []
+    for name, site in guide_sites.items():
+        log_prob, score_function, entropy = site["fn"].score_parts(site["value"], *site["args"], **site["kwargs"])
+        pathwise = is_identically_zero(score_function) and entropy is log_prob  # fully reparameterized
+        log_q[name] = scale_and_mask(log_prob, site["scale"], site["mask"])
+        elbo = elbo - log_q[name].sum()
+        if not pathwise:
+            # the surrogate keeps only the reparameterized part of log q, plus the score-function term
+            gradient_only = gradient_only + log_q[name].sum()
+            if not is_identically_zero(entropy):
+                gradient_only = gradient_only - scale_and_mask(entropy, site["scale"], site["mask"]).sum()
+            if not is_identically_zero(score_function):
+                score_functions.append((site, score_function))
+    if score_functions:
+        log_r = _log_ratio(model_sites, log_p, log_q)
+        for site, score_function in score_functions:
+            gradient_only = gradient_only + (log_r.sum_to(site["cond_indep_stack"]) * score_function).sum()
+    if torch.is_tensor(gradient_only):
+        elbo = elbo + (gradient_only - gradient_only.detach())  # exactly zero in value
+    return elbo
+
+
+def _log_ratio(model_sites: dict, log_p: dict, log_q: dict) -> MultiFrameTensor:
+    """log p - log q of every model site, detached and kept per plate: the score function's weight."""
+    log_r = MultiFrameTensor()
+    for name, site in model_sites.items():
+        term = log_p[name] if site["is_observed"] else log_p[name] - log_q[name]
+        log_r.add((site["cond_indep_stack"], term.detach()))  # keyed by the site's vectorized plates
+    return log_r
+
+
+def _mean_field_elbo(model_sites: dict, guide_sites: dict) -> torch.Tensor:
+    """TraceMeanField_ELBO's one-particle estimate, a scalar: closed-form KL terms where torch has them."""
+    elbo = 0.0
+    for name, site in model_sites.items():
+        if site["is_observed"]:
+            elbo = elbo + _log_prob(site).sum()  # log p(x|z)
+            continue
+        if name not in guide_sites:
+            raise ValueError(f"the mean-field ELBO needs the model's latent site {name!r} in the guide too")
+        guide_site = guide_sites[name]
+        kl = _closed_form_kl(guide_site, site)
+        if kl is not None:
+            elbo = elbo - kl
+        else:  # no closed form: the one-draw estimate log p(z) - log q(z|x), scored in that order
+            log_p = _log_prob(site).sum()
+            elbo = elbo + log_p - _reparameterized_log_prob(guide_site).sum()
+    for name, site in guide_sites.items():
+        if name not in model_sites:  # an auxiliary guide site: its entropy term
+            elbo = elbo - _reparameterized_log_prob(site).sum()
+    return elbo
+
+
+def _closed_form_kl(guide_site, model_site) -> torch.Tensor | None:
+    """KL(q || p) summed over the guide site's batch, scaled and masked by it; None without a closed form."""
+    q = guide_site["fn"]
+    if not q.has_rsample:
+        raise NotImplementedError(f"the mean-field ELBO needs a reparameterized guide; site {guide_site['name']!r} "
+                                  f"is {type(q).__name__}")
+    try:
+        kl = kl_divergence(q, model_site["fn"])  # q's batch shape, e.g. (batch,)
+    except NotImplementedError:
+        return None
+    kl = scale_and_mask(kl, guide_site["scale"], guide_site["mask"])
+    if not torch.is_tensor(kl):  # a constant: the same for every element of the batch
+        return kl * q.batch_shape.numel()
+    if kl.shape != q.batch_shape:
+        raise ValueError(f"KL at site {guide_site['name']!r} has shape {tuple(kl.shape)}, expected the guide's "
+                         f"batch shape {tuple(q.batch_shape)}")
+    return kl.sum()
+
+
+def _reparameterized_log_prob(site) -> torch.Tensor:
+    """log q of a guide site that is fully reparameterized (its entropy term), scaled and masked; batch shape."""
+    parts = site["fn"].score_parts(site["value"], *site["args"], **site["kwargs"])
+    if not (site["fn"].has_rsample and is_identically_zero(parts.score_function)
+            and not is_identically_zero(parts.entropy_term)):
+        raise NotImplementedError(f"the mean-field ELBO needs a reparameterized guide; site {site['name']!r} "
+                                  f"is {type(site['fn']).__name__}")
+    return scale_and_mask(parts.entropy_term, site["scale"], site["mask"])
+
+
 #: Objectives by config name: a factory taking the VAE and ``particles`` (K, for the IWAE bounds).
 OBJECTIVES = {
     "trace_elbo": lambda vae, particles=1: PyroELBO(vae, Trace_ELBO()),
     "meanfield_elbo": lambda vae, particles=1: PyroELBO(vae, TraceMeanField_ELBO()),
+    "elbo": lambda vae, particles=1: TracedELBO(vae, kl="mc"),
+    "meanfield": lambda vae, particles=1: TracedELBO(vae, kl="analytic"),
     "manual_analytic": lambda vae, particles=1: ManualELBO(vae, kl="analytic"),
     "manual_mc": lambda vae, particles=1: ManualELBO(vae, kl="mc"),
     "iwae": lambda vae, particles=1: PyroIWAE(vae, particles),

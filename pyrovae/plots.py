@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -22,8 +23,13 @@ def _tile(images: torch.Tensor, nrow: int) -> torch.Tensor:
 
 
 def save(fig, path: str | Path) -> Path:
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    """Write ``fig`` as a PNG, atomically (a failed write leaves the old picture, and says why)."""
+    from pyrovae.atomic import atomic_write
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
+    atomic_write(path, buffer.getbuffer())
     return Path(path)
 
 

@@ -13,9 +13,12 @@ trained straight through.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -25,18 +28,19 @@ from typing import NamedTuple
 import pyro
 import torch
 
-from pyrovae.atomic import atomic_write
-from pyrovae.checkpoint import CheckpointError, load_checkpoint
-from pyrovae.config import Config
-from pyrovae.checkpoint import load_vae
-from pyrovae.data import Prepared, prepare_data, prepare_test
+from pyrovae.atomic import atomic_write, make_folder, remove_temporaries, storage_error
+from pyrovae.board import Board
+from pyrovae.checkpoint import CheckpointError, load_checkpoint, vae_from_checkpoint
+from pyrovae.config import Config, ConfigError
+from pyrovae.data import Prepared, expected_image_shape, fingerprint, prepare_data, prepare_test
+from pyrovae.distributed import World, wrap
 from pyrovae.engine import Interrupted, TrainState, fit, make_optimizer, resolve_device
 from pyrovae.evaluate import active_units, evaluate, importance_log_likelihood, seeded_noise
 from pyrovae.model import VAE, build_vae
 from pyrovae.objectives import build_objective
 
-__all__ = ["RunFolderError", "TrainedRun", "train_run", "evaluate_run", "provenance", "write_json", "write_figures",
-           "run_metrics"]
+__all__ = ["RunFolderError", "TrainedRun", "train_run", "evaluate_run", "provenance", "machine", "write_json",
+           "write_figures", "run_metrics"]
 
 
 class RunFolderError(FileExistsError):
@@ -57,19 +61,38 @@ def provenance(device: torch.device | str | None = None) -> dict:
                      "pyro": pyro.__version__, "torchvision": torchvision.__version__},
         "device": str(device) if device is not None else None,
         "cpu_threads": torch.get_num_threads(),
+        "machine": machine(),
         "git_commit": commit,
         "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
 
 
+def machine() -> dict:
+    """The processor (model name, logical cores) and the GPU, if any: what every timing depends on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": cpu, "logical_cores": os.cpu_count(), "gpu": gpu}
+
+
 def write_json(path, obj) -> None:
     text = json.dumps(obj, indent=2) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, text.encode())
 
 
-def run_metrics(config: Config, state: TrainState, data: Prepared, device: torch.device) -> dict:
-    """``metrics.json``: the config, provenance, what the data are, and one row per finished epoch."""
+def run_metrics(config: Config, state: TrainState, data: Prepared, device: torch.device, world_size: int = 1) -> dict:
+    """``metrics.json``: the config, provenance, what the data are, and one row per finished epoch.
+    ``state`` holds the sums of all processes (as a checkpoint does, or :meth:`TrainState.summed`)."""
     metrics = {"config": config.to_dict(), "seed": config.train.seed, **provenance(device),
+               "world_size": world_size,
+               "batch_size": {"global": config.train.batch_size,
+                              "per_process": config.train.batch_size / world_size},
                "units": "nats per image (bits/dim for 8-bit likelihoods)",
                "data": {"kind": data.kind, **({"train_binarization": config.data.binarization,
                         "test_binarization": "once, seed data.test_binarization_seed"} if data.kind == "binary"
@@ -77,7 +100,14 @@ def run_metrics(config: Config, state: TrainState, data: Prepared, device: torch
                "epochs": state.history}
     if state.epoch_step:  # the step budget (or a signal) ended the run inside an epoch
         metrics["stopped_at_step"] = state.step
+        metrics["partial_epoch"] = partial_epoch(state)
     return metrics
+
+
+def partial_epoch(state: TrainState) -> dict:
+    """The figures of an epoch the run stopped inside: its steps so far and their mean training loss."""
+    return {"epoch": state.epoch + 1, "steps": state.epoch_step, "images": state.images,
+            "train_neg_elbo": float(state.loss_sum) / max(state.images, 1)}
 
 
 class TrainedRun(NamedTuple):
@@ -90,82 +120,193 @@ class TrainedRun(NamedTuple):
 
 
 def train_run(config: Config | None, out_dir, *, quiet: bool = False, overwrite: bool = False,
-              download: bool = True, resume: bool = False, data: Prepared | None = None, log=print) -> TrainedRun:
+              download: bool = True, resume: bool = False, data: Prepared | None = None,
+              data_dir: str | None = None, log=print, world: World = World()) -> TrainedRun:
     """Train the configured VAE and write every output into ``out_dir``; returns the trained run.
 
     With ``resume=True`` the run in ``out_dir`` continues from its checkpoint; ``config`` (may be
-    None) then only sets a new budget, ``train.epochs`` counting all epochs. ``data`` replaces the
+    None) then only sets a new budget, ``train.epochs`` counting all epochs, and ``data_dir`` says
+    where the data are now (they must be the data the run was trained on). ``data`` replaces the
     configured dataset (tensors already prepared, e.g. synthetic ones).
-    """
-    out = Path(out_dir)
-    saved = load_checkpoint(out / "checkpoint.pt") if resume else None
-    config = _resumable_config(out, config, saved) if resume else config
-    if not resume:
-        _check_out_dir(out, overwrite)
-    device = resolve_device(config.train.device)
-    data = data if data is not None else prepare_data(config, device, download)
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        config.save(out / "config.json")
 
-    pyro.set_rng_seed(config.train.seed)  # initialization and reparameterization noise
-    vae = build_vae(config.model, tuple(data.train.shape[1:])).to(device)
-    loss_fn = build_objective(config.train.objective, vae, config.train.particles)
+    Everything that can be checked is checked before the data are read, and nothing is written
+    before the first step can run: a run that fails to start leaves the folder as it was. The VAE is
+    built and trained with Pyro's ``module_local_params`` setting: its parameters stay in the module,
+    and Pyro's global parameter store is left as it was.
+    """
+    with pyro.settings.context(module_local_params=True):
+        return _train_run(config, out_dir, quiet=quiet, overwrite=overwrite, download=download, resume=resume,
+                          data=data, data_dir=data_dir, log=log, world=world)
+
+
+def _train_run(config, out_dir, *, quiet, overwrite, download, resume, data, data_dir, log, world) -> TrainedRun:
+    out = Path(out_dir)
+    quiet, log = quiet or not world.main, log if world.main else (lambda *_: None)
+    saved = world.from_main(lambda: load_checkpoint(out / "checkpoint.pt")) if resume else None
+    config = _resumable_config(out, config, saved) if resume else config
+    if data_dir is not None:
+        config = config.replace(data={"data_dir": str(data_dir)})
+    if not resume:
+        world.from_main(lambda: _check_out_dir(out, overwrite))
+    device = _device(config, world)
+    shape = tuple(data.train.shape[1:]) if data is not None else expected_image_shape(config.data)
+    vae = _build(config, shape, device) if shape is not None else None  # option values checked before the data
+    data = data if data is not None else prepare_data(config, device, download)
+    if vae is None or vae.image_shape != tuple(data.train.shape[1:]):
+        vae = _build(config, tuple(data.train.shape[1:]), device)
+    world.seed_noise(config.train.seed)
+    _check_batch_size(config, data, log, world)
+    identity = fingerprint(data)
+    if saved is not None:
+        _check_same_data(out, saved["state"].get("data"), identity)
+    loss_fn = wrap(build_objective(config.train.objective, vae, config.train.particles), world, device)
     optimizer = make_optimizer(vae.parameters(), config.train.lr, device)
-    state = None
     if saved is not None:
         vae.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
-        state = TrainState.from_dict(saved["state"], device)
+        state = TrainState.from_dict(saved["state"], device).resumed_by(world)
+        state.data = identity
+    else:
+        state = TrainState.start(config.train.seed, device, identity)
+        world.from_main(lambda: _start_folder(out, config, overwrite))
+    world.from_main(lambda: remove_temporaries(out))  # left by a write that was killed
+    board = Board(out / "tensorboard", start_step=state.step) if config.train.tensorboard and world.main else None
     try:
         state = fit(config, vae, loss_fn, optimizer, data, state, checkpoint=out / "checkpoint.pt", quiet=quiet,
-                    log=log)
+                    log=log, board=board, world=world)
     except Interrupted as e:
-        resumed = load_checkpoint(out / "checkpoint.pt")["state"]
-        write_json(out / "metrics.json", run_metrics(config, TrainState.from_dict(resumed, device), data, device))
-        raise Interrupted(e.signum, f"{e}. Resume with: pyrovae train --resume {out} "
+        def stopped():  # the checkpoint holds the sums of all processes
+            resumed = TrainState.from_dict(load_checkpoint(out / "checkpoint.pt")["state"], device)
+            write_json(out / "metrics.json", run_metrics(config, resumed, data, device, world.size))
+        world.from_main(stopped)
+        raise Interrupted(e.signum, f"{e}. Resume with: {_launcher(world)} train --resume {out} "
                                     f"--epochs {config.train.epochs}") from None
-    metrics = run_metrics(config, state, data, device)
-    write_json(out / "metrics.json", metrics)
-    write_figures(vae, out, state.history, data.test, data.test_labels, seed=config.train.seed)
+    finally:
+        if board is not None:
+            board.close()
+    metrics = run_metrics(config, state.summed(world), data, device, world.size)
+
+    def finish():
+        write_json(out / "metrics.json", metrics)
+        write_figures(vae, out, state.history, data.test, data.test_labels, seed=config.train.seed)
+    world.from_main(finish)
+    vae.config = config
     return TrainedRun(vae.eval(), metrics, config, data)
 
 
+def _device(config: Config, world: World) -> torch.device:
+    device = resolve_device(config.train.device)
+    return torch.device("cuda", world.local_rank) if device.type == "cuda" and world.active else device
+
+
+def _start_folder(out: Path, config: Config, overwrite: bool) -> None:
+    if overwrite:
+        _clear_run(out)
+    make_folder(out)
+    write_json(out / "config.json", config.to_dict())
+
+
+def _launcher(world: World) -> str:
+    return f"torchrun --nproc_per_node {world.size} -m pyrovae" if world.active else "pyrovae"
+
+
+def _build(config: Config, image_shape: tuple[int, ...], device: torch.device) -> VAE:
+    """The configured VAE, initialized from the run's seed (the same draws whenever it is built)."""
+    pyro.set_rng_seed(config.train.seed)  # initialization; reparameterization noise follows from it
+    return build_vae(config.model, image_shape).to(device)
+
+
+def _check_batch_size(config: Config, data: Prepared, log, world: World) -> None:
+    n, batch = data.train.shape[0], config.train.batch_size
+    if batch < world.size:
+        raise ConfigError(f"train.batch_size {batch} is the global batch, shared out over {world.size} processes: "
+                          f"it must be at least {world.size}")
+    if batch > n:
+        log(f"note: train.batch_size {batch} is larger than the {n} training images; every step uses all "
+            f"{n} (full-batch training)")
+
+
+def _check_same_data(out: Path, saved: dict | None, found: dict) -> None:
+    """Resuming: the data found now must be the data the run was trained on."""
+    if saved is None:  # a checkpoint older than the fingerprint: nothing to compare
+        return
+    if saved != found:
+        what = [f"{k}: trained on {saved.get(k)}, found {found.get(k)}" for k in ("train_shape", "test_shape")
+                if saved.get(k) != found.get(k)] or ["the same shapes, but different contents (SHA-256)"]
+        raise CheckpointError(f"cannot resume {out}: the data found are not the data it was trained on "
+                              f"({'; '.join(what)}). Point --data-dir (or PYROVAE_DATA) at the original data")
+
+
 def evaluate_run(checkpoint, *, device: str = "auto", data_dir: str | None = None, particles: int | None = None,
-                 test_images: int | None = None, out=None) -> dict:
+                 test_images: int | None = None, out=None, world: World = World()) -> dict:
     """Test figures of a saved run: -ELBO and its terms, active units, and with ``particles`` = K the
     importance-sampled -log p(x) (IWAE-K), on the first ``test_images`` test images (all by default).
-    Written as JSON to ``out`` when given. Only the test split is read."""
-    device = resolve_device(device)
-    vae, config, saved = load_vae(checkpoint, map_location=device)
+    Written as JSON to ``out`` when given. Only the test split is read. Under torchrun the processes
+    share the test images out (rank 0 reads the checkpoint and writes the JSON); the figures equal
+    the one-process figures, since the draws belong to the images."""
+    device = _device(Config().replace(train={"device": device}), world)
+    state = world.from_main(lambda: load_checkpoint(checkpoint, "cpu"))
+    vae, config, saved = vae_from_checkpoint(state, checkpoint, device)
     vae.eval()
     if data_dir:
         config = config.replace(data={"data_dir": data_dir})
     test, _ = prepare_test(config, device)
     test = test[:test_images] if test_images else test
-    figures = {**evaluate(vae, test, seed=config.data.test_binarization_seed),
+    figures = {**evaluate(vae, test, seed=config.data.test_binarization_seed, world=world),
                "active_units": active_units(vae, test)["active_units"], "z_dim": config.model.z_dim}
     if particles:
         start = time.perf_counter()
-        iwae = importance_log_likelihood(vae, test, k=particles)
+        iwae = importance_log_likelihood(vae, test, k=particles, world=world)
         figures.update({"neg_log_likelihood": iwae["neg_log_likelihood"], "particles": particles,
                         "iwae_seconds": time.perf_counter() - start,
                         **({"iwae_bits_per_dim": iwae["bits_per_dim"]} if "bits_per_dim" in iwae else {})})
     result = {"checkpoint": str(checkpoint), "epoch": saved["state"]["epoch"], "step": saved["state"]["step"],
-              "test": figures, "units": "nats per image (bits/dim for 8-bit likelihoods); binary data: test set "
-                                        "binarized once with a fixed seed", **provenance(device)}
+              "test": figures, "world_size": world.size,
+              "units": "nats per image (bits/dim for 8-bit likelihoods); binary data: test set "
+                       "binarized once with a fixed seed", **provenance(device)}
     if out is not None:
-        write_json(out, result)
+        world.from_main(lambda: write_json(out, result))
     return result
 
 
+#: What a run writes into its folder; --overwrite removes exactly these.
+RUN_OUTPUTS = ("config.json", "metrics.json", "checkpoint.pt", "evaluation*.json", "*.png", ".*.tmp", "tensorboard")
+
+
+def _run_outputs(out: Path) -> tuple[list[Path], list[Path]]:
+    """(the run's own files in ``out``, anything else there)."""
+    if not out.is_dir():
+        return [], []
+    ours = {p for pattern in RUN_OUTPUTS for p in out.glob(pattern)}
+    return sorted(ours), sorted(p for p in out.iterdir() if p not in ours)
+
+
 def _check_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"--out {out} is a file, not a folder; choose another --out")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise storage_error(out, OSError(errno.ENOTDIR, f"{blocking} is a file"))
     markers = [p for p in ("config.json", "metrics.json", "checkpoint.pt") if (out / p).exists()]
     if markers and not overwrite:
         raise RunFolderError(
             f"{out} already holds a run ({', '.join(markers)}); choose another --out folder, "
             "resume it with --resume, or pass --overwrite to replace it"
         )
+    if markers:
+        _, others = _run_outputs(out)
+        if others:
+            raise RunFolderError(
+                f"--overwrite replaces the run in {out} as a whole, but the folder also holds files a run does not "
+                f"write ({', '.join(p.name for p in others[:5])}{', ...' if len(others) > 5 else ''}); move them "
+                "away or choose another --out")
+
+
+def _clear_run(out: Path) -> None:
+    """Remove every output of the run in ``out`` (checked by :func:`_check_out_dir`), so none survives."""
+    ours, _ = _run_outputs(out)
+    for path in ours:
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def _resumable_config(out: Path, config: Config | None, state: dict) -> Config:
@@ -174,7 +315,8 @@ def _resumable_config(out: Path, config: Config | None, state: dict) -> Config:
     if config is None:
         return saved
     budget = {"epochs": config.train.epochs, "max_steps": config.train.max_steps}
-    mine = config.replace(train={"epochs": saved.train.epochs, "max_steps": saved.train.max_steps})
+    mine = config.replace(train={"epochs": saved.train.epochs, "max_steps": saved.train.max_steps},
+                          data={"data_dir": saved.data.data_dir})  # where the data are is not the run's identity
     if mine != saved:
         a, b = _flat(saved.to_dict()), _flat(mine.to_dict())
         diff = [f"{k}: saved {a.get(k)!r}, given {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]

@@ -79,6 +79,26 @@ def small_options(cls) -> dict:
     return {"components": 3} if "components" in inspect.signature(cls.__init__).parameters else {}
 
 
+#: Tensor methods that copy a value from the device to the host (a synchronisation on CUDA).
+HOST_READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy")
+
+
+class CountHostReads:
+    """Counts the calls of every Tensor method that copies a value from the device to the host, from
+    construction until ``monkeypatch.undo()``."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list[str] = []
+        for name in HOST_READS:
+            original = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _name=name, _original=original, **kwargs):
+                self.calls.append(_name)
+                return _original(tensor, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
 def grid_2d(lim, step, dtype=torch.float64):
     """Midpoints of a square grid on [-lim, lim]^2: (points, (n*n, 2)) with z_1 varying slowest."""
     g = torch.arange(-lim, lim, step, dtype=dtype) + step / 2
@@ -111,3 +131,45 @@ def extreme_bernoulli_case(shape):
     lik = LIKELIHOODS["bernoulli"].build(shape)
     reference = torch.distributions.Bernoulli(logits=logits.double()).log_prob(x.double()).flatten(-3).sum(-1)
     return logits, x, lik, reference
+
+
+#: Synthetic LFW trees: where the person folders go, under the data root, for each layout the loader reads.
+LFW_LAYOUTS = {"torchvision": ("lfw-py", "lfw_funneled"), "unpacked": ("lfw", "lfw_funneled"),
+               "original": ("lfw", "lfw"), "persons": ("lfw",)}
+
+
+def lfw_people(n_train=4, n_test=2) -> tuple[list[str], list[str]]:
+    """Names of made-up people, ``n_train`` on the training side of LFW's split by person and ``n_test``
+    on the test side."""
+    from pyrovae.data import lfw_is_test_person
+
+    train, test = [], []
+    for i in range(10_000):
+        name = f"Person_{i:04d}"
+        side = test if lfw_is_test_person(name) else train
+        if len(side) < (n_test if side is test else n_train):
+            side.append(name)
+        if len(train) == n_train and len(test) == n_test:
+            return train, test
+    raise AssertionError("not enough names on both sides of the split")
+
+
+def lfw_tree(root: Path, layout="torchvision", n_train=4, n_test=2, per_person=3, size=250, seed=0) -> Path:
+    """A small LFW copy under the data root ``root``: random colour JPEGs (``size`` x ``size``, brighter in
+    the middle) at ``<folder>/<person>/<person>_NNNN.jpg``, the folder given by ``LFW_LAYOUTS[layout]``;
+    returns ``root``."""
+    train, test = lfw_people(n_train, n_test)
+    folder = root.joinpath(*LFW_LAYOUTS[layout])
+    for k, person in enumerate(train + test):
+        (folder / person).mkdir(parents=True, exist_ok=True)
+        images = grey_images(per_person, (3, size, size), seed=seed + k)
+        for i, image in enumerate(images, start=1):
+            write_jpeg(image, folder / person / f"{person}_{i:04d}.jpg")
+    return root
+
+
+def write_jpeg(image: torch.Tensor, path: Path, quality=90) -> None:
+    """Save a (3, H, W) uint8 tensor as a JPEG file (with Pillow: torchvision's encoders are deprecated)."""
+    from PIL import Image
+
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path, quality=quality)

@@ -4,7 +4,9 @@ import pytest
 
 from helpers import ROOT
 
+from pyrovae.objectives import OBJECTIVES
 from pyrovae.config import Config, ConfigError, ModelConfig, TrainConfig
+from pyrovae.data import DATASETS
 from pyrovae.likelihoods import LIKELIHOODS
 from pyrovae.networks import NETWORKS
 from pyrovae.priors import PRIORS
@@ -28,13 +30,13 @@ def test_json_round_trip(tmp_path):
     ("train", "batch_size", 0, "train.batch_size must be a positive integer"),
     ("train", "epochs", -3, "train.epochs must be a positive integer"),
     ("train", "device", "tpu", "auto, cpu, cuda"),
-    ("train", "objective", "elbo2", "valid: iwae, manual_analytic, manual_iwae, manual_mc, meanfield_elbo, trace_elbo"),
+    ("train", "objective", "elbo2", "valid: " + ", ".join(sorted(OBJECTIVES))),
     ("model", "z_dim", 0, "model.z_dim must be a positive integer"),
     ("model", "hidden", (), "model.hidden"),
     ("model", "prior", "gaussian", "valid: " + ", ".join(sorted(PRIORS))),
     ("model", "likelihood", "poisson", "valid: " + ", ".join(sorted(LIKELIHOODS))),
     ("model", "activation", "swish", "valid: elu, gelu, relu, softplus, tanh"),
-    ("data", "dataset", "imagenet", "valid: cifar10, fashion_mnist, mnist, or folder:PATH"),
+    ("data", "dataset", "imagenet", "valid: " + ", ".join(sorted(DATASETS)) + ", or folder:PATH"),
     ("data", "binarization", "threshold", "valid: dynamic, static"),
 ])
 def test_bad_values_name_the_field_and_the_valid_choices(section, key, value, needle):
@@ -61,8 +63,8 @@ def test_unknown_component_options_are_refused_with_the_valid_ones():
         Config().replace(model={"prior_options": {"components": 3}})
     with pytest.raises(ConfigError, match="must be a mapping"):
         Config().replace(model={"posterior_options": [1, 2]})
-    with pytest.raises(ConfigError, match="unknown model.network 'resnet'; valid: auto, " + ", ".join(sorted(NETWORKS))):
-        Config().replace(model={"network": "resnet"})
+    with pytest.raises(ConfigError, match="unknown model.network 'transformer'; valid: auto, " + ", ".join(sorted(NETWORKS))):
+        Config().replace(model={"network": "transformer"})
 
 
 def test_lr_milestones_read_from_toml_lists():
@@ -71,7 +73,7 @@ def test_lr_milestones_read_from_toml_lists():
     assert Config.from_dict(cfg.to_dict()) == cfg
 
 
-IMAGE_SHAPES = {"mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+IMAGE_SHAPES = {"mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "cifar10": (3, 32, 32), "lfw": (3, 64, 64)}
 CONFIG_FILES = sorted((ROOT / "experiments" / "configs").glob("*.toml"))
 
 

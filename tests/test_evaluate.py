@@ -258,12 +258,11 @@ def _float64_reference(vae, x, k, seed):
     networks, likelihood and densities run by the stock ops in float64."""
     import copy
 
-    from pyrovae.evaluate import seeded_noise
+    from pyrovae.evaluate import batch_noise
 
     vae64 = copy.deepcopy(vae).double()
     with torch.no_grad():
-        with seeded_noise(seed, x.device):
-            vae.prior()
+        with batch_noise(seed, 0, x.device):  # the stream of the batch that starts at image 0
             z = vae.posterior(x).sample((k,)).double()  # (k, B, z_dim): the draws the estimator makes
         x64 = x.double()
         log_w = (vae64.likelihood(vae64.decoder(z)).log_prob(x64) + vae64.prior().log_prob(z)

@@ -81,6 +81,15 @@ def test_cifar10_smoke(mnist_root, tmp_path):
     assert (tmp_path / "runs" / "cifar10" / "checkpoint.pt").is_file()
 
 
+@pytest.mark.slow
+def test_benchmark_distributed_smoke(mnist_root, tmp_path):
+    printed = run_smoke("benchmarks/benchmark_distributed.py", mnist_root, "--out", str(tmp_path))
+    assert "communication share" in printed and "-log p(x)" in printed
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["communication"]) == {"default (400)", "10x wider (4000)"}
+    assert not (tmp_path / "two_processes.json").exists()
+
+
 def test_benchmark_iwae_smoke(mnist_root, tmp_path):
     out = run_smoke("benchmarks/benchmark_iwae.py", mnist_root, "--out", str(tmp_path))
     assert "ratios: ours/stock" in out and "peak resident memory" in out

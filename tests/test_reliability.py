@@ -4,17 +4,23 @@
 honest.
 """
 
+import errno
 import json
 import os
+import re
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
 
+import pyro
 import pytest
 import torch
 
 from helpers import ROOT, binary_images, image_folder, synthetic_data
+from pyrovae.atomic import StorageError
 from pyrovae import Config, ModelConfig, build_vae, fit, train_step
 from pyrovae.checkpoint import CheckpointError, load_checkpoint, load_vae, save_checkpoint
 from pyrovae.cli import main
@@ -189,6 +195,7 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one_intact(tmp_p
     path = tmp_path / "checkpoint.pt"
     script = f"""
 import torch
+from pyrovae.atomic import StorageError
 from pyrovae import Config, build_vae
 from pyrovae.checkpoint import save_checkpoint
 vae = build_vae(Config().model)
@@ -400,8 +407,271 @@ def test_resume_refuses_a_changed_config_or_a_missing_run(tmp_path, capsys):
     assert "no checkpoint at" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--resume", str(tmp_path / "run"), "--lr", "0.1"])
-    assert "only --epochs and --max-steps" in capsys.readouterr().err
+    assert "only --epochs, --max-steps and --data-dir" in capsys.readouterr().err
+
+
+
+# --- every mistake a clear message, before anything is loaded or written -------------------------
+def _cli(*args, cwd=ROOT, env=None, timeout=300):
+    """``python -m pyrovae ARGS`` as a real subprocess: (exit code, stdout, stderr)."""
+    result = subprocess.run([sys.executable, "-m", "pyrovae", *args], capture_output=True, text=True, cwd=cwd,
+                            env={**os.environ, **(env or {})}, timeout=timeout)
+    return result.returncode, result.stdout, result.stderr
+
+
+BAD_VALUES = [  # (flags, what the message must say); each is refused before the data are read
+    (["--prior", "vamp", "--set", "model.prior_options.components=0"], "at least one pseudo-input, got components=0"),
+    (["--prior", "vamp", "--set", "model.prior_options.components=abc"],
+     "model.prior_options.components must be an integer, got 'abc'"),
+    (["--posterior", "iaf", "--set", "model.posterior_options.flows=0"], "at least one flow, got flows=0"),
+    (["--likelihood", "normal", "--set", "model.likelihood_options.scale=bogus"],
+     "unknown scale 'bogus' for the normal likelihood; valid: fixed, learned, per_pixel"),
+    (["--set", "model.hidden=[400, -1]"], "model.hidden must be one or more positive layer widths"),
+    (["--set", "train.seed=-1"], "train.seed must be an integer from 0"),
+    (["--set", "train.batch_size=abc"], "train.batch_size must be a positive integer, got 'abc'"),
+    (["--set", "train.tensorboard=maybe"], "train.tensorboard must be true or false"),
+    (["--network", "conv", "--set", "model.network_options.channels=[8, 8, 8, 8, 8, 8]"],
+     "model.network 'conv'"),
+    (["--plugin", "no_such_plugin_module"], "no plugin module 'no_such_plugin_module'"),
+]
+for flags, _ in BAD_VALUES:
+    case(f"a bad option value ({' '.join(flags)}): one message before the data are read, no folder left")
+
+
+@pytest.mark.parametrize("flags,needle", BAD_VALUES, ids=[" ".join(f) for f, _ in BAD_VALUES])
+def test_bad_values_are_one_message_before_any_data_and_leave_nothing(tmp_path, flags, needle):
+    out = tmp_path / "run"
+    code, _, err = _cli("train", "--out", str(out), "--data-dir", str(tmp_path / "no-data-here"), *flags)
+    assert code in (1, 2) and "Traceback" not in err, err
+    assert needle in err, err
+    assert "no-data-here" not in err  # the value was refused first: the missing data were never looked for
+    assert not out.exists()
+
+
+CLI_MISTAKES = [  # (arguments, with {images} and {tmp} filled in; what stderr must say)
+    (["train", "--out", "{tmp}/file/run", "--dataset", "folder:{images}"], "a part of the path is a file"),
+    (["train", "--out", "{tmp}/file", "--dataset", "folder:{images}"], "is a file, not a folder"),
+    (["train", "--out", "{tmp}/run", "--dataset", "folder:{images}", "--lr", "1e5", "--batch-size", "20"],
+     "No checkpoint had been written yet"),
+    (["train", "--resume", "{tmp}/nothing-here"], "no checkpoint at"),
+    (["train", "--config", "{tmp}/missing.toml"], "no config file at"),
+    (["train", "--set", "train.epochs"], "an override must look like section.key=value"),
+    (["train", "--dataset", "folder:{tmp}/no-such-folder", "--out", "{tmp}/run"], "no-such-folder"),
+    (["evaluate", "{tmp}/file"], "could not be read as a pyrovae checkpoint"),
+    (["sample", "{tmp}/nothing-here", "--out", "{tmp}/s"], "no checkpoint at"),
+]
+for args, _ in CLI_MISTAKES:
+    case(f"command line: pyrovae {' '.join(args)}")
+
+
+@pytest.mark.parametrize("args,needle", CLI_MISTAKES, ids=[" ".join(a) for a, _ in CLI_MISTAKES])
+def test_command_line_mistakes_end_in_one_message_not_a_traceback(tmp_path, args, needle):
+    (tmp_path / "file").write_text("not a checkpoint")
+    images = image_folder(tmp_path / "images", 60, 20)
+    code, _, err = _cli(*[a.format(tmp=tmp_path, images=images) for a in args])
+    assert code in (1, 2) and "Traceback" not in err, err
+    assert needle in err, err
+
+
+@faults("a run that fails to start (data missing) leaves nothing that blocks the corrected retry")
+def test_a_run_that_cannot_start_leaves_no_folder_behind(tmp_path):
+    out = tmp_path / "run"
+    code, _, err = _cli("train", "--out", str(out), "--data-dir", str(tmp_path / "no-data-here"), "--max-steps", "1")
+    assert code == 1 and "Traceback" not in err and "no-data-here" in err
+    assert not out.exists()
+
+
+@faults("--overwrite over a finished 2-D run: nothing of the old run survives (evaluation, manifold, scatter)",
+        "--overwrite refuses a folder that holds files a run does not write")
+def test_overwrite_replaces_the_whole_run(tmp_path):
+    out = tmp_path / "run"
+    train_run(TINY.replace(model={"z_dim": 2}, train={"epochs": 1}), out, data=DATA, quiet=True)
+    (out / "evaluation.json").write_text("{}")
+    old = {p.name for p in out.iterdir()}
+    assert {"manifold.png", "latent_scatter.png", "evaluation.json"} <= old
+    train_run(TINY.replace(train={"epochs": 1}), out, data=DATA, quiet=True, overwrite=True)
+    new = {p.name for p in out.iterdir()}
+    assert not {"manifold.png", "latent_scatter.png", "evaluation.json"} & new
+    assert json.loads((out / "config.json").read_text())["model"]["z_dim"] == TINY.model.z_dim
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(RunFolderError, match="notes.txt"):
+        train_run(TINY.replace(train={"epochs": 1}), out, data=DATA, quiet=True, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "checkpoint.pt").exists()
+
+
+def _fail_fsync(code):
+    def fsync(fd):
+        raise OSError(code, os.strerror(code))
+    return fsync
+
+
+@pytest.mark.parametrize("code,advice", [(errno.ENOSPC, "the disk is full"), (errno.EROFS, "read-only"),
+                                         (errno.EACCES, "permission denied")])
+@faults("disk full while writing a checkpoint: one message naming the file, the previous checkpoint intact",
+        "read-only file system while writing a checkpoint",
+        "permission denied while writing a checkpoint")
+def test_a_failed_checkpoint_write_is_a_message_and_keeps_the_previous_one(tmp_path, monkeypatch, code, advice):
+    out = tmp_path / "run"
+    _run(out, epochs=1)
+    before = (out / "checkpoint.pt").read_bytes()
+    monkeypatch.setattr("pyrovae.atomic.os.fsync", _fail_fsync(code))
+    with pytest.raises(StorageError, match=f"cannot write {re.escape(str(out / 'checkpoint.pt'))}: .*{advice}"):
+        _run(out, resume=True, epochs=2)
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert not list(out.glob(".*.tmp"))
+
+
+@faults("--out under a file: one message, no traceback", "sample --out under a file: one message")
+def test_an_output_path_under_a_file_is_one_message(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert main(["train", "--out", str(tmp_path / "file" / "run"), "--max-steps", "1", "--quiet",
+                 "--dataset", f"folder:{image_folder(tmp_path / 'images', 60, 20)}"]) == 1
+    err = capsys.readouterr().err
+    assert "a part of the path is a file" in err and "Traceback" not in err
+    _run(tmp_path / "run", epochs=1)
+    assert main(["sample", str(tmp_path / "run"), "--out", str(tmp_path / "file" / "samples")]) == 1
+    assert "a part of the path is a file" in capsys.readouterr().err
+
+
+@faults("a stray temporary file of a killed write is removed on resume")
+def test_stray_temporaries_are_removed_on_resume(tmp_path):
+    out = tmp_path / "run"
+    _run(out, epochs=1)
+    stray = out / ".checkpoint.pt.k1ll3d.tmp"
+    stray.write_bytes(b"partial")
+    _run(out, resume=True, epochs=2)
+    assert not stray.exists()
+
+
+@faults("a step budget inside an epoch prints and records the training loss so far")
+def test_a_stop_inside_an_epoch_reports_the_loss_so_far(tmp_path):
+    lines = []
+    metrics = train_run(TINY.replace(train={"max_steps": 3}), tmp_path / "run", data=DATA, log=lines.append).metrics
+    partial = metrics["partial_epoch"]
+    assert partial["epoch"] == 1 and partial["steps"] == 3 and partial["images"] == 300
+    assert 0 < partial["train_neg_elbo"] < 1000
+    assert any("stopped in epoch 1 after 3 of its 6 steps" in line for line in lines)
+
+
+@faults("a batch larger than the dataset says it trains full-batch")
+def test_a_batch_larger_than_the_data_is_said(tmp_path):
+    lines = []
+    train_run(TINY.replace(train={"batch_size": 1000, "max_steps": 1}), tmp_path / "run", data=DATA, log=lines.append)
+    assert any("larger than the 600 training images" in line for line in lines)
+
+
+@faults("a folder of grey images with one colour image says it reads them all as RGB")
+def test_a_folder_mixing_colour_and_grey_says_so(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    from pyrovae.data import load_image_folder
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = image_folder(tmp_path / "images", 30, 10)
+    Image.new("RGB", (28, 28), (200, 10, 10)).save(folder / "train" / "class0" / "odd.png")
+    images = load_image_folder(folder / "train").images
+    assert images.shape[1] == 3
+    err = capsys.readouterr().err
+    assert "1 of the 31 images" in err and "odd.png" in err and "30 grey" in err
+
+
+@faults("files get the usual mode (0666 less the umask), not 0600")
+def test_files_are_written_with_the_usual_mode(tmp_path):
+    _run(tmp_path / "run", epochs=1)
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("config.json", "metrics.json", "checkpoint.pt", "samples.png"):
+        assert stat.S_IMODE((tmp_path / "run" / name).stat().st_mode) == 0o666 & ~mask, name
+
+
+@faults("resume with other data than the run was trained on is refused")
+def test_resume_refuses_other_data(tmp_path):
+    _run(tmp_path / "run", epochs=1)
+    other = synthetic_data(n_train=600, n_test=100, seed=5)
+    with pytest.raises(CheckpointError, match="not the data it was trained on.*different contents"):
+        train_run(TINY.replace(train={"epochs": 2}), tmp_path / "run", data=other, quiet=True, resume=True)
+    smaller = synthetic_data(n_train=500, n_test=100)
+    with pytest.raises(CheckpointError, match=r"train_shape: trained on \[600, 1, 28, 28\], found \[500"):
+        train_run(TINY.replace(train={"epochs": 2}), tmp_path / "run", data=smaller, quiet=True, resume=True)
+
+
+@pytest.mark.mnist
+@faults("resume after the data moved: --data-dir says where they are now")
+def test_resume_accepts_data_dir_for_moved_data(tmp_path, mnist_root):
+    first = tmp_path / "first"
+    shutil.copytree(mnist_root / "MNIST", first / "MNIST")
+    args = ["--z-dim", "2", "--hidden", "16", "--train-subset", "300", "--test-subset", "100", "--batch-size", "100",
+            "--quiet"]
+    assert main(["train", "--out", str(tmp_path / "run"), "--data-dir", str(first), "--max-steps", "2", *args]) == 0
+    moved = tmp_path / "moved"
+    first.rename(moved)
+    assert main(["train", "--resume", str(tmp_path / "run"), "--data-dir", str(moved), "--epochs", "1",
+                 "--quiet"]) == 0
+    assert load_checkpoint(tmp_path / "run")["state"]["epoch"] == 1
+
+
+PLUGIN = """
+import torch
+import pyro.distributions as dist
+from torch import nn
+
+from pyrovae.priors import PRIORS, Prior
+
+
+class LogisticPrior(Prior):
+    def __init__(self, z_dim: int, scale: float = 1.0):
+        super().__init__()
+        if not scale > 0:
+            raise ValueError(f"the logistic prior needs a positive scale, got scale={scale}")
+        self.z_dim, self.scale = z_dim, scale
+        self.register_buffer("zero", torch.zeros(z_dim))
+
+    def forward(self):
+        base = dist.Uniform(torch.zeros_like(self.zero), torch.ones_like(self.zero))
+        logistic = dist.TransformedDistribution(base, [dist.transforms.SigmoidTransform().inv,
+                                                       dist.transforms.AffineTransform(0.0, self.scale)])
+        return logistic.to_event(1)
+
+
+PRIORS[{name!r}] = LogisticPrior
+"""
+
+
+@faults("a prior from a plugin module (--plugin) trains, and its run is sampled from the CLI",
+        "a prior from an installed entry point (group pyrovae.priors) trains by name")
+def test_plugins_reach_the_command_line_and_saved_runs(tmp_path):
+    images = image_folder(tmp_path / "images", 60, 20)
+    common = ["--dataset", f"folder:{images}", "--z-dim", "2", "--hidden", "16", "--max-steps", "2", "--quiet"]
+    (tmp_path / "my_priors.py").write_text(PLUGIN.replace("{name!r}", "'logistic'"))
+    code, _, err = _cli("train", "--plugin", "my_priors", "--prior", "logistic", "--out", str(tmp_path / "a"),
+                        *common, cwd=tmp_path)
+    assert code == 0, err
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["model"]["plugins"] == ["my_priors"]
+    code, out, err = _cli("sample", str(tmp_path / "a"), "--out", str(tmp_path / "a"), cwd=tmp_path)
+    assert code == 0 and "samples.png" in out, err
+
+    site = tmp_path / "site"  # an installed distribution: a module and its dist-info with entry points
+    (site / "pyrovae_logistic-0.1.dist-info").mkdir(parents=True)
+    (site / "pyrovae_logistic-0.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: pyrovae-logistic\nVersion: 0.1\n")
+    (site / "pyrovae_logistic-0.1.dist-info" / "entry_points.txt").write_text(
+        "[pyrovae.priors]\nlogistic_ep = pyrovae_logistic:LogisticPrior\n")
+    (site / "pyrovae_logistic.py").write_text(PLUGIN.replace("PRIORS[{name!r}] = LogisticPrior", ""))
+    env = {"PYTHONPATH": str(site)}
+    code, _, err = _cli("train", "--prior", "logistic_ep", "--out", str(tmp_path / "b"), *common, env=env)
+    assert code == 0, err
+    code, _, err = _cli("train", "--prior", "logistic_ep", "--set", "model.prior_options.scale=-1",
+                        "--out", str(tmp_path / "c"), *common, env=env)
+    assert code == 2 and "positive scale, got scale=-1" in err and "Traceback" not in err
+    assert not (tmp_path / "c").exists()
+
+
+@faults("train_run leaves Pyro's global parameter store as it was")
+def test_training_leaves_the_param_store_empty(tmp_path):
+    pyro.clear_param_store()
+    run = _run(tmp_path / "run", epochs=1)
+    assert len(pyro.get_param_store()) == 0 and run["epochs"]
 
 
 def test_the_module_counts_its_cases():
-    assert len(FAULTS) == len(set(FAULTS)) >= 20, FAULTS
+    assert len(FAULTS) == len(set(FAULTS)) >= 40, FAULTS

@@ -7,7 +7,7 @@ import pyro
 import pytest
 import torch
 
-from helpers import binary_images, synthetic_data
+from helpers import CountHostReads, binary_images, synthetic_data
 from pyrovae import Config, TrainState, build_vae, fit, train_step
 from pyrovae.checkpoint import load_vae
 from pyrovae.data import batches
@@ -84,24 +84,6 @@ def test_refuses_to_overwrite_another_run(tmp_path):
 
 
 # --- a step that never waits on the device --------------------------------------------------------
-HOST_READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy")
-
-
-class CountHostReads:
-    """Counts the calls of every Tensor method that copies a value from the device to the host."""
-
-    def __init__(self, monkeypatch):
-        self.calls: list[str] = []
-        for name in HOST_READS:
-            original = getattr(torch.Tensor, name)
-
-            def counted(tensor, *args, _name=name, _original=original, **kwargs):
-                self.calls.append(_name)
-                return _original(tensor, *args, **kwargs)
-
-            monkeypatch.setattr(torch.Tensor, name, counted)
-
-
 def _steps(objective: str, steps: int, monkeypatch) -> list[str]:
     vae = build_vae(SMALL.model)
     loss_fn = build_objective(objective, vae, 3)

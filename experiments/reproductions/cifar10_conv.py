@@ -1,4 +1,5 @@
-"""CIFAR-10 with the convolutional VAE and a discretized logistic likelihood: test bits/dim at a budget.
+"""CIFAR-10 with the residual convolutional VAE (``network = "resnet"`` in the config) and a discretized
+logistic mixture likelihood: test bits/dim at a budget.
 
 Reads ``experiments/configs/cifar10.toml`` (overridable with ``--set``), trains, and reports test
 bits/dim from the ELBO (all test images) and from importance sampling with K samples (the first
