@@ -24,6 +24,7 @@ The convention (what keeps one process and N processes on the same objective):
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -178,7 +179,10 @@ def wrap(loss_fn: torch.nn.Module, world: World, device: torch.device) -> torch.
         return loss_fn
     from torch.nn.parallel import DistributedDataParallel
 
-    ddp = DistributedDataParallel(loss_fn, device_ids=[device] if device.type == "cuda" else None,
-                                  forward_sync_buffers=False)  # buffers are constants here: synced once, at start
+    # the buffers are constants here: synced once, at the start, never again (the option's name
+    # changed in torch 2.14)
+    sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
+        else "broadcast_buffers"
+    ddp = DistributedDataParallel(loss_fn, device_ids=[device] if device.type == "cuda" else None, **{sync: False})
     ddp.register_comm_hook(None, sum_gradients)
     return ddp

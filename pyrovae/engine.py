@@ -164,8 +164,8 @@ class NonFiniteWatch:
 
 def parameter_names(loss_fn, optimizer: torch.optim.Optimizer) -> list[str]:
     """The name of every parameter the optimizer holds, as the loss module calls it."""
-    named = {id(p): n.removeprefix("module.") for n, p in loss_fn.named_parameters()} \
-        if hasattr(loss_fn, "named_parameters") else {}  # (a DistributedDataParallel wrapper adds "module.")
+    named = {id(p): n.replace("module.", "") for n, p in loss_fn.named_parameters()} \
+        if hasattr(loss_fn, "named_parameters") else {}  # (wrappers, DDP's and the compiled one, add "module.")
     return [named.get(id(p), f"parameter {i}") for i, p in enumerate(_parameters(optimizer))]
 
 
@@ -268,6 +268,18 @@ class TrainState:
             self.noise_rng = None  # a different number of processes: a fresh stream (not bit-exact)
         return self
 
+    def moved_to(self, device: torch.device, seed: int, log=print) -> "TrainState":
+        """Resuming on another kind of device than the one that saved the run: its data generator's
+        state belongs to that device, so the data stream starts afresh from the seed and the epoch
+        (the run goes on, not bit for bit)."""
+        fresh = torch.Generator(device=device)
+        if self.data_rng.numel() != fresh.get_state().numel():
+            self.data_rng = fresh.manual_seed(seed + 1 + 7919 * self.epoch).get_state()
+            self.epoch_step, self.images, self.loss_sum = 0, 0, torch.zeros_like(self.loss_sum)
+            log(f"note: this run was saved on another kind of device than {device.type}; its data order and "
+                "binarization go on from a fresh stream (the epoch in progress starts again; not bit-exact)")
+        return self
+
     def restore_noise(self, device: torch.device) -> None:
         """Resuming: the reparameterization noise goes on from where it stopped."""
         if self.noise_rng is not None:
@@ -309,13 +321,19 @@ def fit(config: Config, vae, loss_fn, optimizer, data: Prepared, state: TrainSta
     steps_per_epoch = n // per_step + (n % per_step >= world.size)  # a last batch too small for the world is dropped
     vae.check_data(next(batches(data.train[: t.batch_size], t.batch_size, torch.Generator(device), data.per_batch)))
     stopped_by = 0  # the signal that stopped the run, agreed by all processes
+    replayed = None  # the step as a CUDA graph (train.cuda_graph), captured again when the learning rate changes
     with pyro.validation_enabled(False), _stop_on_signals() as signals, _progress(quiet) as bar:  # data checked
         while state.epoch < t.epochs and not _budget_spent(t, state) and not stopped_by:
             _set_learning_rate(optimizer, learning_rate(t, state.epoch))
             vae.train()
             checked, start = state.epoch_step, time.perf_counter()
             for x in state.epoch_batches(data, t.batch_size, world):
-                result = train_step(loss_fn, optimizer, x, kl_weight=kl_weight_at(t, state.step), grad_clip=t.grad_clip)
+                if t.cuda_graph and device.type == "cuda" and x.shape[0] == -(-t.batch_size // world.size):
+                    replayed = _replayed_step(replayed, loss_fn, optimizer, x, t.grad_clip)
+                    result = replayed(x, kl_weight_at(t, state.step))
+                else:
+                    result = train_step(loss_fn, optimizer, x, kl_weight=kl_weight_at(t, state.step),
+                                        grad_clip=t.grad_clip)
                 watch.add(result)
                 state.record(result, x.shape[0])
                 bar.update()
@@ -355,6 +373,18 @@ def fit(config: Config, vae, loss_fn, optimizer, data: Prepared, state: TrainSta
         raise Interrupted(stopped_by, f"stopped by {signal.Signals(stopped_by).name} at epoch {state.epoch + 1}, "
                                       f"step {state.epoch_step} of the epoch; {kept}")
     return state
+
+
+def _replayed_step(replayed, loss_fn, optimizer, x, grad_clip):
+    """The CUDA-graph step for batches like ``x``: the one captured before, unless the learning rate
+    (a constant of the graph) has changed since."""
+    from pyrovae.compiled import StaticStep
+
+    lr = optimizer.param_groups[0]["lr"]
+    if replayed is None or replayed.lr != lr:
+        replayed = StaticStep(loss_fn, optimizer, x, grad_clip=grad_clip)
+        replayed.lr = lr
+    return replayed
 
 
 def _progress(quiet: bool):

@@ -171,7 +171,7 @@ class LocationScaleLikelihood(Likelihood):
     def loc_scale(self, outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-pixel location and scale, each (batch, C, H, W), from decoder outputs."""
         if self.scale_kind == "per_pixel":
-            loc, raw = outputs.chunk(2, dim=1)
+            loc, raw = outputs.chunk(2, dim=-3)  # the channel dim, after any particle and batch dims
             return loc, F.softplus(raw) + self.min_scale
         if self.scale_kind == "learned":
             return outputs, (F.softplus(self.raw_scale) + self.min_scale).expand_as(outputs)

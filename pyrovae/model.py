@@ -129,9 +129,12 @@ class VAE(PyroModule):
         return self.decode(self.prior().sample((n,)))
 
 
-def _kl_scale(kl_weight: float):
-    """Scale the latent site by ``kl_weight`` (in model and guide alike), or leave it alone at 1."""
-    return poutine.scale(scale=kl_weight) if kl_weight != 1.0 else contextlib.nullcontext()
+def _kl_scale(kl_weight):
+    """Scale the latent site by ``kl_weight`` (in model and guide alike), or leave it alone at 1. A
+    tensor weight (a static buffer of a replayed step) always scales: no branch on a device value."""
+    if isinstance(kl_weight, torch.Tensor) or kl_weight != 1.0:
+        return poutine.scale(scale=kl_weight)
+    return contextlib.nullcontext()
 
 
 def build_vae(config: ModelConfig, image_shape: tuple[int, ...] = (1, 28, 28)) -> VAE:

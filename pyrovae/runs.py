@@ -159,12 +159,21 @@ def _train_run(config, out_dir, *, quiet, overwrite, download, resume, data, dat
     identity = fingerprint(data)
     if saved is not None:
         _check_same_data(out, saved["state"].get("data"), identity)
-    loss_fn = wrap(build_objective(config.train.objective, vae, config.train.particles), world, device)
+    loss_fn = build_objective(config.train.objective, vae, config.train.particles)
+    if config.train.compile:
+        from pyrovae.compiled import compile_loss
+
+        loss_fn = compile_loss(loss_fn, log)
+    if config.train.cuda_graph and device.type != "cuda":
+        log("note: train.cuda_graph applies on CUDA only; this run is on the CPU and takes eager steps")
+    loss_fn = wrap(loss_fn, world, device)
     optimizer = make_optimizer(vae.parameters(), config.train.lr, device)
     if saved is not None:
         vae.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
-        state = TrainState.from_dict(saved["state"], device).resumed_by(world)
+        for group in optimizer.param_groups:  # a run whose steps were CUDA graphs may go on elsewhere
+            group["capturable"] = group.get("capturable", False) and device.type == "cuda"
+        state = TrainState.from_dict(saved["state"], device).resumed_by(world).moved_to(device, config.train.seed, log)
         state.data = identity
     else:
         state = TrainState.start(config.train.seed, device, identity)

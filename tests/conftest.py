@@ -3,8 +3,37 @@ from pathlib import Path
 
 import pyro
 import pytest
+import torch
 
 from pyrovae.data import MNIST_FILES
+
+#: Why a test that needs CUDA does not run here.
+NO_CUDA = "no CUDA device: torch.cuda.is_available() is False on this machine; this case runs where a GPU is present"
+
+
+def _devices() -> list:
+    """The devices a test that takes ``device`` runs on: the CPU, and CUDA where a GPU is present.
+    The CUDA cases carry the ``cuda`` marker, so ``pytest -m cuda`` selects exactly them."""
+    devices = [pytest.param("cpu", id="cpu")]
+    if torch.cuda.is_available():
+        devices.append(pytest.param("cuda", id="cuda", marks=pytest.mark.cuda))
+    return devices
+
+
+@pytest.fixture(params=_devices())
+def device(request) -> torch.device:
+    """Each device present on this machine, in turn (the CPU always, CUDA when available)."""
+    return torch.device(request.param)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` skip, saying why, where there is no GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=NO_CUDA)
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

@@ -173,3 +173,30 @@ def write_jpeg(image: torch.Tensor, path: Path, quality=90) -> None:
     from PIL import Image
 
     Image.fromarray(image.permute(1, 2, 0).numpy()).save(path, quality=quality)
+
+
+# --- runs compared bit for bit, and data on a device ---------------------------------------------
+def prepared_on(data: Prepared, device) -> Prepared:
+    """The same prepared data with the training and test images on ``device`` (labels stay on the CPU,
+    as :func:`pyrovae.data.prepare_test` leaves them)."""
+    return data._replace(train=data.train.to(device), test=data.test.to(device))
+
+
+def run_rows(metrics: dict) -> list[dict]:
+    """A run's per-epoch figures without the timings: what two identical runs share exactly."""
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in metrics["epochs"]]
+
+
+def assert_same_run(metrics_a: dict, metrics_b: dict, folder_a: Path, folder_b: Path) -> None:
+    """Two runs agree bit for bit: every epoch's figures (time aside), every parameter and every Adam
+    moment in their checkpoints."""
+    from pyrovae.checkpoint import load_checkpoint
+
+    assert run_rows(metrics_a) == run_rows(metrics_b)
+    a, b = (load_checkpoint(folder / "checkpoint.pt") for folder in (folder_a, folder_b))
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "the parameters differ"
+    moments_a, moments_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert moments_a.keys() == moments_b.keys()
+    assert all(torch.equal(moments_a[i][k], moments_b[i][k]) for i in moments_a for k in moments_a[i]), \
+        "the optimizer states differ"

@@ -24,7 +24,7 @@ def _files(folder):
 
 
 @pytest.mark.parametrize("script, printed", [("reproductions/mnist_baseline.py", "median training epoch"),
-                                             ("benchmarks/benchmark_step.py", "ratio to manual")])
+                                             ("benchmarks/benchmark_speed.py", "ratio best hand-coded")])
 def test_a_smoke_run_leaves_nothing_behind(mnist_root, tmp_path, script, printed):
     """Without --out/--runs a smoke run writes into a temporary folder and deletes it at the end.
 
@@ -55,8 +55,16 @@ def test_mnist_baseline_smoke(mnist_root, tmp_path):
     assert json.loads((tmp_path / "mnist" / "summary.json").read_text())["final"]["epoch"] == 1
 
 
-def test_benchmark_epoch_smoke(mnist_root, tmp_path):
-    assert "ratio pyrovae/stock" in run_smoke("benchmarks/benchmark_epoch.py", mnist_root, "--out", str(tmp_path))
+def test_benchmark_speed_smoke(mnist_root, tmp_path):
+    printed = run_smoke("benchmarks/benchmark_speed.py", mnist_root, "--out", str(tmp_path))
+    assert "ratio default epoch (loop/meanfield) / floor" in printed and "CIFAR-10 model" in printed
+    results = json.loads((tmp_path / "results.json").read_text())
+    epoch = results["epoch"]["seconds_per_epoch"]
+    assert {"stock", "loop/trace_elbo", "loop/meanfield_elbo", "loop/elbo", "loop/meanfield", "hand/plain",
+            "floor/blas", "floor/onednn", "floor"} <= set(epoch)
+    assert epoch["floor"] == min(epoch["floor/blas"], epoch["floor/onednn"])
+    assert len(results["scaling"]) == 2 and (tmp_path / "scaling.png").is_file()
+    assert results["cifar10"]["ratio"] > 1 and results["machine"]["cpu"]
     assert set(json.loads((tmp_path / "results.json").read_text())["ratios"]) == {
         "pyrovae/stock", "pyrovae/torch", "stock/torch"}
 

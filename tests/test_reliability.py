@@ -666,6 +666,20 @@ def test_plugins_reach_the_command_line_and_saved_runs(tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+@faults("a run saved on another kind of device (a GPU's generator state) resumes here, saying it is not bit-exact")
+def test_a_run_from_another_kind_of_device_resumes_with_a_note(tmp_path):
+    _run(tmp_path / "run", max_steps=8)
+    path = tmp_path / "run" / "checkpoint.pt"
+    saved = torch.load(path, weights_only=True)
+    saved["state"]["data_rng"] = torch.zeros(16, dtype=torch.uint8)  # the size of a CUDA generator's state
+    torch.save(saved, path)
+    lines = []
+    metrics = train_run(TINY.replace(train={"epochs": 2}), tmp_path / "run", data=DATA, resume=True,
+                        log=lines.append).metrics
+    assert any("saved on another kind of device" in line for line in lines)
+    assert [row["epoch"] for row in metrics["epochs"]] == [1, 2]
+
+
 @faults("train_run leaves Pyro's global parameter store as it was")
 def test_training_leaves_the_param_store_empty(tmp_path):
     pyro.clear_param_store()

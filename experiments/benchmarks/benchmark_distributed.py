@@ -142,7 +142,7 @@ def main(argv=None) -> None:
             "communication": two["communication"], "iwae": {"one_process": one, "two_processes": two["iwae"],
                                                              "ratio_two_to_one": two["iwae"]["seconds"] / one["seconds"]},
             "threads": {"one_process": torch.get_num_threads(), "per_process": two["threads_per_process"]},
-            "command": command("benchmarks/benchmark_distributed.py", argv), **provenance("cpu")})
+            **provenance("cpu"), "command": command(__file__, argv)})
 
 
 if __name__ == "__main__":

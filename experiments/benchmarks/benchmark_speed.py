@@ -1,0 +1,346 @@
+"""How fast a training step is, against the hardware's floor: one benchmark, ratios from one run.
+
+1. **An MNIST epoch** (60,000 images, dynamic binarization, batch 256, the default model) in
+   interleaved rounds, each variant on the same data and the same device:
+   - ``stock``: Pyro's ``SVI`` + ``Trace_ELBO`` with ``pyro.optim.Adam`` over the VAE's model and
+     guide, on the in-memory dataset;
+   - ``loop/<objective>``: our loop (``train_step`` with the fused Adam, validation off, as ``fit``
+     runs it) with each Pyro objective: stock ``trace_elbo`` and ``meanfield_elbo``, and our
+     host-sync-free ``elbo`` and ``meanfield`` (the default: ``pyrovae train``);
+   - ``hand/...``: the hand-coded ELBO (``manual_analytic``), eager and compiled (``torch.compile``
+     of the loss module), and a plain PyTorch step written out (no module, no distributions);
+   - ``floor``: the step's matrix products alone (forward and backward of every linear layer),
+     through torch's default BLAS (``torch.mm``) and through oneDNN (``mkldnn._linear_pointwise``
+     and ``torch.mm`` on a oneDNN-packed weight where available); the faster of the two is the floor.
+   The ratios asked of us: the default epoch / floor, the best hand-coded / floor, the default Pyro
+   objective / the best hand-coded, ``trace_elbo`` / the best hand-coded.
+2. **Peak memory**: the process's peak resident set after the epochs (everything it holds: torch,
+   the data) and, on CUDA, ``torch.cuda.max_memory_allocated``.
+3. **Scaling**: the per-image step time of the default objective and of the floor for batch sizes
+   32 to 4096 and hidden widths 100 to 1600 (a table and a log-log PNG).
+4. **IWAE-K throughput**: decoder rows (images x samples) per second of ``importance_log_likelihood``.
+5. **The CIFAR-10 model** (``experiments/configs/cifar10.toml``): its training step against the
+   floor of its own convolutions (each convolution's forward and backward alone, as recorded in
+   one step).
+
+    python experiments/benchmarks/benchmark_speed.py                 # a few minutes on 2 cores
+    python experiments/benchmarks/benchmark_speed.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import pyro
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from torch import nn
+from torch.nn import functional as F
+
+from pyrovae.compiled import compile_loss
+from pyrovae.config import Config
+from pyrovae.data import batches, binarize, prepare_train
+from pyrovae.engine import make_optimizer, resolve_device, train_step
+from pyrovae.evaluate import importance_log_likelihood
+from pyrovae.experiment import add_output_flags, command, output_folders
+from pyrovae.model import build_vae
+from pyrovae.objectives import build_objective
+from pyrovae.runs import provenance, write_json
+
+OUT = "results/benchmark"
+CIFAR_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cifar10.toml"
+PYRO_OBJECTIVES = ("trace_elbo", "meanfield_elbo", "elbo", "meanfield")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- the variants: each returns a function that runs one step on a batch --------------------------
+def loop_step(objective: str, device: torch.device, compiled: str | None = None, hidden=(400,)):
+    """Our loop's step; ``compiled``: "loss" (the loss module, ``train.compile``) or "networks" (the
+    encoder and decoder only, Pyro's Python left in eager)."""
+    torch.manual_seed(0)
+    vae = build_vae(Config().replace(model={"hidden": hidden}).model).to(device)
+    loss_fn = build_objective(objective, vae)
+    if compiled == "loss":
+        loss_fn = compile_loss(loss_fn)
+    elif compiled == "networks":
+        vae.posterior.encoder.compile(dynamic=False)
+        vae.decoder.compile(dynamic=False)
+    optimizer = make_optimizer(vae.parameters(), 1e-3, device)
+    return lambda x: train_step(loss_fn, optimizer, x)
+
+
+def stock_step(device: torch.device):
+    torch.manual_seed(0)
+    pyro.clear_param_store()
+    vae = build_vae(Config().model).to(device)
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+    return lambda x: svi.step(x)
+
+
+def plain_step(device: torch.device):
+    """The default model's step written out in plain PyTorch: the best a hand can do without a compiler."""
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(784, 400), nn.Softplus(), nn.Linear(400, 100)).to(device)
+    dec = nn.Sequential(nn.Linear(50, 400), nn.Softplus(), nn.Linear(400, 784)).to(device)
+    optimizer = make_optimizer([*enc.parameters(), *dec.parameters()], 1e-3, device)
+
+    def step(x):
+        x = x.flatten(1)
+        loc, raw = enc(x).chunk(2, -1)
+        scale = F.softplus(raw) + 1e-4
+        z = loc + scale * torch.randn_like(scale)
+        log_px = -F.binary_cross_entropy_with_logits(dec(z), x, reduction="sum")
+        kl = (0.5 * (loc ** 2 + scale ** 2 - 1) - scale.log()).sum()
+        loss = kl - log_px
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+    return step
+
+
+def linear_shapes(batch: int, hidden: int, z_dim: int = 50, x_dim: int = 784) -> list[tuple[int, int, int]]:
+    """(rows, in, out) of the default MLP VAE's linear layers for one batch."""
+    return [(batch, x_dim, hidden), (batch, hidden, 2 * z_dim), (batch, z_dim, hidden), (batch, hidden, x_dim)]
+
+
+def floor_step(device: torch.device, batch: int, hidden: int, route: str):
+    """The step's matrix products alone: y = x W^T forward, dx = dy W and dW = dy^T x backward (no dx
+    for the first layer), on stored operands. ``route``: "blas" (torch.mm) or "onednn"."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    layers = []
+    for rows, n_in, n_out in linear_shapes(batch, hidden):
+        x, w, dy = (torch.randn(*s, generator=g).to(device) for s in ((rows, n_in), (n_out, n_in), (rows, n_out)))
+        layers.append((x, w, dy, x.t().contiguous(), dy.t().contiguous()))
+    onednn = route == "onednn" and device.type == "cpu" and torch.backends.mkldnn.is_available()
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w, x.shape[0]) if onednn else None for x, w, *_ in layers] \
+        if onednn and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") else [None] * len(layers)
+
+    def step(_):
+        for i, (x, w, dy, xt, dyt) in enumerate(layers):
+            if onednn and packed[i] is not None:
+                torch.ops.mkldnn._linear_pointwise(x, packed[i], None, "none", [], "")
+            else:
+                torch.mm(x, w.t())
+            if i:
+                torch.mm(dy, w)
+            torch.mm(dyt, x)
+        return None
+    return step
+
+
+# --- timing ---------------------------------------------------------------------------------------
+def time_rounds(variants: dict, make_batches, rounds: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds of one pass over ``make_batches()`` for each variant, rounds interleaved."""
+    times = {name: [] for name in variants}
+    with pyro.validation_enabled(False):
+        for _ in range(rounds):
+            for name, step in variants.items():
+                data = make_batches()
+                sync(device)
+                start = time.perf_counter()
+                for x in data:
+                    step(x)
+                sync(device)
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def epoch_section(args, device, log) -> dict:
+    config = Config().replace(train={"train_subset": args.images})
+    images, per_batch = prepare_train(config, device)
+    generator = torch.Generator(device=device).manual_seed(1)
+
+    def make_batches():  # the binarized batches of one epoch, drawn before the clock starts
+        return list(batches(images, args.batch_size, generator, per_batch))
+    steps = -(-images.shape[0] // args.batch_size)
+    variants = {"stock": stock_step(device)}
+    for objective in PYRO_OBJECTIVES:
+        variants[f"loop/{objective}"] = loop_step(objective, device)
+    variants["hand/manual_analytic"] = loop_step("manual_analytic", device)
+    variants["loop/meanfield compiled networks"] = compiled_or_none(
+        lambda: loop_step("meanfield", device, "networks"), make_batches()[:2], log)
+    variants["hand/manual_analytic compiled"] = compiled_or_none(lambda: loop_step("manual_analytic", device, "loss"),
+                                                                  make_batches()[:2], log)
+    variants["hand/plain"] = plain_step(device)
+    for route in ("blas", "onednn"):
+        variants[f"floor/{route}"] = floor_step(device, args.batch_size, 400, route)
+    variants = {k: v for k, v in variants.items() if v is not None}
+    for step in variants.values():  # warm up: allocator, oneDNN primitives, first-call costs
+        with pyro.validation_enabled(False):
+            for x in make_batches()[:3]:
+                step(x)
+    log(f"epoch: {images.shape[0]} images, batch {args.batch_size} ({steps} steps), {args.rounds} rounds of "
+        f"{len(variants)} variants, interleaved")
+    times = time_rounds(variants, make_batches, args.rounds, device)
+    median = {k: statistics.median(v) for k, v in times.items()}
+    median["floor"] = min(median["floor/blas"], median["floor/onednn"])
+    hand = min((k for k in median if k.startswith("hand/")), key=median.get)
+    ratios = {
+        "default epoch (loop/meanfield) / floor": median["loop/meanfield"] / median["floor"],
+        f"best hand-coded ({hand}) / floor": median[hand] / median["floor"],
+        "default Pyro objective (meanfield) / best hand-coded": median["loop/meanfield"] / median[hand],
+        "loop/trace_elbo / best hand-coded": median["loop/trace_elbo"] / median[hand],
+        "stock SVI / loop/meanfield": median["stock"] / median["loop/meanfield"],
+    }
+    for name, seconds in sorted(median.items(), key=lambda kv: kv[1]):
+        log(f"  {name:34s} {seconds:8.3f} s/epoch  {seconds / median['floor']:6.2f}x floor")
+    for name, ratio in ratios.items():
+        log(f"  ratio {name}: {ratio:.3f}")
+    return {"images": images.shape[0], "batch_size": args.batch_size, "rounds": args.rounds,
+            "seconds_per_epoch": median, "all_rounds": times, "best_hand_coded": hand, "ratios": ratios}
+
+
+def compiled_or_none(make, example, log):
+    """A compiled variant, or None (and one line saying why) if compilation fails here."""
+    try:
+        step = make()
+        with pyro.validation_enabled(False):
+            for x in example:
+                step(x)
+        return step
+    except Exception as e:  # a compiler that cannot run here (no C++ toolchain, unsupported op)
+        log(f"  compiled variant skipped: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        return None
+
+
+def scaling_section(args, device, log) -> list[dict]:
+    rows = []
+    for hidden in args.widths:
+        for batch in args.batch_sizes:
+            x = torch.bernoulli(torch.full((batch, 1, 28, 28), 0.3, device=device))
+            variants = {"meanfield": loop_step("meanfield", device, hidden=(hidden,)),
+                        "floor": floor_step(device, batch, hidden, "onednn")}
+            times = time_rounds(variants, lambda: [x] * args.scaling_steps, 2, device)
+            row = {"hidden": hidden, "batch": batch,
+                   **{f"{k}_us_per_image": 1e6 * min(v) / (args.scaling_steps * batch) for k, v in times.items()}}
+            row["ratio"] = row["meanfield_us_per_image"] / row["floor_us_per_image"]
+            rows.append(row)
+            log(f"  hidden {hidden:5d} batch {batch:5d}: {row['meanfield_us_per_image']:8.2f} us/image, floor "
+                f"{row['floor_us_per_image']:8.2f}, ratio {row['ratio']:.2f}")
+    return rows
+
+
+def scaling_plot(rows, path) -> None:
+    from pyrovae import plots
+
+    fig, ax = plots.plt.subplots(figsize=(5.5, 4))
+    for hidden in sorted({r["hidden"] for r in rows}):
+        mine = [r for r in rows if r["hidden"] == hidden]
+        line, = ax.loglog([r["batch"] for r in mine], [r["meanfield_us_per_image"] for r in mine], "o-",
+                          label=f"hidden {hidden}")
+        ax.loglog([r["batch"] for r in mine], [r["floor_us_per_image"] for r in mine], "--", color=line.get_color())
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("microseconds per image per step")
+    ax.set_title("training step (solid) and its matrix products (dashed)")
+    ax.legend(fontsize=8)
+    plots.save(fig, path)
+
+
+def iwae_section(args, device, log) -> dict:
+    torch.manual_seed(0)
+    vae = build_vae(Config().model).to(device).eval()
+    x = torch.bernoulli(torch.full((args.iwae_images, 1, 28, 28), 0.3, device=device))
+    importance_log_likelihood(vae, x[:10], k=10)  # warm up
+    sync(device)
+    start = time.perf_counter()
+    importance_log_likelihood(vae, x, k=args.iwae_k)
+    sync(device)
+    seconds = time.perf_counter() - start
+    rows = args.iwae_images * args.iwae_k
+    log(f"IWAE-{args.iwae_k} on {args.iwae_images} images: {seconds:.2f} s, {rows / seconds / 1e6:.2f} M decoder rows/s; "
+        f"the 10,000 MNIST test images at K=5000 would take {1e4 * 5000 / (rows / seconds):.0f} s")
+    return {"k": args.iwae_k, "images": args.iwae_images, "seconds": seconds, "rows_per_second": rows / seconds}
+
+
+def cifar_section(args, device, log) -> dict:
+    config = Config.load(CIFAR_CONFIG, [f"train.batch_size={args.cifar_batch}"])
+    torch.manual_seed(0)
+    vae = build_vae(config.model, (3, 32, 32)).to(device)
+    if config.model.network_options.get("channels_last"):
+        vae = vae.to(memory_format=torch.channels_last)
+    loss_fn = build_objective(config.train.objective, vae)
+    optimizer = make_optimizer(vae.parameters(), 1e-3, device)
+    x = (torch.randint(0, 256, (args.cifar_batch, 3, 32, 32), device=device).float() / 255)
+    convs = []  # (input, conv module) of every convolution in one step
+
+    def record(module, inputs, output):
+        convs.append((inputs[0].detach().clone(), module))
+    hooks = [m.register_forward_hook(record) for m in vae.modules() if isinstance(m, nn.Conv2d)]
+    with pyro.validation_enabled(False):
+        train_step(loss_fn, optimizer, x)
+    for h in hooks:
+        h.remove()
+
+    def conv_floor(_):  # each convolution forward and backward (input and weight gradients) alone
+        for inp, conv in convs:
+            inp = inp.requires_grad_(True)
+            out = F.conv2d(inp, conv.weight.detach().requires_grad_(True), None, conv.stride, conv.padding)
+            out.backward(torch.ones_like(out))
+    variants = {"step": lambda _: train_step(loss_fn, optimizer, x), "convolutions": conv_floor}
+    times = time_rounds(variants, lambda: [x] * args.cifar_steps, args.rounds, device)
+    median = {k: statistics.median(v) / args.cifar_steps for k, v in times.items()}
+    ratio = median["step"] / median["convolutions"]
+    log(f"CIFAR-10 model ({config.model.network}, batch {args.cifar_batch}): step {1e3 * median['step']:.1f} ms, its "
+        f"{len(convs)} convolutions alone {1e3 * median['convolutions']:.1f} ms: ratio {ratio:.2f}")
+    return {"batch": args.cifar_batch, "step_ms": 1e3 * median["step"],
+            "convolutions_ms": 1e3 * median["convolutions"], "ratio": ratio, "convolutions": len(convs)}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--images", type=int, default=60000, help="training images per epoch")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128, 512, 2048, 4096])
+    parser.add_argument("--widths", type=int, nargs="+", default=[100, 400, 1600])
+    parser.add_argument("--scaling-steps", type=int, default=5)
+    parser.add_argument("--iwae-k", type=int, default=1000)
+    parser.add_argument("--iwae-images", type=int, default=100)
+    parser.add_argument("--cifar-batch", type=int, default=64)
+    parser.add_argument("--cifar-steps", type=int, default=3)
+    add_output_flags(parser, out=OUT, smoke="seconds-long run: 1,024 images, tiny scaling grid, IWAE-20")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.images, args.rounds, args.batch_sizes, args.widths = 1024, 1, [32, 128], [100]
+        args.scaling_steps, args.iwae_k, args.iwae_images, args.cifar_batch, args.cifar_steps = 2, 20, 20, 8, 1
+    device = resolve_device(args.device)
+    lines = []
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    with output_folders(args.smoke, args.out, default_out=OUT) as folders:
+        folders.out.mkdir(parents=True, exist_ok=True)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        results = {"device": str(device), "epoch": epoch_section(args, device, log)}
+        results["memory"] = {"peak_resident_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+                             "cuda_peak_allocated_gb": torch.cuda.max_memory_allocated(device) / 2 ** 30
+                             if device.type == "cuda" else None}
+        log(f"peak resident memory of this process {results['memory']['peak_resident_gb']:.2f} GB"
+            + (f", CUDA peak {results['memory']['cuda_peak_allocated_gb']:.2f} GB" if device.type == "cuda" else ""))
+        log("scaling (per image and step):")
+        results["scaling"] = scaling_section(args, device, log)
+        scaling_plot(results["scaling"], folders.out / "scaling.png")
+        results["iwae"] = iwae_section(args, device, log)
+        results["cifar10"] = cifar_section(args, device, log)
+        results.update(provenance(device))
+        results["command"] = command(__file__, argv)
+        write_json(folders.out / "results.json", results)
+        (folders.out / "output.txt").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
