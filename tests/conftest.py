@@ -12,17 +12,15 @@ NO_CUDA = "no CUDA device: torch.cuda.is_available() is False on this machine; t
 
 
 def _devices() -> list:
-    """The devices a test that takes ``device`` runs on: the CPU, and CUDA where a GPU is present.
-    The CUDA cases carry the ``cuda`` marker, so ``pytest -m cuda`` selects exactly them."""
-    devices = [pytest.param("cpu", id="cpu")]
-    if torch.cuda.is_available():
-        devices.append(pytest.param("cuda", id="cuda", marks=pytest.mark.cuda))
-    return devices
+    """The devices a test that takes ``device`` runs on: the CPU, and CUDA. The CUDA cases carry the
+    ``cuda`` marker, so ``pytest -m cuda`` selects exactly them; where there is no GPU they are
+    listed as skipped, with the reason (see ``pytest_collection_modifyitems``)."""
+    return [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
 
 
 @pytest.fixture(params=_devices())
 def device(request) -> torch.device:
-    """Each device present on this machine, in turn (the CPU always, CUDA when available)."""
+    """Each device, in turn: the CPU always, CUDA where a GPU is present (skipped elsewhere)."""
     return torch.device(request.param)
 
 

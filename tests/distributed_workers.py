@@ -48,9 +48,7 @@ def train(world, device, out):
     import pyrovae.runs
     import pyrovae.checkpoint
     pyrovae.runs.atomic_write = pyrovae.checkpoint.atomic_write = recording
-    config = TINY.replace(train={"max_steps": int(sys.argv[3])} if len(sys.argv) > 3 else {})
-    resume = len(sys.argv) > 4 and sys.argv[4] == "resume"
-    run = train_run(config, out / "run", data=DATA, quiet=True, world=world, resume=resume)
+    run = train_run(TINY, out / "run", data=DATA, quiet=True, world=world)
     return {"params": run.vae.state_dict(), "metrics": run.metrics, "writes": writes}
 
 

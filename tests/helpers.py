@@ -99,6 +99,22 @@ class CountHostReads:
             monkeypatch.setattr(torch.Tensor, name, counted)
 
 
+def host_reads_of_steps(loss_fn, optimizer, x, monkeypatch, steps: int = 3) -> list[str]:
+    """The host reads made by ``steps`` training steps (KL weight 0.5, gradient clipping, Pyro's
+    validation off) after a first step that creates the optimizer state."""
+    import pyro
+
+    from pyrovae.engine import train_step
+
+    with pyro.validation_enabled(False):
+        train_step(loss_fn, optimizer, x)
+        counter = CountHostReads(monkeypatch)
+        for _ in range(steps):
+            train_step(loss_fn, optimizer, x, kl_weight=0.5, grad_clip=10.0)
+    monkeypatch.undo()
+    return counter.calls
+
+
 def grid_2d(lim, step, dtype=torch.float64):
     """Midpoints of a square grid on [-lim, lim]^2: (points, (n*n, 2)) with z_1 varying slowest."""
     g = torch.arange(-lim, lim, step, dtype=dtype) + step / 2

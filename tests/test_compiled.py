@@ -83,7 +83,9 @@ def test_a_failed_compilation_falls_back_to_eager_with_one_line():
     assert [n for n, _ in wrapped.named_parameters()] == [f"module.{n}" for n, _ in loss_fn.named_parameters()]
 
 
-def test_the_switches_reach_a_run_and_cuda_graph_says_it_needs_cuda(tmp_path):
+def test_the_switches_reach_a_run_and_cuda_graph_says_it_needs_cuda(tmp_path, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, **options: compiled.append(module) or module)
     lines = []
     data = synthetic_data(200, 50)
     config = TINY.replace(train={"objective": "manual_analytic", "compile": True, "cuda_graph": True,
@@ -91,3 +93,4 @@ def test_the_switches_reach_a_run_and_cuda_graph_says_it_needs_cuda(tmp_path):
     run = train_run(config, tmp_path / "run", data=data, log=lines.append)
     assert any("cuda_graph applies on CUDA only" in line for line in lines)
     assert run.metrics["partial_epoch"]["steps"] == 3 and run.config.train.compile
+    assert len(compiled) == 1 and type(compiled[0]).__name__ == "ManualELBO"  # the loss module went to the compiler

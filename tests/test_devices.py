@@ -22,7 +22,7 @@ from pyro import poutine
 
 import pyrovae
 import pyrovae.runs
-from helpers import (ROOT, CountHostReads, assert_same_run, binary_images, data_of_kind, prepared_on,
+from helpers import (ROOT, assert_same_run, binary_images, data_of_kind, host_reads_of_steps, prepared_on,
                      small_options, synthetic_data)
 from pyrovae import Config, ModelConfig, build_vae, train_step
 from pyrovae.checkpoint import save_checkpoint
@@ -286,14 +286,7 @@ def test_a_step_reads_nothing_back_from_the_device(device, objective, monkeypatc
     vae = _tiny_vae(device)
     loss_fn = build_objective(objective, vae, particles=2)
     optimizer = make_optimizer(vae.parameters(), 1e-3, device)
-    x = binary_images(6, SHAPE).to(device)
-    with pyro.validation_enabled(False):
-        train_step(loss_fn, optimizer, x)  # the first step creates the optimizer state
-        counter = CountHostReads(monkeypatch)
-        for _ in range(3):
-            train_step(loss_fn, optimizer, x, kl_weight=0.5, grad_clip=10.0)
-    monkeypatch.undo()
-    assert counter.calls == []
+    assert host_reads_of_steps(loss_fn, optimizer, binary_images(6, SHAPE).to(device), monkeypatch) == []
 
 
 # --- only on a GPU -------------------------------------------------------------------------------

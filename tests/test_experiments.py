@@ -64,9 +64,8 @@ def test_benchmark_speed_smoke(mnist_root, tmp_path):
             "floor/blas", "floor/onednn", "floor"} <= set(epoch)
     assert epoch["floor"] == min(epoch["floor/blas"], epoch["floor/onednn"])
     assert len(results["scaling"]) == 2 and (tmp_path / "scaling.png").is_file()
-    assert results["cifar10"]["ratio"] > 1 and results["machine"]["cpu"]
-    assert set(json.loads((tmp_path / "results.json").read_text())["ratios"]) == {
-        "pyrovae/stock", "pyrovae/torch", "stock/torch"}
+    assert {"step_ms", "convolutions_ms", "ratio"} <= set(results["cifar10"]) and results["machine"]["cpu"]
+    assert "default Pyro objective (meanfield) / best hand-coded" in results["epoch"]["ratios"]
 
 
 def test_prior_grid_smoke(mnist_root, tmp_path):

@@ -167,10 +167,11 @@ def epoch_section(args, device, log) -> dict:
     for objective in PYRO_OBJECTIVES:
         variants[f"loop/{objective}"] = loop_step(objective, device)
     variants["hand/manual_analytic"] = loop_step("manual_analytic", device)
-    variants["loop/meanfield compiled networks"] = compiled_or_none(
-        lambda: loop_step("meanfield", device, "networks"), make_batches()[:2], log)
-    variants["hand/manual_analytic compiled"] = compiled_or_none(lambda: loop_step("manual_analytic", device, "loss"),
-                                                                  make_batches()[:2], log)
+    if not args.smoke:  # (compiling takes tens of seconds; tests/test_compiled.py checks the compiled loss)
+        variants["loop/meanfield compiled networks"] = compiled_or_none(
+            lambda: loop_step("meanfield", device, "networks"), make_batches()[:2], log)
+        variants["hand/manual_analytic compiled"] = compiled_or_none(
+            lambda: loop_step("manual_analytic", device, "loss"), make_batches()[:2], log)
     variants["hand/plain"] = plain_step(device)
     for route in ("blas", "onednn"):
         variants[f"floor/{route}"] = floor_step(device, args.batch_size, 400, route)
@@ -309,7 +310,8 @@ def main(argv=None) -> None:
     parser.add_argument("--iwae-images", type=int, default=100)
     parser.add_argument("--cifar-batch", type=int, default=64)
     parser.add_argument("--cifar-steps", type=int, default=3)
-    add_output_flags(parser, out=OUT, smoke="seconds-long run: 1,024 images, tiny scaling grid, IWAE-20")
+    add_output_flags(parser, out=OUT, smoke="seconds-long run: 1,024 images, no compiled variants, tiny scaling "
+                                            "grid, IWAE-20")
     args = parser.parse_args(argv)
     if args.smoke:
         args.images, args.rounds, args.batch_sizes, args.widths = 1024, 1, [32, 128], [100]

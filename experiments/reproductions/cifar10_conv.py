@@ -42,7 +42,8 @@ def main(argv=None) -> int:
     if args.epochs is not None:
         overrides.append(f"train.epochs={args.epochs}")
     if args.smoke:
-        overrides += ["train.epochs=1", "train.train_subset=256", "train.test_subset=64", "train.batch_size=64"]
+        overrides += ["train.epochs=1", "train.train_subset=256", "train.test_subset=64", "train.batch_size=64",
+                      "model.likelihood_options.components=2", "model.network_options.width=8"]
     config = Config.load(CONFIG, overrides)
     k, test_images = (4, 16) if args.smoke else (args.k, args.test_images)
 
