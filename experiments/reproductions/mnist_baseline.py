@@ -21,7 +21,7 @@ from pyrovae.config import Config
 from pyrovae.experiment import add_output_flags, output_folders
 from pyrovae.runs import provenance, train_run, write_json
 
-TARGETS = {20: 101.2, 100: 96.8}  # nats/image reached by the stock Pyro VAE of this shape (issue 2)
+TARGETS = {20: 101.2, 100: 96.8}  # nats/image reached by the stock Pyro VAE of this shape
 OUT, RUNS = "results/mnist", "runs"
 
 
