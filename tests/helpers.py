@@ -115,6 +115,22 @@ def host_reads_of_steps(loss_fn, optimizer, x, monkeypatch, steps: int = 3) -> l
     return counter.calls
 
 
+def assert_one_step_moves_every_parameter(vae, x) -> None:
+    """One Adam step on Pyro's Trace_ELBO of ``x``: the loss is finite and every parameter moves."""
+    from pyrovae.objectives import PyroELBO
+
+    before = {name: p.detach().clone() for name, p in vae.named_parameters()}
+    loss_fn = PyroELBO(vae)
+    optimizer = torch.optim.Adam(loss_fn.parameters(), lr=1e-2)
+    loss = loss_fn(x)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    unchanged = [name for name, p in vae.named_parameters() if torch.equal(p, before[name])]
+    assert not unchanged, f"one step left these parameters unchanged: {unchanged}"
+
+
 def grid_2d(lim, step, dtype=torch.float64):
     """Midpoints of a square grid on [-lim, lim]^2: (points, (n*n, 2)) with z_1 varying slowest."""
     g = torch.arange(-lim, lim, step, dtype=dtype) + step / 2
