@@ -277,9 +277,10 @@ class ResNetEncoder(nn.Module):
 
     def __init__(self, image_shape: tuple[int, ...], z_dim: int, levels: list[tuple[int, int]],
                  widths: list[int], blocks: int, hidden: tuple[int, ...], *, activation: str, min_scale: float,
-                 weight_norm: bool, batch_norm: bool, channels_last: bool):
+                 weight_norm: bool, batch_norm: bool, channels_last: bool, latent_channels: int | None = None):
         super().__init__()
         self.image_shape = tuple(image_shape)
+        self.latent_channels = latent_channels
         self.min_scale = min_scale
         self.channels_last = channels_last
         options = dict(activation=activation, weight_norm=weight_norm, batch_norm=batch_norm)
@@ -291,6 +292,10 @@ class ResNetEncoder(nn.Module):
         layers += [nn.BatchNorm2d(widths[-1])] if batch_norm else []
         layers.append(ACTIVATIONS[activation]())
         self.convs = nn.Sequential(*layers)
+        if latent_channels is not None:  # a spatial latent: a 3x3 convolution gives loc and scale per position
+            self.dense = nn.Identity()
+            self.head = _with_weight_norm(nn.Conv2d(widths[-1], 2 * latent_channels, 3, padding=1), weight_norm)
+            return
         flat = widths[-1] * levels[-1][0] * levels[-1][1]
         self.dense = _dense([flat, *hidden], activation, weight_norm, last_activation=True)
         self.head = _with_weight_norm(nn.Linear(hidden[-1] if hidden else flat, 2 * z_dim), weight_norm)
@@ -301,6 +306,9 @@ class ResNetEncoder(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         features = self.convs(x)  # (n, widths[-1], H_L, W_L)
+        if self.latent_channels is not None:  # (n, 2c, H_L, W_L) -> two (..., c * H_L * W_L), channel-major
+            loc, raw_scale = (part.flatten(1).unflatten(0, batch) for part in self.head(features).chunk(2, dim=1))
+            return loc, F.softplus(raw_scale).clamp(max=self.MAX_SCALE) + self.min_scale
         h = self.dense(features.flatten(1)).unflatten(0, batch)  # (..., hidden[-1]); flatten copies NHWC
         loc, raw_scale = self.head(h).chunk(2, dim=-1)  # (..., z_dim) each
         return loc, F.softplus(raw_scale).clamp(max=self.MAX_SCALE) + self.min_scale
@@ -317,12 +325,17 @@ class ResNetDecoder(nn.Module):
 
     def __init__(self, z_dim: int, out_shape: tuple[int, ...], levels: list[tuple[int, int]],
                  widths: list[int], blocks: int, hidden: tuple[int, ...], *, activation: str,
-                 weight_norm: bool, batch_norm: bool, channels_last: bool):
+                 weight_norm: bool, batch_norm: bool, channels_last: bool, latent_channels: int | None = None):
         super().__init__()
         out_channels = out_shape[0]
         self.channels_last = channels_last
-        self.start = (widths[-1], *levels[-1])
-        self.dense = _dense([z_dim, *hidden, math.prod(self.start)], activation, weight_norm, last_activation=False)
+        if latent_channels is not None:  # a spatial latent: a 3x3 convolution from its c channels
+            self.start = (latent_channels, *levels[-1])
+            self.dense = _with_weight_norm(nn.Conv2d(latent_channels, widths[-1], 3, padding=1), weight_norm)
+        else:
+            self.start = (widths[-1], *levels[-1])
+            self.dense = _dense([z_dim, *hidden, math.prod(self.start)], activation, weight_norm, last_activation=False)
+        self.spatial = latent_channels is not None
         options = dict(activation=activation, weight_norm=weight_norm, batch_norm=batch_norm)
         layers: list[nn.Module] = []
         for level in reversed(range(len(widths))):
@@ -337,7 +350,14 @@ class ResNetDecoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         batch = z.shape[:-1]  # any leading batch dims (e.g. particles, batch)
-        h = self.dense(z.reshape(-1, z.shape[-1])).unflatten(-1, self.start)  # (n, widths[-1], H_L, W_L)
+        z = z.reshape(-1, z.shape[-1])
+        if self.spatial:
+            z = z.unflatten(-1, self.start)  # (n, c, H_L, W_L)
+            if self.channels_last:
+                z = z.contiguous(memory_format=torch.channels_last)
+            h = self.dense(z)  # (n, widths[-1], H_L, W_L)
+        else:
+            h = self.dense(z).unflatten(-1, self.start)  # (n, widths[-1], H_L, W_L)
         if self.channels_last:
             h = h.contiguous(memory_format=torch.channels_last)
         out = self.convs(h)  # (n, out_channels, H, W)
@@ -347,14 +367,22 @@ class ResNetDecoder(nn.Module):
 def build_resnet(image_shape: tuple[int, ...], z_dim: int, out_channels: int, *, hidden: tuple[int, ...],
                  activation: str = "elu", min_scale: float = 1e-4, width: int = 32, blocks: int = 1,
                  stages: int | None = None, max_width: int = 256, weight_norm: bool = True,
-                 batch_norm: bool = False, channels_last: bool = False) -> tuple[nn.Module, nn.Module]:
+                 batch_norm: bool = False, channels_last: bool = False,
+                 latent_channels: int | None = None) -> tuple[nn.Module, nn.Module]:
     """Residual convolutional encoder x -> (loc, scale) and its mirror, decoder z -> (batch, out_channels, H, W).
 
     Made for 32x32 and 64x64 colour images (CIFAR-10, faces), and general: any image of at least
-    one pixel a side, grey or colour. The latent is FLAT, a vector of ``z_dim`` numbers, reached
-    through fully connected layers (``hidden``) from the coarsest level's features, so every prior,
-    posterior (the IAF's flows included) and likelihood in the registries works with it unchanged;
-    a spatial latent, as in the IAF paper's ResNet VAE, would need priors and flows over feature maps.
+    one pixel a side, grey or colour. The latent is always a vector of ``z_dim`` numbers to the
+    prior and the guide, so every prior, posterior (the IAF's flows included) and likelihood in the
+    registries works with it unchanged. Two shapes behind that vector:
+
+    - flat (``latent_channels`` unset): fully connected layers (``hidden``) from the coarsest
+      level's features to z, and back;
+    - spatial (``latent_channels = c``): z is a c-channel feature map at the coarsest level, H_L x
+      W_L (so ``z_dim`` must be c * H_L * W_L, channel-major), reached by a 3x3 convolution, as the
+      latents of the IAF paper's ResNet VAE are; ``hidden`` is unused. Each latent then describes a
+      patch of the image rather than the whole of it, and the decoder needs far fewer parameters.
+      Set the resolution with ``stages`` (for 32x32: 1 gives 16x16, 2 gives 8x8).
 
     Options (``model.network_options``; ``model.activation`` is the nonlinearity, ``elu`` in the
     configs here):
@@ -377,6 +405,8 @@ def build_resnet(image_shape: tuple[int, ...], z_dim: int, out_channels: int, *,
       same; oneDNN on the CPU, and tensor cores on a GPU, are often faster that way. The outputs
       are returned in that memory format, with the usual (N, C, H, W) shape.
 
+    - ``latent_channels``: see above.
+
     A value out of range raises ``ValueError`` (``build_vae`` reports it as a config error).
     """
     _, h, w = image_shape
@@ -394,7 +424,16 @@ def build_resnet(image_shape: tuple[int, ...], z_dim: int, out_channels: int, *,
             raise ValueError(f"{name} must be true or false, got {value!r}")
     levels = resnet_levels(h, w, stages)
     widths = [min(width * 2 ** i, max_width) for i in range(len(levels))]
-    options = dict(activation=activation, weight_norm=weight_norm, batch_norm=batch_norm, channels_last=channels_last)
+    if latent_channels is not None:
+        if isinstance(latent_channels, bool) or not isinstance(latent_channels, int) or latent_channels < 1:
+            raise ValueError(f"latent_channels must be a positive integer or unset (a flat latent), got {latent_channels!r}")
+        size = latent_channels * levels[-1][0] * levels[-1][1]
+        if z_dim != size:
+            raise ValueError(f"a spatial latent of {latent_channels} channels at {levels[-1][0]}x{levels[-1][1]} "
+                             f"(the coarsest level of {h}x{w} images after {len(levels) - 1} halvings) has "
+                             f"{size} numbers: set z_dim = {size}, or change latent_channels or stages")
+    options = dict(activation=activation, weight_norm=weight_norm, batch_norm=batch_norm, channels_last=channels_last,
+                   latent_channels=latent_channels)
     hidden = tuple(hidden)
     encoder = ResNetEncoder(image_shape, z_dim, levels, widths, blocks, hidden, min_scale=min_scale, **options)
     decoder = ResNetDecoder(z_dim, (out_channels, h, w), levels, widths, blocks, tuple(reversed(hidden)), **options)
