@@ -167,7 +167,7 @@ def epoch_section(args, device, log) -> dict:
     for objective in PYRO_OBJECTIVES:
         variants[f"loop/{objective}"] = loop_step(objective, device)
     variants["hand/manual_analytic"] = loop_step("manual_analytic", device)
-    if not args.smoke:  # (compiling takes tens of seconds; tests/test_compiled.py checks the compiled loss)
+    if not (args.smoke or args.no_compiled):  # (compiling takes tens of seconds; tests/test_compiled.py checks it)
         variants["loop/meanfield compiled networks"] = compiled_or_none(
             lambda: loop_step("meanfield", device, "networks"), make_batches()[:2], log)
         variants["hand/manual_analytic compiled"] = compiled_or_none(
@@ -310,6 +310,8 @@ def main(argv=None) -> None:
     parser.add_argument("--iwae-images", type=int, default=100)
     parser.add_argument("--cifar-batch", type=int, default=64)
     parser.add_argument("--cifar-steps", type=int, default=3)
+    parser.add_argument("--no-compiled", action="store_true", help="leave out the two torch.compile variants "
+                        "(each compiles for tens of seconds)")
     add_output_flags(parser, out=OUT, smoke="seconds-long run: 1,024 images, no compiled variants, tiny scaling "
                                             "grid, IWAE-20")
     args = parser.parse_args(argv)
