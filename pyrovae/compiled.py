@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 
+import pyro
 import torch
 
 from pyrovae.engine import StepResult, train_step
@@ -79,6 +80,12 @@ class StaticStep:
             self._capture(loss_fn, optimizer, warmup)
 
     def _capture(self, loss_fn, optimizer, warmup: int) -> None:
+        # Pyro's validation reads values back to the host (the data check, the support checks), which a
+        # graph cannot hold: warm-up and capture run without it, as fit runs every step.
+        with pyro.validation_enabled(False):
+            self._warm_up_and_capture(loss_fn, optimizer, warmup)
+
+    def _warm_up_and_capture(self, loss_fn, optimizer, warmup: int) -> None:
         device = self.x.device
         for group in optimizer.param_groups:  # the update's step count and learning rate stay on the device
             group["capturable"] = True
