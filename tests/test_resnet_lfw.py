@@ -47,6 +47,36 @@ def test_output_shapes(shape, options):
     assert decoder(torch.randn(2, 5, 8)).shape == (2, 5, 9 * shape[0], *shape[1:])  # leading batch dims
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_a_spatial_latent_is_a_feature_map_at_the_coarsest_level(channels_last):
+    """z holds c channels at H_L x W_L, channel-major; leading batch dimensions pass through."""
+    encoder, decoder = resnet((3, 32, 32), z_dim=3 * 16 * 16, stages=1, latent_channels=3, channels_last=channels_last)
+    loc, scale = encoder(torch.rand(5, 3, 32, 32))
+    assert loc.shape == scale.shape == (5, 768) and (scale > 0).all()
+    assert decoder(torch.randn(2, 5, 768)).shape == (2, 5, 6, 32, 32)
+    assert not any(isinstance(m, torch.nn.Linear) for m in [*encoder.modules(), *decoder.modules()])
+
+
+def test_a_spatial_latent_is_local():
+    """An exact oracle for the layout: a latent at one corner of the 8x8 map cannot reach the far corner
+    of the 32x32 image through the decoder's few 3x3 convolutions, and a pixel at one corner cannot
+    reach the far corner's latents through the encoder's, while it does reach its own corner's."""
+    encoder, decoder = resnet((3, 32, 32), z_dim=2 * 8 * 8, stages=2, latent_channels=2)
+    z = torch.randn(1, 128)
+    moved = z.clone()
+    moved[0, 0] += 3.0  # channel 0, position (0, 0)
+    out, out_moved = decoder(z), decoder(moved)
+    assert torch.equal(out[..., 25:, 25:], out_moved[..., 25:, 25:])
+    assert not torch.equal(out[..., :4, :4], out_moved[..., :4, :4])
+    x = torch.rand(1, 3, 32, 32)
+    changed = x.clone()
+    changed[0, :, 0, 0] = 1 - changed[0, :, 0, 0]
+    (loc, _), (loc_changed, _) = encoder(x), encoder(changed)
+    grid, grid_changed = loc.view(2, 8, 8), loc_changed.view(2, 8, 8)
+    assert torch.equal(grid[:, 6:, 6:], grid_changed[:, 6:, 6:])
+    assert not torch.equal(grid[:, 0, 0], grid_changed[:, 0, 0])
+
+
 def test_levels_halve_down_to_four_pixels_by_default():
     assert resnet_levels(32, 32, None) == [(32, 32), (16, 16), (8, 8), (4, 4)]
     assert resnet_levels(64, 64, None)[-1] == (4, 4) and len(resnet_levels(64, 64, None)) == 5
@@ -109,6 +139,9 @@ def test_weight_norm_keeps_a_direction_and_a_length_per_unit():
     ({"blocks": 0}, "blocks must be an integer of at least 1, got 0"),
     ({"width": 64, "max_width": 32}, "max_width (32) must be at least width (64)"),
     ({"stages": 9}, "stages must be None (chosen from the image size) or an integer from 0 to 5 for 32x32 images"),
+    ({"latent_channels": 0}, "latent_channels must be a positive integer or unset (a flat latent), got 0"),
+    ({"latent_channels": 2, "stages": 1}, "a spatial latent of 2 channels at 16x16 (the coarsest level of 32x32 "
+                                          "images after 1 halvings) has 512 numbers: set z_dim = 512"),
 ])
 def test_option_values_out_of_range_are_config_errors(options, needle):
     config = ModelConfig(z_dim=4, hidden=(16,), network="resnet", network_options=options)
@@ -135,6 +168,22 @@ def test_every_prior_likelihood_and_posterior_train_one_step_with_the_resnet(pri
     config = ModelConfig(z_dim=2, hidden=(16,), activation="elu", network="resnet", prior=prior,
                          likelihood=likelihood, posterior=posterior, prior_options=small_options(PRIORS[prior]),
                          network_options={"width": 4, "blocks": 1})
+    torch.manual_seed(0)
+    vae = build_vae(config, REGISTRY_SHAPE)
+    assert_one_step_moves_every_parameter(vae, data_of_kind(vae.likelihood.data_kind, n=6, shape=REGISTRY_SHAPE))
+
+
+SPATIAL_CASES = sorted({(prior, "bernoulli", "diagonal") for prior in PRIORS}
+                       | {("normal", likelihood, "diagonal") for likelihood in LIKELIHOODS}
+                       | {("normal", "bernoulli", posterior) for posterior in POSTERIORS})
+
+
+@pytest.mark.parametrize("prior,likelihood,posterior", SPATIAL_CASES)
+def test_every_part_trains_one_step_with_a_spatial_latent(prior, likelihood, posterior):
+    """Every prior, likelihood and posterior once around the spatial latent (2 channels at 4x4)."""
+    config = ModelConfig(z_dim=32, activation="elu", network="resnet", prior=prior, likelihood=likelihood,
+                         posterior=posterior, prior_options=small_options(PRIORS[prior]),
+                         network_options={"width": 4, "blocks": 1, "latent_channels": 2})
     torch.manual_seed(0)
     vae = build_vae(config, REGISTRY_SHAPE)
     assert_one_step_moves_every_parameter(vae, data_of_kind(vae.likelihood.data_kind, n=6, shape=REGISTRY_SHAPE))
@@ -243,7 +292,7 @@ def test_the_lfw_config_trains_end_to_end_on_a_synthetic_tree(tmp_path):
     from pyrovae.runs import train_run
 
     root = lfw_tree(tmp_path / "data", "torchvision", n_train=4, n_test=2, per_person=3)
-    tiny = [f"data.data_dir={root}", "data.image_size=16", "model.z_dim=4", "model.hidden=[16]",
+    tiny = [f"data.data_dir={root}", "data.image_size=16", "model.z_dim=32", "model.network_options.latent_channels=2",
             "model.network_options.width=4", "model.likelihood_options.components=2", "train.epochs=1",
             "train.batch_size=4", "train.device=cpu"]
     config = Config.load(LFW_CONFIG, tiny)
