@@ -26,6 +26,11 @@ def test_gpu_check_smoke_on_the_cpu(mnist_root, tmp_path):
         f"{name}.gz" for name in ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "train-images-idx3-ubyte",
                                   "train-labels-idx1-ubyte"])
 
+    # what travels is the archive beside the folder: the check runs on what it unpacks to
+    with tarfile.open(tmp_path / "carry.tar.gz") as archive:
+        archive.extractall(tmp_path / "unpacked", filter="data")
+    carry = tmp_path / "unpacked" / "carry"
+    assert json.loads((carry / "MANIFEST.json").read_text()) == manifest
     done = subprocess.run([sys.executable, "experiments/gpu_check/run.py", "--smoke", "--carry", str(carry),
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

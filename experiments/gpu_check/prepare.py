@@ -11,9 +11,11 @@ default, ignored by git):
   class of the image-folder copy of CIFAR-10 (about 0.9 KB each);
 - ``MANIFEST.json``: what it holds, where from, and how big.
 
-The working tree travels with the folder, and the two together must stay under the device's 64 MiB:
-the script prints both sizes and refuses (deletes the folder, exits 1) when they add up to more
-than ``--limit-mib`` (60 MiB).
+The folder then goes into one archive beside it, ``gpu_carry.tar.gz``, which is what travels: the
+device refused the folder of 42,000 small files as larger than 64 MiB although their bytes add up to
+less (it counts more than the bytes of each file). The working tree travels with the archive, and the
+two together must stay under the device's 64 MiB: the script prints both sizes and refuses (deletes
+both, exits 1) when they add up to more than ``--limit-mib`` (60 MiB).
 
     python experiments/gpu_check/prepare.py                        # gpu_carry/, data from $PYROVAE_DATA
     python experiments/gpu_check/prepare.py --no-wheels --out /tmp/carry --cifar-train-per-class 20
@@ -29,6 +31,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,20 +75,25 @@ def main(argv=None) -> int:
         print(f"prepare.py: error: {e}", file=sys.stderr)
         return 1
 
-    carry, tree = folder_size(out), working_tree_size(besides=out)
-    manifest["carry_mib"] = round(carry / MIB, 2)
+    tree = working_tree_size(besides=out)
+    manifest["folder_mib"] = round(folder_size(out) / MIB, 2)
     manifest["working_tree_mib"] = round(tree / MIB, 2) if tree is not None else None
     (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    archive = out.with_name(out.name + ".tar.gz")
+    with tarfile.open(archive, "w:gz") as tar:  # what travels: run.py reads the folder it unpacks to
+        tar.add(out, arcname=out.name)
+    carry = archive.stat().st_size
     for name, part in manifest["contents"].items():
         print(f"  {name:8s} {part['files']:6d} files  {part['bytes'] / MIB:6.2f} MiB")
     total = carry + (tree or 0)
     tree_text = f"{tree / MIB:.2f} MiB" if tree is not None else "unknown (not a git checkout)"
-    print(f"{out}: {carry / MIB:.2f} MiB; working tree {tree_text}; together {total / MIB:.2f} MiB "
+    print(f"{archive}: {carry / MIB:.2f} MiB; working tree {tree_text}; together {total / MIB:.2f} MiB "
           f"(limit {args.limit_mib:g} MiB)")
     if total > args.limit_mib * MIB:
         shutil.rmtree(out, ignore_errors=True)
+        archive.unlink(missing_ok=True)
         print(f"prepare.py: error: {total / MIB:.1f} MiB would travel, more than {args.limit_mib:g} MiB (the device "
-              f"takes 64 MiB in all). Deleted {out}; carry fewer CIFAR-10 images (--cifar-train-per-class, "
+              f"takes 64 MiB in all). Deleted {out} and {archive}; carry fewer CIFAR-10 images (--cifar-train-per-class, "
               f"--cifar-test-per-class)", file=sys.stderr)
         return 1
     return 0
