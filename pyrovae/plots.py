@@ -12,7 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-__all__ = ["loss_curve", "image_grid", "manifold_grid", "latent_scatter", "curves", "save"]
+__all__ = ["loss_curve", "image_grid", "manifold_grid", "latent_scatter", "curves", "class_grid",
+           "interpolation_grid", "save"]
 
 
 def _tile(images: torch.Tensor, nrow: int) -> torch.Tensor:
@@ -34,13 +35,20 @@ def save(fig, path: str | Path) -> Path:
 
 
 def loss_curve(history: list[dict], path, title: str = "") -> Path:
-    """Train and test -ELBO per image against epochs."""
+    """Train and test -ELBO per image against epochs: in bits/dim where the epochs report it (8-bit
+    images; the training figure converted by the same factor), else in nats."""
     epochs = [h["epoch"] for h in history]
+    train, test = [h["train_neg_elbo"] for h in history], [h["test_neg_elbo"] for h in history]
+    ylabel = "-ELBO per image (nats)"
+    if history and all(h.get("test_bits_per_dim") is not None for h in history):
+        per_nat = history[0]["test_bits_per_dim"] / history[0]["test_neg_elbo"]  # 1 / (dimensions * ln 2)
+        train, test = [v * per_nat for v in train], [h["test_bits_per_dim"] for h in history]
+        ylabel = "-ELBO (bits/dim)"
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(epochs, [h["train_neg_elbo"] for h in history], label="train (running mean over the epoch)")
-    ax.plot(epochs, [h["test_neg_elbo"] for h in history], label="test (fixed inputs)")
+    ax.plot(epochs, train, label="train (running mean over the epoch)")
+    ax.plot(epochs, test, marker="o" if len(epochs) <= 50 else None, ms=3, label="test (fixed inputs)")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("-ELBO per image (nats)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -95,3 +103,54 @@ def curves(series: dict[str, list[float]], path, ylabel: str, title: str = "", x
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save(fig, path)
+
+
+def _labelled_columns(pic, ncol: int, names: list[str], row_names: list[str], rows: int, title: str, path) -> Path:
+    """Show a tiled picture with a name under each column and one beside each row."""
+    height, width = pic.shape[:2]
+    fig, ax = plt.subplots(figsize=(ncol * 0.75 + 0.8, rows * 0.75 + 0.6))
+    ax.imshow(pic.squeeze(-1) if pic.shape[-1] == 1 else pic, cmap="gray", vmin=0, vmax=1)
+    ax.set_xticks([(i + 0.5) * width / ncol for i in range(ncol)], names, fontsize=7, rotation=30 if ncol > 10 else 0)
+    ax.set_yticks([(i + 0.5) * height / rows for i in range(rows)], row_names, fontsize=7)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    ax.set_title(title, fontsize=9)
+    return save(fig, path)
+
+
+@torch.no_grad()
+def class_grid(vae, images: torch.Tensor, labels: torch.Tensor, class_names: list[str], path, per_class: int = 2,
+               title: str = "") -> Path:
+    """Test images and their reconstructions E[x|z = mean of q(z|x)], one column per class (label c
+    named ``class_names[c]``): the first ``per_class`` images of each class, each above its
+    reconstruction. Classes with fewer images than that are left out."""
+    labels = labels.cpu()
+    present = [c for c in range(len(class_names)) if int((labels == c).sum()) >= per_class]
+    if not present:
+        raise ValueError(f"no class has {per_class} images among the {len(labels)} given")
+    columns = []
+    for c in present:
+        index = (labels == c).nonzero().flatten()[:per_class]
+        x = images[index.to(images.device)]
+        columns.append(torch.stack([x, vae.reconstruct(x)], dim=1).flatten(0, 1))  # image, reconstruction, ...
+    grid = torch.stack(columns, dim=1).flatten(0, 1)  # row-major: rows of one image (or reconstruction) per class
+    rows = 2 * per_class
+    pic = _tile(grid, len(present)).numpy()
+    row_names = [name for _ in range(per_class) for name in ("test image", "reconstruction")]
+    return _labelled_columns(pic, len(present), [class_names[c] for c in present], row_names, rows, title, path)
+
+
+@torch.no_grad()
+def interpolation_grid(vae, starts: torch.Tensor, ends: torch.Tensor, path, steps: int = 8, title: str = "") -> Path:
+    """Latent-space interpolation: for each pair (start, end) of images, the row start image,
+    E[x|z] along the straight line from the mean of q(z|start) to the mean of q(z|end) in ``steps``
+    equal steps (both ends included), and the end image."""
+    za, zb = vae.encode(starts), vae.encode(ends)  # (pairs, z_dim)
+    t = torch.linspace(0, 1, steps, device=za.device).view(1, steps, 1)
+    z = (1 - t) * za.unsqueeze(1) + t * zb.unsqueeze(1)  # (pairs, steps, z_dim)
+    decoded = vae.decode(z.flatten(0, 1)).unflatten(0, (len(za), steps))
+    rows = torch.cat([starts.unsqueeze(1), decoded, ends.unsqueeze(1)], dim=1)  # (pairs, steps + 2, C, H, W)
+    pic = _tile(rows.flatten(0, 1), steps + 2).numpy()
+    names = ["start"] + [f"t={v:.2f}".rstrip("0").rstrip(".") for v in torch.linspace(0, 1, steps).tolist()] + ["end"]
+    return _labelled_columns(pic, steps + 2, names, [""] * len(za), len(za), title, path)

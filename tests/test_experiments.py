@@ -84,8 +84,16 @@ def test_cifar10_smoke(mnist_root, tmp_path):
     out = run_smoke("reproductions/cifar10_conv.py", mnist_root, "--runs", str(tmp_path / "runs"),
                     "--out", str(tmp_path / "cifar10"))
     assert "bits/dim" in out
-    assert (tmp_path / "cifar10" / "samples.png").is_file()
+    figures = ("samples.png", "classes.png", "interpolation.png", "loss_curve.png", "reconstructions.png")
+    for name in figures:
+        assert (tmp_path / "cifar10" / name).is_file(), name
+        (tmp_path / "cifar10" / name).unlink()
     assert (tmp_path / "runs" / "cifar10" / "checkpoint.pt").is_file()
+    again = run_smoke("reproductions/cifar10_conv.py", mnist_root, "--runs", str(tmp_path / "runs"),
+                      "--out", str(tmp_path / "cifar10"), "--figures-only")
+    assert "figures of" in again
+    for name in figures[:4]:
+        assert (tmp_path / "cifar10" / name).is_file(), name
 
 
 @pytest.mark.slow
