@@ -310,6 +310,8 @@ def main(argv=None) -> None:
     parser.add_argument("--iwae-images", type=int, default=100)
     parser.add_argument("--cifar-batch", type=int, default=64)
     parser.add_argument("--cifar-steps", type=int, default=3)
+    parser.add_argument("--only", choices=["cifar10"], default=None,
+                        help="run one section alone: cifar10, the CIFAR-10 step against its convolutions")
     parser.add_argument("--no-compiled", action="store_true", help="leave out the two torch.compile variants "
                         "(each compiles for tens of seconds)")
     add_output_flags(parser, out=OUT, smoke="seconds-long run: 1,024 images, no compiled variants, tiny scaling "
@@ -329,7 +331,15 @@ def main(argv=None) -> None:
         folders.out.mkdir(parents=True, exist_ok=True)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        results = {"device": str(device), "epoch": epoch_section(args, device, log)}
+        results = {"device": str(device)}
+        if args.only == "cifar10":  # the CIFAR-10 step against its convolutions, alone
+            results["cifar10"] = cifar_section(args, device, log)
+            results.update(provenance(device))
+            results["command"] = command(__file__, argv)
+            write_json(folders.out / "results.json", results)
+            (folders.out / "output.txt").write_text("\n".join(lines) + "\n")
+            return
+        results["epoch"] = epoch_section(args, device, log)
         results["memory"] = {"peak_resident_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
                              "cuda_peak_allocated_gb": torch.cuda.max_memory_allocated(device) / 2 ** 30
                              if device.type == "cuda" else None}
