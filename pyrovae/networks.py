@@ -293,7 +293,6 @@ class ResNetEncoder(nn.Module):
         layers.append(ACTIVATIONS[activation]())
         self.convs = nn.Sequential(*layers)
         if latent_channels is not None:  # a spatial latent: a 3x3 convolution gives loc and scale per position
-            self.dense = nn.Identity()
             self.head = _with_weight_norm(nn.Conv2d(widths[-1], 2 * latent_channels, 3, padding=1), weight_norm)
             return
         flat = widths[-1] * levels[-1][0] * levels[-1][1]
@@ -355,11 +354,11 @@ class ResNetDecoder(nn.Module):
             z = z.unflatten(-1, self.start)  # (n, c, H_L, W_L)
             if self.channels_last:
                 z = z.contiguous(memory_format=torch.channels_last)
-            h = self.dense(z)  # (n, widths[-1], H_L, W_L)
+            h = self.dense(z)  # (n, widths[-1], H_L, W_L), in the memory format of z
         else:
             h = self.dense(z).unflatten(-1, self.start)  # (n, widths[-1], H_L, W_L)
-        if self.channels_last:
-            h = h.contiguous(memory_format=torch.channels_last)
+            if self.channels_last:
+                h = h.contiguous(memory_format=torch.channels_last)
         out = self.convs(h)  # (n, out_channels, H, W)
         return out.unflatten(0, batch)  # (..., out_channels, H, W)
 
