@@ -1,6 +1,7 @@
 """Faster steps: a compiled loss module, and a step replayed on static buffers (a CUDA graph on CUDA).
 
-Both are switches in the config, off by default, because each has a cost:
+``train.compile`` is a switch, off by default; ``train.cuda_graph`` is ``auto`` by default (on
+wherever the step can be captured):
 
 - ``train.compile = true`` runs the loss module through ``torch.compile``. It pays a compilation
   (tens of seconds on a CPU) and wins where the loss is plain tensor code: the hand-coded
@@ -8,22 +9,31 @@ Both are switches in the config, off by default, because each has a cost:
   TypedDict with optional keys, and every parameter site has its own name), so a Pyro objective
   breaks into many small graphs and recompiles; it is left in eager there. If compilation fails,
   the step falls back to eager with one line saying why.
-- ``train.cuda_graph = true`` (CUDA only) records one whole step (Pyro's traces, the loss, the
-  backward pass, the non-finite guard and the fused Adam update) as a CUDA graph on static input
-  buffers, once; each later step copies its batch in and replays the kernels, so Pyro's Python runs
-  only at capture. Batches of another shape (the last of an epoch) take the eager step.
+- ``train.cuda_graph`` (CUDA only; ``auto`` or ``true``) records one whole step (Pyro's traces, the
+  loss, the backward pass, the non-finite guard and the fused Adam update) as a CUDA graph on static
+  input buffers, once; each later step copies its batch in and replays the kernels, so Pyro's Python
+  runs only at capture. Batches of another shape (the last of an epoch) take the eager step. A step
+  that reads a value back to the host (Pyro's IAF inverse does) cannot be captured: the first
+  warm-up step runs with CUDA's synchronization check set to raise, and such a step is left eager,
+  with one line saying why (:class:`CaptureUnsupported`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
 
 import pyro
 import torch
 
 from pyrovae.engine import StepResult, train_step
 
-__all__ = ["compile_loss", "StaticStep"]
+__all__ = ["compile_loss", "StaticStep", "CaptureUnsupported"]
+
+
+class CaptureUnsupported(RuntimeError):
+    """The step reads a value back to the host, which a CUDA graph cannot hold; it stays eager."""
 
 
 class _FallBack(torch.nn.Module):
@@ -94,24 +104,49 @@ class StaticStep:
         rng = torch.cuda.get_rng_state(device), torch.get_rng_state()
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # CUDA graphs need the allocator and the kernels warmed up first
-            for _ in range(warmup):
-                self._step()
-        torch.cuda.current_stream(device).wait_stream(side)
-        with torch.no_grad():  # undo the warm-up: the run goes on as if it had not happened
-            for p, saved in zip(loss_fn.parameters(), params):
-                p.copy_(saved)
-        optimizer.load_state_dict(state)
-        torch.cuda.set_rng_state(rng[0], device)
-        torch.set_rng_state(rng[1])
+        try:
+            with torch.cuda.stream(side):  # CUDA graphs need the allocator and the kernels warmed up first
+                for i in range(max(warmup, 2)):  # the second step is checked: the first may set things up
+                    with _host_reads_raise() if i == 1 else contextlib.nullcontext():
+                        self._step()
+        except RuntimeError as e:
+            if "synchroniz" not in str(e):
+                raise
+            reason = str(e).splitlines()[0][:160]
+            raise CaptureUnsupported(f"the step reads a value back to the host ({reason})") from None
+        finally:
+            torch.cuda.current_stream(device).wait_stream(side)
+            with torch.no_grad():  # undo the warm-up: the run goes on as if it had not happened
+                for p, saved in zip(loss_fn.parameters(), params):
+                    p.copy_(saved)
+            optimizer.load_state_dict(state)
+            torch.cuda.set_rng_state(rng[0], device)
+            torch.set_rng_state(rng[1])
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.result = self._step()
 
     def __call__(self, x: torch.Tensor, kl_weight: float = 1.0) -> StepResult:
+        """One step on ``x``: copied into the static input, then the graph replayed (or the step run)."""
         self.x.copy_(x)
         self.kl_weight.fill_(kl_weight)
         if self.graph is None:
             return self._step()
         self.graph.replay()
         return self.result
+
+
+@contextlib.contextmanager
+def _host_reads_raise():
+    """CUDA's synchronization check set to raise for the block (and restored after): a host read in
+    the block is a ``RuntimeError`` instead of a stall. torch calls the check a prototype and warns."""
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.cuda.set_sync_debug_mode(previous)

@@ -130,7 +130,8 @@ class TrainConfig:
     test_subset: int | None = None  # evaluate on the first N test images only; None: all
     tensorboard: bool = False  # also log to <run>/tensorboard (pip install 'pyrovae[tensorboard]')
     compile: bool = False  # run the loss module through torch.compile (wins for the hand-coded objectives)
-    cuda_graph: bool = False  # on CUDA, capture the whole step once as a CUDA graph and replay it
+    cuda_graph: bool | str = "auto"  # on CUDA, capture the whole step once as a CUDA graph and replay it:
+    # auto (wherever the step can be captured) or true; false: eager steps
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "log_every_steps"):
@@ -162,9 +163,12 @@ class TrainConfig:
             raise ConfigError(f"train.kl_warmup_steps must be an integer >= 0, got {self.kl_warmup_steps!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2 ** 63 - 1:
             raise ConfigError(f"train.seed must be an integer from 0 to 2**63 - 2, got {self.seed!r}")
-        for key in ("tensorboard", "compile", "cuda_graph"):
+        for key in ("tensorboard", "compile"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"train.{key} must be true or false, got {getattr(self, key)!r}")
+        if self.cuda_graph not in (True, False, "auto") or isinstance(self.cuda_graph, int) and \
+                not isinstance(self.cuda_graph, bool):
+            raise ConfigError(f"train.cuda_graph must be auto, true or false, got {self.cuda_graph!r}")
         if self.tensorboard:
             from pyrovae.board import tensorboard_available
 

@@ -164,9 +164,23 @@ def shard(n: int, world: World) -> slice:
 
 
 def sum_gradients(process_group, bucket):
-    """DDP communication hook: all-reduce a bucket of gradients by sum (DDP's own default is the mean)."""
-    future = dist.all_reduce(bucket.buffer(), group=process_group, async_op=True).get_future()
-    return future.then(lambda f: f.value()[0])
+    """DDP communication hook: all-reduce a bucket of gradients by sum (DDP's own default is the mean).
+
+    The all-reduce is waited for here, and its result handed back in a future that is already
+    complete. The asynchronous form, ``all_reduce(..., async_op=True).get_future().then(fn)``, gives
+    the collective's worker thread (gloo's, on the CPU) the last reference to the Python function
+    ``fn``: the thread releases it after DDP has read the result, and must take the GIL to do so. When
+    the process is already shutting its interpreter down by then (a short command that ends right
+    after its last step), the thread cannot take the GIL, is made to exit inside C++ code that may
+    not unwind, and the whole process aborts with "terminate called without an active exception"
+    (SIGABRT) after finishing its work. Without a Python continuation no worker thread ever touches
+    Python.
+    """
+    buffer = bucket.buffer()
+    dist.all_reduce(buffer, group=process_group)
+    done = torch.futures.Future(devices=[buffer.device] if buffer.device.type == "cuda" else None)
+    done.set_result(buffer)
+    return done
 
 
 def wrap(loss_fn: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:

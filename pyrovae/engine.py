@@ -322,14 +322,18 @@ def fit(config: Config, vae, loss_fn, optimizer, data: Prepared, state: TrainSta
     vae.check_data(next(batches(data.train[: t.batch_size], t.batch_size, torch.Generator(device), data.per_batch)))
     stopped_by = 0  # the signal that stopped the run, agreed by all processes
     replayed = None  # the step as a CUDA graph (train.cuda_graph), captured again when the learning rate changes
+    graph = t.cuda_graph in (True, "auto") and device.type == "cuda"
     with pyro.validation_enabled(False), _stop_on_signals() as signals, _progress(quiet) as bar:  # data checked
         while state.epoch < t.epochs and not _budget_spent(t, state) and not stopped_by:
             _set_learning_rate(optimizer, learning_rate(t, state.epoch))
             vae.train()
             checked, start = state.epoch_step, time.perf_counter()
             for x in state.epoch_batches(data, t.batch_size, world):
-                if t.cuda_graph and device.type == "cuda" and x.shape[0] == -(-t.batch_size // world.size):
-                    replayed = _replayed_step(replayed, loss_fn, optimizer, x, t.grad_clip)
+                full = x.shape[0] == -(-t.batch_size // world.size)
+                if graph and full:
+                    replayed = _replayed_step(replayed, loss_fn, optimizer, x, t.grad_clip, log)
+                    graph = replayed is not None
+                if graph and full:
                     result = replayed(x, kl_weight_at(t, state.step))
                 else:
                     result = train_step(loss_fn, optimizer, x, kl_weight=kl_weight_at(t, state.step),
@@ -375,14 +379,19 @@ def fit(config: Config, vae, loss_fn, optimizer, data: Prepared, state: TrainSta
     return state
 
 
-def _replayed_step(replayed, loss_fn, optimizer, x, grad_clip):
+def _replayed_step(replayed, loss_fn, optimizer, x, grad_clip, log):
     """The CUDA-graph step for batches like ``x``: the one captured before, unless the learning rate
-    (a constant of the graph) has changed since."""
-    from pyrovae.compiled import StaticStep
+    (a constant of the graph) has changed since. None, after one line saying why, where the step
+    cannot be captured: the run then takes eager steps."""
+    from pyrovae.compiled import CaptureUnsupported, StaticStep
 
     lr = optimizer.param_groups[0]["lr"]
     if replayed is None or replayed.lr != lr:
-        replayed = StaticStep(loss_fn, optimizer, x, grad_clip=grad_clip)
+        try:
+            replayed = StaticStep(loss_fn, optimizer, x, grad_clip=grad_clip)
+        except CaptureUnsupported as e:
+            log(f"note: train.cuda_graph: {e}; this run takes eager steps")
+            return None
         replayed.lr = lr
     return replayed
 

@@ -192,15 +192,42 @@ def _log_px_z(likelihood, outputs: torch.Tensor, x: torch.Tensor) -> torch.Tenso
     return likelihood.log_prob(outputs, x)
 
 
+#: IWAE chunk sizes on a GPU: at most this many images a batch and decoder rows a chunk (larger
+#: chunks gave no further speed on an H200), and at most this share of the GPU's memory.
+GPU_IWAE_IMAGES, GPU_IWAE_ROWS, GPU_IWAE_MEMORY_SHARE = 1000, 2 ** 18, 0.25
+
+
+def iwae_chunks(vae, images: torch.Tensor) -> tuple[int, int]:
+    """(images per batch, decoder rows per chunk) for :func:`importance_log_likelihood` on this device.
+
+    On the CPU, 100 images and 4,096 rows: the rows of a chunk stay in the caches. On CUDA the chunks
+    grow until the estimate of a chunk's working memory, 24 bytes per number the decoder puts out
+    for one row plus 16 KiB (its hidden layers and the log-density's temporaries), reaches a quarter
+    of the GPU's total memory (fixed for a GPU model, so a figure repeats on it), and no more than
+    is free now: at most 1,000 images and 2^18 rows. Hand-set chunks of that size ran IWAE-5000 on
+    the 10,000 MNIST test images in 1.6 s on an H200, against 9.6 s with the CPU's sizes.
+    """
+    if images.device.type != "cuda":
+        return 100, 4096
+    free, total = torch.cuda.mem_get_info(images.device)
+    with torch.no_grad():
+        outputs = vae.decoder(vae.posterior(images[:1]).sample())  # one row
+    per_row = 24 * outputs.numel() + 16 * 1024
+    budget = min(GPU_IWAE_MEMORY_SHARE * total, 0.8 * free)
+    rows = int(min(GPU_IWAE_ROWS, max(4096, budget // per_row)))
+    return min(GPU_IWAE_IMAGES, images.shape[0], rows), rows
+
+
 @torch.no_grad()
-def importance_log_likelihood(vae, images: torch.Tensor, k: int = 1000, batch_size: int = 100,
-                              max_rows: int = 4096, seed: int = 0, world: World = World()) -> dict[str, float]:
+def importance_log_likelihood(vae, images: torch.Tensor, k: int = 1000, batch_size: int | None = None,
+                              max_rows: int | None = None, seed: int = 0, world: World = World()) -> dict[str, float]:
     """-log p(x) per image by importance sampling with the encoder (the IWAE bound, Burda et al. 2015).
 
     log p(x) >= log (1/K) sum_k p(x, z_k) / q(z_k|x),  z_k ~ q(z|x),
 
     which tends to log p(x) as K grows. The K samples are drawn in chunks of at most ``max_rows``
-    decoder rows (images x samples), so memory stays bounded whatever K is. Also returns the
+    decoder rows (images x samples), so memory stays bounded whatever K is; both sizes are chosen
+    for the device when not given (:func:`iwae_chunks`). Also returns the
     single-sample ELBO from the same draws (the mean log weight) and, for 8-bit likelihoods, bits/dim.
 
     On the CPU in float32 the networks' linear layers and softplus run through the fast routes of
@@ -210,8 +237,10 @@ def importance_log_likelihood(vae, images: torch.Tensor, k: int = 1000, batch_si
     """
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"the number of importance samples K must be a positive integer, got {k!r}")
-    vae.check_data(images[:batch_size])
     n = images.shape[0]
+    chosen = iwae_chunks(vae, images)
+    batch_size, max_rows = batch_size or chosen[0], max_rows or chosen[1]
+    vae.check_data(images[:batch_size])
     sums = torch.zeros(2, dtype=torch.float64, device=images.device)  # log p(x) bound, ELBO; on the device
     # Only the networks run under the fast routes: every torch call made under the mode pays for a
     # Python dispatch, which the distributions' many small operations need not.

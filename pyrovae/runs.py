@@ -164,7 +164,7 @@ def _train_run(config, out_dir, *, quiet, overwrite, download, resume, data, dat
         from pyrovae.compiled import compile_loss
 
         loss_fn = compile_loss(loss_fn, log)
-    if config.train.cuda_graph and device.type != "cuda":
+    if config.train.cuda_graph is True and device.type != "cuda":
         log("note: train.cuda_graph applies on CUDA only; this run is on the CPU and takes eager steps")
     loss_fn = wrap(loss_fn, world, device)
     optimizer = make_optimizer(vae.parameters(), config.train.lr, device)

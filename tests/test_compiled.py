@@ -6,6 +6,7 @@ import torch
 
 from helpers import synthetic_data
 from pyrovae import Config, build_vae
+from pyrovae.config import ConfigError
 from pyrovae.compiled import StaticStep, compile_loss
 from pyrovae.engine import make_optimizer, train_step
 from pyrovae.objectives import build_objective
@@ -142,3 +143,97 @@ def test_a_captured_cuda_graph_step_trains_like_the_eager_step(objective):
     eager, graphed = gains
     assert eager > 0 and graphed > 0
     assert abs(graphed - eager) <= 0.2 * eager, gains
+
+
+def test_cuda_graph_is_auto_by_default_and_takes_only_auto_true_or_false():
+    assert Config().train.cuda_graph == "auto"
+    for value in (True, False, "auto"):
+        assert TINY.replace(train={"cuda_graph": value}).train.cuda_graph == value
+    for value in ("yes", 1, 0, None):
+        with pytest.raises(ConfigError, match="train.cuda_graph must be auto, true or false"):
+            TINY.replace(train={"cuda_graph": value})
+
+
+def test_auto_says_nothing_on_the_cpu(tmp_path):
+    lines = []
+    config = TINY.replace(train={"batch_size": 50, "max_steps": 2, "device": "cpu"})
+    train_run(config, tmp_path / "run", data=synthetic_data(200, 50), log=lines.append)
+    assert not any("cuda_graph" in line for line in lines)
+
+
+class _FixedNoise:
+    """Every standard-normal draw of torch's distributions read from one buffer, refilled before each
+    step from a seeded CPU generator: the eager and the captured step then see the same noise."""
+
+    def __init__(self, monkeypatch, numel: int, device):
+        self.buffer, self.g = torch.zeros(numel, device=device), torch.Generator().manual_seed(3)
+        monkeypatch.setattr(torch.distributions.normal, "_standard_normal",
+                            lambda shape, dtype, device: self.buffer[:torch.Size(shape).numel()].view(shape))
+
+    def next(self):
+        self.buffer.copy_(torch.randn(self.buffer.shape, generator=self.g))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("objective", ["meanfield", "elbo", "manual_analytic", "iwae"])
+def test_the_captured_cuda_graph_step_equals_the_eager_step_under_the_same_noise(objective, monkeypatch):
+    """The graph against the eager step from the same start, batches and noise: losses, non-finite
+    flags and parameters after every step agree to float32 rounding (a non-finite batch included)."""
+    device = torch.device("cuda")
+    xs = [x.to(device) for x in _batches(8, 64)]
+    xs[5] = xs[5].clone()
+    xs[5][0, 0, 0, 0] = float("nan")
+    runs = []
+    for graph in (False, True):
+        noise = _FixedNoise(monkeypatch, 3 * 64 * 4, device)
+        torch.manual_seed(0)
+        vae = build_vae(TINY.model).to(device)
+        loss_fn = build_objective(objective, vae, 3)
+        optimizer = make_optimizer(vae.parameters(), 3e-3, device)
+        step = StaticStep(loss_fn, optimizer, xs[0]) if graph else None
+        assert (step is not None and step.graph is not None) == graph
+        trace = []
+        with pyro.validation_enabled(False):
+            for i, x in enumerate(xs):
+                noise.next()
+                r = step(x, 0.5) if graph else train_step(loss_fn, optimizer, x, kl_weight=0.5)
+                trace.append((r.loss.clone(), bool(r.loss_finite), [p.detach().clone() for p in vae.parameters()]))
+        runs.append(trace)
+    for (loss_a, fin_a, params_a), (loss_b, fin_b, params_b) in zip(*runs):
+        assert fin_a == fin_b
+        if fin_a:
+            torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-4)
+        for p, q in zip(params_a, params_b):
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+def test_a_step_that_reads_the_host_is_not_captured_and_leaves_the_run_as_it_was():
+    """A loss that reads a value back to the host cannot be a graph: the capture refuses it before
+    capturing, with the reason, and leaves parameters, optimizer and the CUDA generator usable."""
+    from pyrovae.compiled import CaptureUnsupported
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    vae = build_vae(TINY.model).to(device)
+    objective = build_objective("meanfield", vae, 3)
+
+    class Reads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = objective
+
+        def forward(self, x, kl_weight=1.0):
+            loss = self.inner(x, kl_weight=kl_weight)
+            return loss * (1.0 if float(loss) > -1e30 else 0.0)  # a host read, as a data-dependent branch
+    loss_fn = Reads()
+    optimizer = make_optimizer(vae.parameters(), 1e-3, device)
+    before = [p.detach().clone() for p in vae.parameters()]
+    x = _batches(1, 64)[0].to(device)
+    with pytest.raises(CaptureUnsupported, match="reads a value back to the host"):
+        StaticStep(loss_fn, optimizer, x)
+    for p, q in zip(vae.parameters(), before):
+        assert torch.equal(p, q)
+    with pyro.validation_enabled(False):
+        result = train_step(loss_fn, optimizer, x)  # the eager step still runs, the generator included
+    assert bool(result.loss_finite) and torch.randn(3, device=device).isfinite().all()

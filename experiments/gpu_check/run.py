@@ -12,8 +12,10 @@ and a step that fails is recorded and the next one runs:
   c. cuda tests   ``python -m pytest -q -m cuda tests``
   d. benchmark    ``experiments/benchmarks/benchmark_speed.py --out OUT/benchmark``, if present
   e. iwae         -log p(x) by IWAE-5000 on the 10,000 MNIST test images, untrained default model:
-                  wall time and peak GPU memory, with the library's chunking and with larger chunks
-  f. mnist        ``train_run`` of the default model for --epochs epochs: seconds per epoch, test -ELBO;
+                  wall time and peak GPU memory, with the library's chunks (chosen for the device) and
+                  with hand-set large ones
+  f. mnist        ``train_run`` of the default model (its defaults: the step replayed as a CUDA graph)
+                  for --epochs epochs (20): seconds per epoch, whole wall time, test -ELBO;
                   its figures and metrics.json go to OUT/mnist_run
   g. distributed  ``torchrun --standalone --nproc_per_node 1 -m pyrovae train --max-steps 50`` (NCCL)
   h. cifar10      ``experiments/configs/cifar10.toml`` trained for a time budget (--cifar-s; the number
@@ -373,7 +375,7 @@ class Check:
         params = {"device": self.device(), "k": 5 if smoke else self.args.particles, "images": 100 if smoke else None,
                   "seconds": limit,
                   # (images per batch, decoder rows per chunk): the library's defaults, then larger chunks
-                  "variants": [[100, 4096], [1000, 262144]] if self.cuda else [[100, 4096]]}
+                  "variants": [[None, None], [1000, 262144]] if self.cuda else [[None, None]]}
         result = self.worker("iwae", params, limit)
         first = result["variants"][0]
         figures = {}
@@ -572,7 +574,7 @@ def worker_iwae(p: dict) -> dict:
 
     from pyrovae import Config, build_vae
     from pyrovae.data import prepare_test
-    from pyrovae.evaluate import importance_log_likelihood
+    from pyrovae.evaluate import importance_log_likelihood, iwae_chunks
 
     device = torch.device(p["device"])
     config = Config()
@@ -583,6 +585,8 @@ def worker_iwae(p: dict) -> dict:
     importance_log_likelihood(vae, test[:100], k=10, batch_size=100)  # warm-up: kernels, allocator
     variants = []
     for batch_size, max_rows in p["variants"]:
+        if batch_size is None:  # the library's own choice for this device, recorded
+            batch_size, max_rows = iwae_chunks(vae, test)
         spent = time.perf_counter() - started
         if variants and spent + 1.5 * variants[0]["seconds"] + 10 > p["seconds"]:
             break  # another variant would not fit the step's time limit
@@ -612,12 +616,14 @@ def worker_mnist(p: dict) -> dict:
                                      "test_subset": p["test_subset"]})
     with tempfile.TemporaryDirectory() as scratch:
         began = time.perf_counter()
-        run = train_run(config, Path(scratch) / "run", quiet=True)
+        notes = []
+        run = train_run(config, Path(scratch) / "run", quiet=True, log=notes.append)
         wall = time.perf_counter() - began
         copy_outputs(Path(scratch) / "run", Path(p["copy_to"]))
     return {"epochs": run.metrics["epochs"], "wall_seconds": round(wall, 2), "peak_memory_mib": peak_memory_mib(device),
             "train_images": int(run.data.train.shape[0]), "test_images": int(run.data.test.shape[0]),
-            "objective": config.train.objective, "device": str(device)}
+            "objective": config.train.objective, "cuda_graph": config.train.cuda_graph, "notes": notes,
+            "device": str(device)}
 
 
 def worker_cifar10(p: dict) -> dict:
@@ -749,7 +755,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="output folder: summary.json, run.log, figures (required)")
     p.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget of the whole check (420 s)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes; on the CPU, run e-h there too")
-    p.add_argument("--epochs", type=int, default=3, help="MNIST training epochs (step f; default 3)")
+    p.add_argument("--epochs", type=int, default=20, help="MNIST training epochs (step f; default 20)")
     p.add_argument("--particles", type=int, default=5000, help="K for IWAE (step e; default 5000)")
     p.add_argument("--cifar-s", type=float, default=120.0, help="CIFAR-10 training seconds at most (step h; 120)")
     p.add_argument("--benchmark-args", default="", help="more arguments for benchmark_speed.py, in one string")
