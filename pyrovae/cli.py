@@ -217,12 +217,16 @@ def _rank_prefix() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pyrovae.distributed import stop
+    from pyrovae.distributed import exit_now, stop
 
     try:
-        return _main(argv)
-    finally:
-        stop()  # leave the process group, if torchrun made one
+        code = _main(argv)
+    except BaseException:
+        stop()
+        raise
+    if stop():  # torchrun made a process group: end without the interpreter's shutdown (see exit_now)
+        exit_now(code)
+    return code
 
 
 def _main(argv: list[str] | None) -> int:

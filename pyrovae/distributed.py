@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["World", "CollectiveError", "launched", "start", "stop", "shard", "sum_gradients", "wrap"]
+__all__ = ["World", "CollectiveError", "launched", "start", "stop", "exit_now", "shard", "sum_gradients", "wrap"]
 
 #: How long a collective waits for the other processes before it fails (seconds); a process that
 #: died makes the others fail after at most this long, instead of hanging.
@@ -150,10 +150,39 @@ def start(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[W
     return World(rank, size, local), device
 
 
-def stop() -> None:
-    """Leave the process group (at the end of a command)."""
+def stop() -> bool:
+    """Leave the process group (at the end of a command); whether there was one."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        return True
+    return False
+
+
+def exit_now(code: int):
+    """End this process with ``code`` without finalizing the interpreter (after :func:`stop`).
+
+    Gloo runs each collective on a worker thread of its own, and that thread drops its reference to
+    the collective's tensors a moment after the caller has seen the result. A tensor whose Python
+    object the caller has dropped by then is released through Python, so the thread must take the
+    GIL. ``destroy_process_group`` does not join those threads; if the interpreter is already
+    shutting down when one of them asks for the GIL, Python ends the thread inside C++ code that may
+    not unwind, and the process aborts (SIGABRT, "terminate called without an active exception")
+    after all its work is done, which torchrun reports as a failed job. The last collectives of a
+    command (the broadcast after its files are written) are the ones at risk. Ending the process
+    here, with its output flushed, leaves no interpreter shutdown for a worker thread to meet.
+    Every file the commands write is complete by then (written and synced by
+    :func:`pyrovae.atomic.atomic_write`).
+    """
+    import logging
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    logging.shutdown()
+    os._exit(code)
 
 
 def shard(n: int, world: World) -> slice:

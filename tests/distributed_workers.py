@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers import synthetic_data  # noqa: E402
 from pyrovae import Config, build_vae  # noqa: E402
 from pyrovae import atomic  # noqa: E402
-from pyrovae.distributed import start, stop, wrap  # noqa: E402
+from pyrovae.distributed import exit_now, start, stop, wrap  # noqa: E402
 from pyrovae.engine import make_optimizer, train_step  # noqa: E402
 from pyrovae.evaluate import importance_log_likelihood  # noqa: E402
 from pyrovae.objectives import build_objective  # noqa: E402
@@ -67,3 +67,4 @@ if __name__ == "__main__":
         torch.save({"rank": world.rank, "size": world.size, **result}, out / f"rank{world.rank}.pt")
     finally:
         stop()
+    exit_now(0)

@@ -30,7 +30,7 @@ import torch
 
 from pyrovae.config import Config
 from pyrovae.data import binarize, prepare_test
-from pyrovae.distributed import launched, shard, start, stop, wrap
+from pyrovae.distributed import exit_now, launched, shard, start, stop, wrap
 from pyrovae.engine import make_optimizer, train_step
 from pyrovae.evaluate import importance_log_likelihood
 from pyrovae.experiment import add_output_flags, command, output_folders
@@ -99,6 +99,7 @@ def worker(args) -> None:
                                                    "threads_per_process": torch.get_num_threads()}))
     finally:
         stop()
+    exit_now(0)  # no interpreter shutdown for gloo's threads to meet (pyrovae.distributed.exit_now)
 
 
 def main(argv=None) -> None:
