@@ -1,14 +1,14 @@
 """Faster steps: a compiled loss module, and a step replayed on static buffers (a CUDA graph on CUDA).
 
-``train.compile`` is a switch, off by default; ``train.cuda_graph`` is ``auto`` by default (on
-wherever the step can be captured):
+Both are ``auto`` by default:
 
-- ``train.compile = true`` runs the loss module through ``torch.compile``. It pays a compilation
-  (tens of seconds on a CPU) and wins where the loss is plain tensor code: the hand-coded
-  objectives. Dynamo does not capture Pyro's effect handlers in one graph (its ``Message`` is a
-  TypedDict with optional keys, and every parameter site has its own name), so a Pyro objective
-  breaks into many small graphs and recompiles; it is left in eager there. If compilation fails,
-  the step falls back to eager with one line saying why.
+- ``train.compile`` traces the loss module below Python and compiles the trace
+  (:class:`TracedLoss`): Pyro's handlers run once, while tracing, and inductor fuses the graph's
+  elementwise work. (Dynamo itself does not capture Pyro's effect handlers in one graph: its
+  ``Message`` is a TypedDict with optional keys, and every parameter site has its own name; a trace
+  made at the dispatcher level never sees them.) ``auto`` compiles on the CPU for runs of at least
+  :data:`AUTO_COMPILE_MIN_STEPS` steps; ``true`` always. If tracing or compiling fails, the step
+  falls back to eager with one line saying why.
 - ``train.cuda_graph`` (CUDA only; ``auto`` or ``true``) records one whole step (Pyro's traces, the
   loss, the backward pass, the non-finite guard and the fused Adam update) as a CUDA graph on static
   input buffers, once; each later step copies its batch in and replays the kernels, so Pyro's Python
@@ -29,44 +29,121 @@ import torch
 
 from pyrovae.engine import StepResult, train_step
 
-__all__ = ["compile_loss", "StaticStep", "CaptureUnsupported"]
+__all__ = ["compile_loss", "faster_loss", "TracedLoss", "StaticStep", "CaptureUnsupported", "AUTO_COMPILE_MIN_STEPS"]
 
 
 class CaptureUnsupported(RuntimeError):
     """The step reads a value back to the host, which a CUDA graph cannot hold; it stays eager."""
 
 
-class _FallBack(torch.nn.Module):
-    """A compiled loss module that turns itself back into the eager one the first time compiling fails."""
+class TracedLoss(torch.nn.Module):
+    """The loss module traced once below Python, then compiled: Pyro's handlers run only in the trace.
 
-    def __init__(self, loss_fn: torch.nn.Module, log):
+    ``make_fx`` records the aten operations one call of the loss runs for the first batch shape it
+    sees, with the module's parameters and buffers as the graph's inputs (so the graph follows their
+    values); Pyro's effect handlers, the distributions' Python and the objective's bookkeeping all
+    run once, while tracing, and never again. ``torch.compile`` (inductor) then compiles that graph,
+    fusing its elementwise work around the matrix products, forward and backward. The compiled
+    code draws its noise from torch's own generators (inductor's ``fallback_random``, set here for
+    the process), in the eager order, so runs and resumes are those of the eager step to float
+    rounding. Batches of another shape (the last of an epoch), or the module in the other
+    train/eval mode, take the eager module. A loss that reads a value back to the host while
+    tracing (stock ``Trace_ELBO``'s ``.item()`` calls, Pyro's IAF inverse) cannot be a graph: it,
+    and any failure to trace or compile, falls back to eager with one line saying why.
+    """
+
+    def __init__(self, loss_fn: torch.nn.Module, log=print, compiler=None):
         super().__init__()
         self.module, self.log = loss_fn, log  # named like DDP's wrapped module: parameter names stay readable
-        object.__setattr__(self, "compiled", torch.compile(loss_fn, dynamic=False))  # the same parameters
-        self.failed = False
+        self.compiler = compiler or (lambda graph: torch.compile(graph, dynamic=False))  # the traced graph's
+        self.key, self.failed, self.seconds, self._first = None, False, None, False  # seconds: trace and compile
+        object.__setattr__(self, "graph", None)
+        self._weights: dict[tuple, torch.Tensor] = {}
 
-    def forward(self, x, kl_weight=1.0):
-        if not self.failed:
+    def forward(self, x: torch.Tensor, kl_weight=1.0) -> torch.Tensor:
+        key = (tuple(x.shape), x.dtype, x.device, self.module.training)
+        if not self.failed and self.key is None:
+            self._trace(x, kl_weight, key)
+        if not self.failed and key == self.key:
             try:
-                return self.compiled(x, kl_weight=kl_weight)
-            except Exception as e:  # no C++ toolchain, an unsupported operation, ...
-                self.failed = True
-                self.log(f"note: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
-                         "training in eager mode")
+                return self._run(x, kl_weight)
+            except Exception as e:  # compiling happens at the first call: no C++ compiler, ...
+                self._give_up("torch.compile", e)
         return self.module(x, kl_weight=kl_weight)
 
+    def _inputs(self) -> list[torch.Tensor]:
+        return [*self.module.parameters(), *self.module.buffers()]
 
-def compile_loss(loss_fn: torch.nn.Module, log=print) -> torch.nn.Module:
-    """``loss_fn`` compiled with ``torch.compile``, falling back to eager (one line) if that fails.
-    The parameters are the loss module's own, so optimizers and checkpoints see no difference.
+    def _weight(self, kl_weight, device) -> torch.Tensor:
+        if isinstance(kl_weight, torch.Tensor):
+            return kl_weight
+        key = (float(kl_weight), device)
+        if key not in self._weights:  # a tensor, so a new value needs no new graph
+            if len(self._weights) > 16:  # a KL warm-up brings a new value every step
+                self._weights.clear()
+            self._weights[key] = torch.tensor(float(kl_weight), device=device)
+        return self._weights[key]
 
-    The compiled code draws its noise from torch's own generators (inductor's ``fallback_random``,
-    set here for the process), so the draws, and a resumed run, are those of the eager step.
-    """
+    def _trace(self, x, kl_weight, key) -> None:
+        import time
+
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        began = time.perf_counter()
+        module = self.module
+
+        def loss(*inputs):
+            return module(inputs[-2], kl_weight=inputs[-1])
+        try:
+            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), \
+                    pyro.validation_enabled(False):  # the trace's own draws leave the run's streams alone
+                traced = make_fx(loss)(*self._inputs(), x, self._weight(kl_weight, x.device))
+        except Exception as e:
+            self._give_up("tracing", e)
+            return
+        object.__setattr__(self, "graph", self.compiler(traced))
+        self.key, self.seconds, self._first = key, time.perf_counter() - began, True
+
+    def _run(self, x, kl_weight) -> torch.Tensor:
+        import time
+
+        began = time.perf_counter()
+        loss = self.graph(*self._inputs(), x, self._weight(kl_weight, x.device))
+        if self._first:  # the first call compiles
+            self._first, self.seconds = False, self.seconds + time.perf_counter() - began
+        return loss
+
+    def _give_up(self, stage: str, error: Exception) -> None:
+        self.failed = True
+        text = str(error).splitlines()[0][:160] if str(error) else ""
+        why = ("the loss reads a value back to the host (.item() or a branch on a tensor's value), which a "
+               "graph cannot hold" if "_local_scalar_dense" in str(error) else f"{type(error).__name__}: {text}")
+        self.log(f"note: train.compile: {stage} failed ({why}); training in eager mode")
+
+
+def compile_loss(loss_fn: torch.nn.Module, log=print) -> TracedLoss:
+    """``loss_fn`` traced below Python and compiled (:class:`TracedLoss`), falling back to eager
+    (one line) where that fails. The parameters are the loss module's own, so optimizers and
+    checkpoints see no difference."""
     import torch._inductor.config
 
     torch._inductor.config.fallback_random = True
-    return _FallBack(loss_fn, log)
+    return TracedLoss(loss_fn, log)
+
+
+#: ``train.compile = auto`` compiles on the CPU for runs of at least this many steps: tracing and
+#: compiling take seconds (about 10 on two cores for the default model), which a short run would not
+#: win back. On CUDA, auto leaves it to the CUDA graph (``train.cuda_graph``).
+AUTO_COMPILE_MIN_STEPS = 2000
+
+
+def faster_loss(t, loss_fn: torch.nn.Module, device: torch.device, steps: int, log=print) -> torch.nn.Module:
+    """The loss module a run of ``steps`` steps trains through, by ``train.compile`` (``t``): compiled
+    (:func:`compile_loss`) where it is asked for (true, or auto on the CPU for a long enough run),
+    else ``loss_fn`` itself."""
+    if t.compile is True or (t.compile == "auto" and device.type == "cpu" and steps >= AUTO_COMPILE_MIN_STEPS):
+        return compile_loss(loss_fn, log)
+    return loss_fn
 
 
 class StaticStep:

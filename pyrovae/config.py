@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 import sys
 import types
 import typing
@@ -21,11 +22,66 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["ConfigError", "ModelConfig", "DataConfig", "TrainConfig", "Config"]
+__all__ = ["ConfigError", "OptionError", "ModelConfig", "DataConfig", "TrainConfig", "Config", "PART_ARGUMENTS",
+           "part_options", "option_int", "option_number", "option_widths"]
 
 
 class ConfigError(ValueError):
     """A configuration value is unknown or out of range."""
+
+
+class OptionError(ConfigError):
+    """A part refuses the value of one of its options.
+
+    A part raises it with the option's name (``OptionError("bins", "must be a positive integer, got 0")``
+    reads "bins must be a positive integer, got 0"); ``build_vae`` names the config field,
+    ``model.prior_options.bins``. Parts from plugins may raise it too, or any ``ValueError``.
+    """
+
+    def __init__(self, option: str, message: str):
+        super().__init__(f"{option} {message}")
+        self.option = option
+
+
+def _aside(meaning: str) -> str:
+    return f" ({meaning})" if meaning else ""
+
+
+def option_int(option: str, value, *, low: int = 1, high: int | None = None, meaning: str = "") -> int:
+    """``value`` if it is an integer from ``low`` to ``high`` (``None``: no upper bound), else an
+    :class:`OptionError` naming ``option``; ``meaning`` says what the option is (and a good value)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        if high is not None:
+            span = f"an integer from {low} to {high}"
+        else:
+            span = "a positive integer" if low == 1 else f"an integer of at least {low}"
+        raise OptionError(option, f"must be {span}{_aside(meaning)}, got {value!r}")
+    return value
+
+
+def option_number(option: str, value, *, low: float = 0.0, strict: bool = True, meaning: str = "") -> float:
+    """``value`` as a float if it is a finite number above ``low`` (at least ``low`` unless ``strict``),
+    else an :class:`OptionError` naming ``option``."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and (value > low if strict else value >= low)):
+        if low == 0:
+            span = "a positive finite number" if strict else "a finite number of at least 0"
+        else:
+            span = f"a finite number {'above' if strict else 'of at least'} {low}"
+        raise OptionError(option, f"must be {span}{_aside(meaning)}, got {value!r}")
+    return float(value)
+
+
+def option_widths(option: str, value, *, low: int = 1, meaning: str = "") -> tuple[int, ...] | None:
+    """``value`` as a tuple if it is one or more integer widths of at least ``low``, ``None`` if it is
+    ``None``, else an :class:`OptionError` naming ``option``."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not value or \
+            any(isinstance(v, bool) or not isinstance(v, int) or v < low for v in value):
+        raise OptionError(option, f"must be one or more layer widths of at least {low}, such as "
+                                  f"[{2 * low}, {2 * low}], or unset{_aside(meaning)}; got {value!r}")
+    return tuple(value)
 
 
 def _names(registry) -> str:
@@ -77,16 +133,17 @@ class ModelConfig:
         ]:
             if value not in registry:
                 raise ConfigError(f"unknown model.{key} {value!r}; valid: {_names(registry)}")
-        for key, cls, skip in [
-            ("prior", PRIORS[self.prior], {"z_dim", "posterior", "image_shape"}),
-            ("likelihood", LIKELIHOODS[self.likelihood], {"image_shape"}),
-            ("posterior", POSTERIORS[self.posterior], {"encoder", "z_dim"}),
-            ("network", None if self.network == "auto" else NETWORKS[self.network],
-             {"image_shape", "z_dim", "out_channels", "hidden", "activation", "min_scale"}),
+        for key, cls in [
+            ("prior", PRIORS[self.prior]),
+            ("likelihood", LIKELIHOODS[self.likelihood]),
+            ("posterior", POSTERIORS[self.posterior]),
+            ("network", None if self.network == "auto" else NETWORKS[self.network]),
         ]:
-            _check_options(f"model.{key}_options", getattr(self, f"{key}_options"), cls, skip)
-        if not self.min_scale > 0:
-            raise ConfigError(f"model.min_scale must be positive, got {self.min_scale!r}")
+            options = _check_options(key, getattr(self, f"{key}_options"), cls)
+            object.__setattr__(self, f"{key}_options", options)  # integers given for float options, as floats
+        scale = self.min_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (scale > 0 and math.isfinite(scale)):
+            raise ConfigError(f"model.min_scale must be a positive finite number such as 1e-4, got {scale!r}")
 
 
 @dataclass(frozen=True)
@@ -129,7 +186,8 @@ class TrainConfig:
     train_subset: int | None = None  # train on the first N images only (quick checks); None: all
     test_subset: int | None = None  # evaluate on the first N test images only; None: all
     tensorboard: bool = False  # also log to <run>/tensorboard (pip install 'pyrovae[tensorboard]')
-    compile: bool = False  # run the loss module through torch.compile (wins for the hand-coded objectives)
+    compile: bool | str = "auto"  # trace the loss below Python and compile it (pyrovae.compiled.TracedLoss):
+    # auto (on the CPU, for runs long enough to win the compilation back) or true; false: eager
     cuda_graph: bool | str = "auto"  # on CUDA, capture the whole step once as a CUDA graph and replay it:
     # auto (wherever the step can be captured) or true; false: eager steps
 
@@ -163,12 +221,12 @@ class TrainConfig:
             raise ConfigError(f"train.kl_warmup_steps must be an integer >= 0, got {self.kl_warmup_steps!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2 ** 63 - 1:
             raise ConfigError(f"train.seed must be an integer from 0 to 2**63 - 2, got {self.seed!r}")
-        for key in ("tensorboard", "compile"):
-            if not isinstance(getattr(self, key), bool):
-                raise ConfigError(f"train.{key} must be true or false, got {getattr(self, key)!r}")
-        if self.cuda_graph not in (True, False, "auto") or isinstance(self.cuda_graph, int) and \
-                not isinstance(self.cuda_graph, bool):
-            raise ConfigError(f"train.cuda_graph must be auto, true or false, got {self.cuda_graph!r}")
+        if not isinstance(self.tensorboard, bool):
+            raise ConfigError(f"train.tensorboard must be true or false, got {self.tensorboard!r}")
+        for key in ("compile", "cuda_graph"):
+            value = getattr(self, key)
+            if not (isinstance(value, bool) or value == "auto"):
+                raise ConfigError(f"train.{key} must be auto, true or false, got {value!r}")
         if self.tensorboard:
             from pyrovae.board import tensorboard_available
 
@@ -260,31 +318,84 @@ def apply_overrides(d: dict[str, Any], overrides) -> dict[str, Any]:
     return d
 
 
-def _check_options(where: str, options, target, skip: set[str]) -> None:
-    """Options must be a mapping of keyword arguments that ``target``'s constructor accepts, each of the
-    type its annotation names. (Ranges are the part's own to check: ``build_vae`` reports them.)"""
-    if not isinstance(options, dict):
-        raise ConfigError(f"{where} must be a mapping of option names to values, got {options!r}")
-    if target is None or not options:
-        return
+#: The arguments ``build_vae`` gives each kind of part itself; the part's other keyword arguments are its
+#: options (``model.<kind>_options``).
+PART_ARGUMENTS = {
+    "prior": {"z_dim", "posterior", "image_shape"},
+    "likelihood": {"image_shape"},
+    "posterior": {"encoder", "z_dim"},
+    "network": {"image_shape", "z_dim", "out_channels", "hidden", "activation", "min_scale"},
+}
+
+
+def _signature(target) -> inspect.Signature:
     fn = target.__init__ if isinstance(target, type) else target
     try:
-        params = inspect.signature(fn, eval_str=True).parameters
+        return inspect.signature(fn, eval_str=True)
     except (NameError, TypeError):  # annotations that cannot be evaluated: names only
-        params = inspect.signature(fn).parameters
+        return inspect.signature(fn)
+
+
+def part_options(kind: str, target) -> dict[str, inspect.Parameter] | None:
+    """The options a part of ``kind`` ("prior", "likelihood", "posterior", "network") takes: its
+    constructor's keyword parameters (annotations evaluated where possible) less those ``build_vae``
+    passes itself; ``None`` when it takes any keyword (``**options``)."""
+    params = _signature(target).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    valid = [n for n, p in params.items() if n != "self" and n not in skip
-             and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
-    unknown = sorted(set(options) - set(valid))
+        return None
+    return {n: p for n, p in params.items() if n != "self" and n not in PART_ARGUMENTS[kind]
+            and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+
+
+def _check_options(kind: str, options, target) -> dict:
+    """``model.<kind>_options`` checked against ``target``'s constructor: keyword arguments it accepts,
+    each of the type its annotation names; returned with integers given for float options as floats.
+    (Ranges are the part's own to check: ``build_vae`` reports them.)"""
+    where = f"model.{kind}_options"
+    if not isinstance(options, dict):
+        raise ConfigError(f"{where} must be a mapping of option names to values, got {options!r}")
+    params = part_options(kind, target) if target is not None and options else None
+    if params is None:
+        return dict(options)
+    unknown = sorted(set(options) - set(params))
     if unknown:
         name = getattr(target, "__name__", str(target))
-        raise ConfigError(f"unknown option(s) {unknown} in {where} for {name}; valid: {', '.join(valid) or 'none'}")
+        raise ConfigError(f"unknown option(s) {unknown} in {where} for {name}; valid: {', '.join(params) or 'none'}")
+    checked = {}
     for key, value in options.items():
         annotation = params[key].annotation
-        if annotation is not inspect.Parameter.empty and not isinstance(annotation, str) \
-                and not _has_type(value, annotation):
+        if annotation is inspect.Parameter.empty or isinstance(annotation, str):
+            checked[key] = value
+            continue
+        if not _has_type(value, annotation):
             raise ConfigError(f"{where}.{key} must be {_type_name(annotation)}, got {value!r}")
+        checked[key] = _as_annotated(value, annotation)
+    return checked
+
+
+def _accepts(annotation, kind: type) -> bool:
+    """Whether ``annotation`` is ``kind`` or a union that has ``kind`` among its members."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_accepts(a, kind) for a in typing.get_args(annotation))
+    return annotation is kind
+
+
+def _as_annotated(value, annotation):
+    """A config value (one that fits ``annotation``) with every integer the annotation wants as a float
+    (``float``, not ``int``) made a float, in lists too: TOML and JSON write 2.0 as 2, and an integer
+    would reach torch as an integer tensor. Booleans are left alone."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return float(value) if _accepts(annotation, float) and not _accepts(annotation, int) else value
+    if isinstance(value, (list, tuple)):
+        members = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+            else (annotation,)
+        for member in members:
+            args = typing.get_args(member)
+            if typing.get_origin(member) in (tuple, list) and args and _has_type(value, member):
+                return type(value)(_as_annotated(v, args[0]) for v in value)
+    return value
 
 
 def _has_type(value, annotation) -> bool:

@@ -160,10 +160,9 @@ def _train_run(config, out_dir, *, quiet, overwrite, download, resume, data, dat
     if saved is not None:
         _check_same_data(out, saved["state"].get("data"), identity)
     loss_fn = build_objective(config.train.objective, vae, config.train.particles)
-    if config.train.compile:
-        from pyrovae.compiled import compile_loss
+    from pyrovae.compiled import faster_loss
 
-        loss_fn = compile_loss(loss_fn, log)
+    loss_fn = faster_loss(config.train, loss_fn, device, _planned_steps(config, data), log)
     if config.train.cuda_graph is True and device.type != "cuda":
         log("note: train.cuda_graph applies on CUDA only; this run is on the CPU and takes eager steps")
     loss_fn = wrap(loss_fn, world, device)
@@ -201,6 +200,13 @@ def _train_run(config, out_dir, *, quiet, overwrite, download, resume, data, dat
     world.from_main(finish)
     vae.config = config
     return TrainedRun(vae.eval(), metrics, config, data)
+
+
+def _planned_steps(config: Config, data: Prepared) -> int:
+    """The steps the whole run takes by its budget (epochs, max_steps), counted from its start."""
+    t = config.train
+    planned = t.epochs * -(-data.train.shape[0] // t.batch_size)
+    return min(planned, t.max_steps) if t.max_steps is not None else planned
 
 
 def _device(config: Config, world: World) -> torch.device:

@@ -9,8 +9,12 @@
      host-sync-free ``elbo`` and ``meanfield`` (the default: ``pyrovae train``);
    - ``captured/<objective>`` (CUDA only, the default there): our loop's step captured once as a CUDA
      graph and replayed, for the default objective and the hand-coded one; its capture time apart;
-   - ``hand/...``: the hand-coded ELBO (``manual_analytic``), eager and compiled (``torch.compile``
-     of the loss module), and a plain PyTorch step written out (no module, no distributions);
+   - ``loop/meanfield compiled``: the default objective traced below Python and compiled by inductor
+     (``train.compile``, ``pyrovae.compiled.TracedLoss``), its trace and compilation time apart;
+   - ``hand/...``: the hand-coded ELBO (``manual_analytic``), eager and compiled the same way, and a
+     plain PyTorch step written out (no module, no distributions);
+   - ``numpyro jitted epoch`` (CPU, when jax and numpyro are importable): the same model in NumPyro
+     with the whole epoch jitted, as its VAE example trains (``numpyro_vae.py``, its own process);
    - ``floor``: the step's matrix products alone (forward and backward of every linear layer),
      through torch's default BLAS (``torch.mm``) and through oneDNN (``mkldnn._linear_pointwise``
      and ``torch.mm`` on a oneDNN-packed weight where available); the faster of the two is the floor.
@@ -65,17 +69,14 @@ def sync(device: torch.device) -> None:
 
 
 # --- the variants: each returns a function that runs one step on a batch --------------------------
-def loop_step(objective: str, device: torch.device, compiled: str | None = None, hidden=(400,)):
-    """Our loop's step; ``compiled``: "loss" (the loss module, ``train.compile``) or "networks" (the
-    encoder and decoder only, Pyro's Python left in eager)."""
+def loop_step(objective: str, device: torch.device, compiled: bool = False, hidden=(400,)):
+    """Our loop's step; ``compiled``: the loss module traced below Python and compiled
+    (``train.compile``, :class:`pyrovae.compiled.TracedLoss`)."""
     torch.manual_seed(0)
     vae = build_vae(Config().replace(model={"hidden": hidden}).model).to(device)
     loss_fn = build_objective(objective, vae)
-    if compiled == "loss":
-        loss_fn = compile_loss(loss_fn)
-    elif compiled == "networks":
-        vae.posterior.encoder.compile(dynamic=False)
-        vae.decoder.compile(dynamic=False)
+    if compiled:
+        loss_fn = compile_loss(loss_fn, log=lambda line: print(f"  {line}"))
     optimizer = make_optimizer(vae.parameters(), 1e-3, device)
     return lambda x: train_step(loss_fn, optimizer, x)
 
@@ -193,11 +194,13 @@ def epoch_section(args, device, log) -> dict:
     for objective in PYRO_OBJECTIVES:
         variants[f"loop/{objective}"] = loop_step(objective, device)
     variants["hand/manual_analytic"] = loop_step("manual_analytic", device)
-    if not (args.smoke or args.no_compiled):  # (compiling takes tens of seconds; tests/test_compiled.py checks it)
-        variants["loop/meanfield compiled networks"] = compiled_or_none(
-            lambda: loop_step("meanfield", device, "networks"), make_batches()[:2], log)
-        variants["hand/manual_analytic compiled"] = compiled_or_none(
-            lambda: loop_step("manual_analytic", device, "loss"), make_batches()[:2], log)
+    compile_seconds = {}
+    if not (args.smoke or args.no_compiled):  # (compiling takes seconds; tests/test_compiled.py checks it)
+        for objective, name in (("meanfield", "loop/meanfield compiled"),
+                                ("manual_analytic", "hand/manual_analytic compiled")):
+            began = time.perf_counter()
+            variants[name] = compiled_or_none(lambda: loop_step(objective, device, compiled=True), make_batches()[:2], log)
+            compile_seconds[name] = time.perf_counter() - began  # the trace, the compilation and two steps
     capture_seconds = {}
     if device.type == "cuda":  # the default there: the step replayed as a CUDA graph
         for objective in ("meanfield", "manual_analytic"):
@@ -229,13 +232,58 @@ def epoch_section(args, device, log) -> dict:
         ratios["loop/meanfield (eager) / captured/meanfield"] = median["loop/meanfield"] / median["captured/meanfield"]
         for objective, seconds in capture_seconds.items():
             log(f"  capture of captured/{objective} (3 warm-up steps and the capture): {seconds:.3f} s")
+    if "loop/meanfield compiled" in median:
+        ratios["loop/meanfield compiled / floor"] = median["loop/meanfield compiled"] / median["floor"]
+        ratios["loop/meanfield (eager) / loop/meanfield compiled"] = \
+            median["loop/meanfield"] / median["loop/meanfield compiled"]
+        for name, seconds in compile_seconds.items():
+            log(f"  trace and compilation of {name} (with its first two steps): {seconds:.1f} s")
+    numpyro = numpyro_row(images, args, log) if device.type == "cpu" and not args.smoke else \
+        {"skipped": "CPU only, not under --smoke"}
+    if "seconds_per_epoch" in numpyro:
+        median["numpyro jitted epoch"] = numpyro["seconds_per_epoch"]
+        for ours in ("loop/meanfield", "loop/meanfield compiled"):
+            if ours in median:
+                ratios[f"{ours} / numpyro jitted epoch"] = median[ours] / numpyro["seconds_per_epoch"]
     for name, seconds in sorted(median.items(), key=lambda kv: kv[1]):
         log(f"  {name:34s} {seconds:8.3f} s/epoch  {seconds / median['floor']:6.2f}x floor")
     for name, ratio in ratios.items():
         log(f"  ratio {name}: {ratio:.3f}")
     return {"images": images.shape[0], "batch_size": args.batch_size, "rounds": args.rounds,
             "seconds_per_epoch": median, "all_rounds": times, "best_hand_coded": hand, "ratios": ratios,
-            "capture_seconds": capture_seconds}
+            "capture_seconds": capture_seconds, "compile_seconds": compile_seconds, "numpyro": numpyro}
+
+
+def numpyro_row(images: torch.Tensor, args, log) -> dict:
+    """NumPyro's jitted epoch of the same model on the same images (``numpyro_vae.py``, a process of
+    its own), when jax and numpyro are importable: the median of its epochs after the first (which
+    compiles). Its epochs take full batches only (234 steps of 256 for 60,000 images, ours 235)."""
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    missing = [m for m in ("jax", "numpyro") if importlib.util.find_spec(m) is None]
+    if missing:
+        log(f"  numpyro row skipped: {', '.join(missing)} not importable (pip install jax numpyro)")
+        return {"skipped": f"{', '.join(missing)} not importable"}
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "images.npy"
+        import numpy as np
+
+        np.save(path, images.reshape(images.shape[0], -1).cpu().numpy())
+        done = subprocess.run([sys.executable, str(Path(__file__).with_name("numpyro_vae.py")), str(path),
+                               "--epochs", str(args.rounds + 1), "--batch-size", str(args.batch_size)],
+                              capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        log(f"  numpyro row failed: {done.stderr.strip().splitlines()[-1:]}")
+        return {"skipped": f"numpyro_vae.py exit code {done.returncode}"}
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    row["seconds_per_epoch"] = statistics.median(row["seconds"][1:])
+    log(f"  numpyro jitted epoch: {row['seconds_per_epoch']:.3f} s (first epoch, with XLA's compilation, "
+        f"{row['seconds'][0]:.1f} s); jax {row['versions']['jax']}, numpyro {row['versions']['numpyro']}")
+    return row
 
 
 def compiled_or_none(make, example, log):
