@@ -17,7 +17,8 @@ Data, by ``data_kind``, always float tensors of shape (batch, C, H, W):
 Decoder outputs: with P = ``outputs_per_pixel`` and C channels, output channels ``p*C .. (p+1)*C - 1``
 hold parameter p for each of the C image channels (``outputs.chunk(P, dim=1)``).
 
-To add a likelihood: subclass :class:`Likelihood`, implement those, and add it to ``LIKELIHOODS``.
+To add a likelihood: subclass :class:`Likelihood`, implement those, and add it to ``LIKELIHOODS``;
+check every option in ``__init__`` (see :mod:`pyrovae.priors`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from pyro.distributions import TorchDistribution
 from torch import nn
 from torch.distributions import constraints
 from torch.nn import functional as F
+
+from pyrovae.config import OptionError, option_int, option_number
 
 __all__ = [
     "LIKELIHOODS", "Likelihood", "DataSupportError", "BernoulliLikelihood", "ContinuousBernoulliLikelihood",
@@ -152,21 +155,26 @@ class LocationScaleLikelihood(Likelihood):
     def __init__(self, scale: str = "learned", scale_value: float = 0.1, min_scale: float = 1e-3):
         super().__init__()
         if scale not in self.SCALES:
-            raise ValueError(f"unknown scale {scale!r} for the {self.name} likelihood; valid: {', '.join(self.SCALES)}")
-        if not min_scale >= 0:
-            raise ValueError(f"min_scale must be non-negative, got {min_scale!r}")
-        if scale == "fixed" and not scale_value > 0:
-            raise ValueError(f"a fixed scale must be positive, got scale_value={scale_value!r}")
+            raise OptionError("scale", f"must be {', '.join(self.SCALES[:-1])} or {self.SCALES[-1]}: unknown scale "
+                                       f"{scale!r} for the {self.name} likelihood; valid: {', '.join(self.SCALES)}")
+        min_scale = option_number("min_scale", min_scale, strict=False,
+                                  meaning="the floor on learned and per-pixel scales, e.g. 1e-3")
+        scale_value = option_number("scale_value", scale_value, meaning="the fixed scale, or the starting value of "
+                                                                        "the learned one, e.g. 0.1")
         if scale == "learned" and not scale_value > min_scale:
-            raise ValueError(f"the starting scale must exceed min_scale={min_scale}, got scale_value={scale_value!r}")
+            raise OptionError("scale_value", f"must exceed min_scale={min_scale} with a learned scale (the scale "
+                                             f"starts there), got scale_value={scale_value!r}: raise it or lower "
+                                             "min_scale")
         self.scale_kind = scale
         self.min_scale = min_scale
         self.outputs_per_pixel = 2 if scale == "per_pixel" else 1
         if scale == "fixed":
             self.register_buffer("fixed_scale", torch.tensor(float(scale_value)))
         elif scale == "learned":
-            # softplus^{-1}(scale_value - min_scale), so that the scale starts at scale_value
-            self.raw_scale = nn.Parameter(torch.tensor(math.log(math.expm1(scale_value - min_scale))))
+            # softplus^{-1}(scale_value - min_scale), so that the scale starts at scale_value; as
+            # y + log(1 - e^-y), which does not overflow for a large y
+            y = scale_value - min_scale
+            self.raw_scale = nn.Parameter(torch.tensor(y + math.log(-math.expm1(-y))))
 
     def loc_scale(self, outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-pixel location and scale, each (batch, C, H, W), from decoder outputs."""
@@ -304,8 +312,7 @@ class DiscretizedLogisticLikelihood(Likelihood):
 
     def __init__(self, components: int = 1):
         super().__init__()
-        if components < 1:
-            raise ValueError(f"the discretized logistic needs at least one component, got components={components}")
+        option_int("components", components, meaning="logistics per pixel: 1, the default, or more, e.g. 10")
         self.components = components
         self.outputs_per_pixel = 2 if components == 1 else 3 * components
 

@@ -30,7 +30,7 @@ from pyro.nn import PyroModule, pyro_method
 from pyro.poutine.util import is_validation_enabled
 from torch import nn
 
-from pyrovae.config import ConfigError, ModelConfig
+from pyrovae.config import ConfigError, ModelConfig, OptionError
 from pyrovae.posteriors import POSTERIORS
 from pyrovae.likelihoods import LIKELIHOODS
 from pyrovae.networks import NETWORKS, network_for
@@ -141,7 +141,8 @@ def build_vae(config: ModelConfig, image_shape: tuple[int, ...] = (1, 28, 28)) -
     """Build the VAE a :class:`ModelConfig` describes: the one place where names become objects.
 
     A part that refuses its options (a value out of range, or one that does not suit the image shape)
-    raises :class:`pyrovae.config.ConfigError` naming the config field.
+    raises :class:`pyrovae.config.ConfigError` naming the config field: the option itself
+    (``model.prior_options.bins``) where the part raised :class:`pyrovae.config.OptionError`.
     """
     c = config
     likelihood = _part("likelihood", c.likelihood, c.likelihood_options,
@@ -160,6 +161,8 @@ def build_vae(config: ModelConfig, image_shape: tuple[int, ...] = (1, 28, 28)) -
 def _part(kind: str, name: str, options: dict, make):
     try:
         return make()
+    except OptionError as e:
+        raise ConfigError(f"model.{kind} {name!r}: model.{kind}_options.{e}") from None
     except (ValueError, TypeError) as e:
         given = f" with model.{kind}_options {options}" if options else ""
         raise ConfigError(f"model.{kind} {name!r}{given} cannot be built: {e}") from None

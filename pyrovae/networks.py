@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pyrovae.config import OptionError
+
 __all__ = [
     "ACTIVATIONS", "NETWORKS", "MLPEncoder", "MLPDecoder", "ConvEncoder", "ConvDecoder", "build_mlp",
     "build_conv", "ResidualBlock", "ResNetEncoder", "ResNetDecoder", "build_resnet", "resnet_levels", "network_for",
@@ -175,9 +177,10 @@ def build_conv(image_shape: tuple[int, ...], z_dim: int, out_channels: int, *, h
     ``channels`` are the widths of the stride-2 convolutions, one halving of H and W each; ``hidden``
     the fully connected layers between them and z.
     """
+    if not isinstance(channels, (list, tuple)) or not channels or \
+            any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in channels):
+        raise OptionError("channels", f"must be one or more positive widths, e.g. (32, 64); got {channels!r}")
     channels = tuple(channels)
-    if not channels or any(not isinstance(n, int) or n < 1 for n in channels):
-        raise ValueError(f"channels must be one or more positive widths, e.g. (32, 64); got {channels!r}")
     encoder = ConvEncoder(image_shape, z_dim, channels, hidden, activation, min_scale)
     decoder = ConvDecoder(z_dim, (out_channels, *image_shape[1:]), channels, tuple(reversed(hidden)), activation)
     return encoder, decoder
@@ -406,26 +409,28 @@ def build_resnet(image_shape: tuple[int, ...], z_dim: int, out_channels: int, *,
 
     - ``latent_channels``: see above.
 
-    A value out of range raises ``ValueError`` (``build_vae`` reports it as a config error).
+    A value out of range raises :class:`pyrovae.config.OptionError`, a ``ValueError`` (``build_vae``
+    reports it as a config error naming the field).
     """
     _, h, w = image_shape
     for name, value, low in (("width", width, 1), ("blocks", blocks, 1), ("max_width", max_width, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer of at least {low}, got {value!r}")
+            raise OptionError(name, f"must be an integer of at least {low}, got {value!r}")
     if max_width < width:
-        raise ValueError(f"max_width ({max_width}) must be at least width ({width})")
+        raise OptionError("max_width", f"({max_width}) must be at least width ({width}): raise it or lower width")
     most = max(0, math.ceil(math.log2(min(h, w))))  # halvings until the smaller side is 1 pixel
     if stages is not None and (isinstance(stages, bool) or not isinstance(stages, int) or not 0 <= stages <= most):
-        raise ValueError(f"stages must be None (chosen from the image size) or an integer "
-                         f"from 0 to {most} for {h}x{w} images (halvings until 1 pixel a side), got {stages!r}")
+        raise OptionError("stages", f"must be None (chosen from the image size) or an integer from 0 to {most} "
+                                    f"for {h}x{w} images (halvings until 1 pixel a side), got {stages!r}")
     for name, value in (("weight_norm", weight_norm), ("batch_norm", batch_norm), ("channels_last", channels_last)):
         if not isinstance(value, bool):
-            raise ValueError(f"{name} must be true or false, got {value!r}")
+            raise OptionError(name, f"must be true or false, got {value!r}")
     levels = resnet_levels(h, w, stages)
     widths = [min(width * 2 ** i, max_width) for i in range(len(levels))]
     if latent_channels is not None:
         if isinstance(latent_channels, bool) or not isinstance(latent_channels, int) or latent_channels < 1:
-            raise ValueError(f"latent_channels must be a positive integer or unset (a flat latent), got {latent_channels!r}")
+            raise OptionError("latent_channels", f"must be a positive integer or unset (a flat latent), "
+                                                 f"got {latent_channels!r}")
         size = latent_channels * levels[-1][0] * levels[-1][1]
         if z_dim != size:
             raise ValueError(f"a spatial latent of {latent_channels} channels at {levels[-1][0]}x{levels[-1][1]} "

@@ -3,7 +3,8 @@ parameters for each x. ``VAE.guide``, the Pyro program, samples z from one of th
 
 A posterior module wraps an encoder (x -> (loc, scale), each (batch, z_dim)) and returns q(z|x) from
 ``forward(x)`` with batch shape (batch,) and event shape (z_dim,). To add one: subclass
-:class:`Posterior` and add it to ``POSTERIORS``.
+:class:`Posterior` and add it to ``POSTERIORS``; check every option in ``__init__`` (see
+:mod:`pyrovae.priors`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions.transforms import affine_autoregressive
 from torch import nn
+
+from pyrovae.config import OptionError, option_widths
 
 __all__ = ["POSTERIORS", "Posterior", "DiagonalNormalPosterior", "IAFPosterior"]
 
@@ -57,16 +60,19 @@ class IAFPosterior(Posterior):
 
     Args:
         flows: the number of autoregressive flows.
-        hidden: hidden widths of each flow's autoregressive network; ``None``: Pyro's default, one
-            layer of ``3 * z_dim + 1``.
+        hidden: hidden widths of each flow's autoregressive network, each at least ``z_dim``; ``None``:
+            Pyro's default, one layer of ``3 * z_dim + 1``.
     """
 
     def __init__(self, encoder: nn.Module, z_dim: int, flows: int = 2, hidden: tuple[int, ...] | None = None):
         super().__init__()
-        if flows < 1:
-            raise ValueError(f"an IAF posterior needs at least one flow, got flows={flows}")
+        if isinstance(flows, bool) or not isinstance(flows, int) or flows < 1:
+            raise OptionError("flows", f"must be a positive integer, the number of flows (e.g. 2): an IAF posterior "
+                                       f"needs at least one flow, got flows={flows!r}")
+        widths = option_widths("hidden", hidden, low=z_dim, meaning="the autoregressive networks need a unit for "
+                                                                    "each latent coordinate")
         self.encoder = encoder
-        widths = list(hidden) if hidden is not None else None
+        widths = list(widths) if widths is not None else None
         self.flows = nn.ModuleList(
             affine_autoregressive(z_dim, hidden_dims=widths, stable=True) for _ in range(flows))
 

@@ -5,7 +5,9 @@ to the training device, train with everything else and are saved in checkpoints.
 
 To add a prior: subclass :class:`Prior`, take ``z_dim`` (and any options) in ``__init__``, return
 p(z) from ``forward()``, and add the class to ``PRIORS``. A prior that needs more of the VAE (the
-VampPrior needs the guide) overrides ``build``.
+VampPrior needs the guide) overrides ``build``. Every option is checked in ``__init__``, before it
+reaches torch or Pyro, with :func:`pyrovae.config.option_int` and its kin, which raise
+:class:`pyrovae.config.OptionError` naming the option.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pyro.distributions.transforms import spline_autoregressive
 from torch import nn
 from torch.distributions import constraints
 from torch.distributions.utils import lazy_property
+
+from pyrovae.config import OptionError, option_int, option_number, option_widths
 
 __all__ = [
     "PRIORS", "Prior", "DiagonalNormalMixture", "StandardNormalPrior", "LearnedNormalPrior", "MixtureOfGaussiansPrior",
@@ -123,6 +127,12 @@ class DiagonalNormalMixture(dist.TorchDistribution):
             return loc + self.scale[k] * torch.randn_like(loc)
 
 
+def _spread(what: str, default: float) -> str:
+    """What a starting spread is, and why it must be positive: components that start alike stay alike."""
+    return (f"the standard deviation of the initial {what}, e.g. {default}; at 0 every component would start, "
+            "and stay, the same")
+
+
 class MixtureOfGaussiansPrior(Prior):
     """p(z) = sum_k pi_k N(z; m_k, diag(s_k^2)): K diagonal Gaussians, all learned.
 
@@ -135,8 +145,8 @@ class MixtureOfGaussiansPrior(Prior):
 
     def __init__(self, z_dim: int, components: int = 10, init_spread: float = 1.0):
         super().__init__()
-        if components < 1:
-            raise ValueError(f"a mixture needs at least one component, got components={components}")
+        option_int("components", components, meaning="the number of Gaussians in the mixture, e.g. 10")
+        init_spread = option_number("init_spread", init_spread, meaning=_spread("means", 1.0))
         self.z_dim = z_dim
         self.logits = nn.Parameter(torch.zeros(components))  # (K,) unnormalized log weights
         self.loc = nn.Parameter(init_spread * torch.randn(components, z_dim))  # (K, z_dim)
@@ -170,8 +180,10 @@ class VampPrior(Prior):
     def __init__(self, z_dim: int, posterior: nn.Module, image_shape: tuple[int, ...],
                  components: int = 500, init_noise: float = 0.1):
         super().__init__()
-        if components < 1:
-            raise ValueError(f"the VampPrior needs at least one pseudo-input, got components={components}")
+        if isinstance(components, bool) or not isinstance(components, int) or components < 1:
+            raise OptionError("components", "must be a positive integer, the number of pseudo-inputs (e.g. 500): the "
+                                            f"VampPrior needs at least one pseudo-input, got components={components!r}")
+        init_noise = option_number("init_noise", init_noise, meaning=_spread("pseudo-inputs, in logit units", 0.1))
         self.z_dim = z_dim
         object.__setattr__(self, "posterior", posterior)  # a reference, not a submodule: see above
         self.raw_pseudo_inputs = nn.Parameter(init_noise * torch.randn(components, *image_shape))
@@ -204,19 +216,25 @@ class FlowPrior(Prior):
 
     Args:
         flows: the number of spline flows.
-        hidden: hidden widths of each flow's autoregressive network; ``None``: Pyro's default, one
-            layer of ``3 * z_dim + 1``.
-        bins: spline segments per coordinate on [-bound, bound]; outside it each flow is the identity.
+        hidden: hidden widths of each flow's autoregressive network, each at least ``z_dim``; ``None``:
+            Pyro's default, two layers of ``10 * z_dim``.
+        bins: spline segments per coordinate on [-bound, bound], from 1 to 1000 (Pyro's splines keep
+            every segment at least 1/1000 of the interval); outside it each flow is the identity.
         bound: half-width of the interval the splines act on.
     """
+
+    MAX_BINS = 1000
 
     def __init__(self, z_dim: int, flows: int = 2, hidden: tuple[int, ...] | None = None,
                  bins: int = 8, bound: float = 3.0):
         super().__init__()
-        if flows < 1:
-            raise ValueError(f"a flow prior needs at least one flow, got flows={flows}")
+        option_int("flows", flows, meaning="the number of spline flows, e.g. 2")
+        widths = option_widths("hidden", hidden, low=z_dim, meaning="the autoregressive networks need a unit "
+                                                                    "for each latent coordinate")
+        option_int("bins", bins, high=self.MAX_BINS, meaning="spline segments per coordinate, e.g. 8")
+        bound = option_number("bound", bound, meaning="half-width of the interval the splines act on, e.g. 3.0")
         self.z_dim = z_dim
-        widths = list(hidden) if hidden is not None else None
+        widths = list(widths) if widths is not None else None
         self.flows = nn.ModuleList(
             spline_autoregressive(z_dim, hidden_dims=widths, count_bins=bins, bound=bound) for _ in range(flows))
         self.register_buffer("loc", torch.zeros(z_dim))
@@ -242,10 +260,10 @@ class StudentTPrior(_StandardPrior):
     """
 
     def __init__(self, z_dim: int, df: float = 3.0):
-        if not df > 0:
-            raise ValueError(f"the Student-t prior needs positive degrees of freedom, got df={df}")
+        df = option_number("df", df, meaning="the degrees of freedom, e.g. 3.0; for infinitely many use the "
+                                             "normal prior")
         super().__init__(z_dim)
-        self.register_buffer("df", torch.full((z_dim,), float(df)))
+        self.register_buffer("df", torch.full((z_dim,), df))
 
     def forward(self) -> dist.Distribution:
         return dist.StudentT(self.df, self.loc, self.scale).to_event(1)
