@@ -1,5 +1,9 @@
 import sys
 
-from pyrovae.cli import main
+try:
+    from pyrovae.cli import main
+except KeyboardInterrupt:  # Ctrl-C in the first instant of start-up
+    print("pyrovae: interrupted", file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())

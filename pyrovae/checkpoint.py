@@ -19,7 +19,8 @@ from pyrovae.config import Config, ConfigError
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_vae", "load"]
 
 FORMAT = "pyrovae-checkpoint"
-VERSION = 2  # 2: the progress is one TrainState under "state"; 1 (still read): it was spread over the top level
+VERSION = 3  # 3: the data stream follows from the seed; 2 (still read): the state kept the data generator's
+# state ("data_rng"); 1 (still read): the progress was spread over the top level
 
 
 class CheckpointError(ValueError):
@@ -59,11 +60,25 @@ def load_checkpoint(path, map_location="cpu") -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a pyrovae checkpoint (no '{FORMAT}' marker)")
     if state.get("version") == 1:
-        return _from_version_1(state)
+        return _from_version_2(_from_version_1(state))
+    if state.get("version") == 2:
+        return _from_version_2(state)
     if state.get("version") != VERSION:
         raise CheckpointError(f"{path} is checkpoint version {state.get('version')}; this pyrovae reads versions 1 "
                               f"to {VERSION}. Load it with the pyrovae release that wrote it, or train it afresh")
     return state
+
+
+def _from_version_2(old: dict) -> dict:
+    """A version-2 checkpoint as version 3. Its data stream was a generator whose state it kept; now
+    the stream follows from (seed, epoch, step), so the run goes on with the new stream of its seed:
+    from the next epoch when it was saved at the end of one, and, when it was saved inside an epoch,
+    from the start of that epoch again (its partial sums dropped; the steps taken stay counted)."""
+    state = {k: v for k, v in old["state"].items() if k != "data_rng"}
+    state["seed"] = old["config"].get("train", {}).get("seed", 0)
+    if state.get("epoch_step"):
+        state.update(epoch_step=0, images=0, seconds=0.0, loss_sum=torch.zeros((), dtype=torch.float64))
+    return {**old, "version": VERSION, "state": state}
 
 
 def _from_version_1(old: dict) -> dict:
@@ -71,7 +86,7 @@ def _from_version_1(old: dict) -> dict:
     partial = old.get("partial_epoch", {})
     rng = old.get("rng", {})
     new = {k: old[k] for k in ("format", "image_shape", "optimizer")}
-    new["version"] = VERSION
+    new["version"] = 2
     model_config = dict(old["config"]["model"])  # the q(z|x) family was called the guide
     for key, renamed in (("guide", "posterior"), ("guide_options", "posterior_options")):
         if key in model_config:

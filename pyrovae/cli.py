@@ -1,29 +1,48 @@
-"""Command line: ``pyrovae train | evaluate CKPT | sample CKPT`` (also ``python -m pyrovae``)."""
+"""Command line: ``pyrovae train | evaluate CKPT | sample CKPT`` (also ``python -m pyrovae``).
+
+Importing this module loads neither torch nor Pyro: they and the rest of pyrovae are imported
+inside :func:`main`, after the command line is parsed (a mistake in it is told at once), so that
+Ctrl-C while they load (the first seconds) ends the command with one line and exit status 130, as
+it does later.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import os
 import sys
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 from pyrovae.atomic import StorageError
-from pyrovae.checkpoint import CheckpointError
-from pyrovae.config import Config, ConfigError, apply_overrides, read_config_file
-from pyrovae.data import DatasetNotFoundError
-from pyrovae.distributed import CollectiveError
-from pyrovae.likelihoods import DataSupportError
-from pyrovae.model import ImageShapeError
-from pyrovae.objectives import OBJECTIVES
-from pyrovae.engine import DeviceUnavailableError, Interrupted, NonFiniteLossError
-from pyrovae.runs import RunFolderError
+from pyrovae.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, apply_overrides, read_config_file
 
 __all__ = ["main", "build_parser"]
 
-#: Errors that are the user's to fix: printed as one message, no traceback.
-USER_ERRORS = (ConfigError, CheckpointError, DatasetNotFoundError, DataSupportError, ImageShapeError,
-               RunFolderError, DeviceUnavailableError, NonFiniteLossError, StorageError, CollectiveError)
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's to fix: printed as one message, no traceback."""
+    from pyrovae.checkpoint import CheckpointError
+    from pyrovae.data import DatasetNotFoundError
+    from pyrovae.distributed import CollectiveError
+    from pyrovae.engine import DeviceUnavailableError, NonFiniteLossError
+    from pyrovae.folders import FolderInUseError
+    from pyrovae.likelihoods import DataSupportError
+    from pyrovae.model import ImageShapeError
+    from pyrovae.runs import RunFolderError
+
+    return (ConfigError, CheckpointError, DatasetNotFoundError, DataSupportError, ImageShapeError, RunFolderError,
+            DeviceUnavailableError, NonFiniteLossError, StorageError, CollectiveError, FolderInUseError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line and a pointer to --help, not the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _positive_int(text: str) -> int:
@@ -50,11 +69,29 @@ def _widths(text: str) -> tuple[int, ...]:
     return tuple(_positive_int(part) for part in text.replace(",", " ").split())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pyrovae", description="Variational autoencoders as Pyro programs.")
+def _defaults() -> SimpleNamespace:
+    """The config's defaults (``d.train.epochs``) read off its dataclasses, without building (and so
+    checking) a Config, which would load the registries and with them torch."""
+    def plain(cls):
+        return SimpleNamespace(**{f.name: f.default for f in dataclasses.fields(cls)
+                                  if f.default is not dataclasses.MISSING})
+    return SimpleNamespace(model=plain(ModelConfig), data=plain(DataConfig), train=plain(TrainConfig))
+
+
+def _objectives_help(listed: bool) -> str:
+    """The help of --objective; with ``listed``, the objectives' names (their module loads torch and Pyro)."""
+    if not listed:  # the names come from pyrovae.objectives, which loads torch and Pyro: only for --help
+        return "the loss, by name (see --help)"
+    from pyrovae.objectives import OBJECTIVES
+
+    return "the loss: " + ", ".join(sorted(OBJECTIVES))
+
+
+def build_parser(list_objectives: bool = True) -> argparse.ArgumentParser:  # False: parsed without torch
+    parser = _Parser(prog="pyrovae", description="Variational autoencoders as Pyro programs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    d = Config()
+    d = _defaults()
     t = sub.add_parser("train", help="train a VAE with SVI and write a run folder",
                        description="Flags override --config, and --set overrides both. Defaults: "
                                    "pyrovae.config.Config.")
@@ -73,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=_positive_float, help=f"Adam learning rate ({d.train.lr})")
     t.add_argument("--seed", type=int, help=f"random seed ({d.train.seed})")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], help=f"({d.train.device})")
-    t.add_argument("--objective", help=f"the loss ({d.train.objective}): " + ", ".join(sorted(OBJECTIVES)))
+    t.add_argument("--objective", help=f"{_objectives_help(list_objectives)} ({d.train.objective})")
     t.add_argument("--binarization", help="dynamic or static (MNIST training images)")
     t.add_argument("--dataset", help="mnist, fashion_mnist, cifar10, lfw, or folder:PATH")
     t.add_argument("--image-size", type=_positive_int, help="resize and centre-crop images to NxN")
@@ -137,68 +174,134 @@ def config_from_args(args) -> Config:
 
 
 def _train(args) -> int:
-    from pyrovae.checkpoint import load_checkpoint
     from pyrovae.runs import train_run
 
     if args.resume:
-        changed = [f"--{f.replace('_', '-')}" for f in FLAG_FIELDS if f not in RESUME_FLAGS
-                   and getattr(args, f) is not None] + (["--config"] if args.config else []) + \
-                  (["--set"] if args.set else []) + (["--out"] if args.out else [])
-        if changed:
-            raise ConfigError(f"--resume continues a run with its saved config; only --epochs, --max-steps and "
-                              f"--data-dir may be given with it, not {', '.join(changed)}")
-        out = Path(args.resume)
-        saved = Config.from_dict(load_checkpoint(out / "checkpoint.pt")["config"])
-        config = saved.replace(train={"epochs": args.epochs or saved.train.epochs, "max_steps": args.max_steps})
-        data_dir = args.data_dir
-        if data_dir is None and saved.data.data_dir and not Path(saved.data.data_dir).is_dir():
-            data_dir = os.environ.get("PYROVAE_DATA")  # the saved location is gone: look where the user says
+        config, out, data_dir = _resumed(args)
+        if config is None:
+            return 0  # nothing to do: said so
     else:
-        config = config_from_args(args)
-        name = config.data.dataset.split(":")[0]
-        out = Path(args.out or f"runs/{name}-{datetime.now():%Y%m%d-%H%M%S}")
-        data_dir = None
+        config, data_dir = config_from_args(args), None
     world = _join(config.train.device)
-    metrics = train_run(config, out, quiet=args.quiet, overwrite=args.overwrite, resume=bool(args.resume),
-                        data_dir=data_dir, world=world).metrics
-    last = metrics["epochs"][-1] if metrics["epochs"] else None
-    if last and world.main:
-        print(f"test -ELBO {last['test_neg_elbo']:.2f} nats/image after {last['epoch']} epochs; outputs in {out}")
+    made = []  # folders this command made for the run: removed again if it fails to start
+    if not args.resume:
+        out, made = _run_folder(args.out, config, world)
+    try:
+        metrics = train_run(config, out, quiet=args.quiet, overwrite=args.overwrite, resume=bool(args.resume),
+                            data_dir=data_dir, world=world).metrics
+    except BaseException:
+        from pyrovae.folders import remove_if_empty
+
+        for folder in made if world.main else ():  # innermost first; a folder still holding files stays
+            remove_if_empty(folder)
+        raise
+    if world.main:  # even with --quiet: where the run went
+        last = metrics["epochs"][-1] if metrics["epochs"] else None
+        done = (f"test -ELBO {last['test_neg_elbo']:.2f} nats/image after {last['epoch']} epochs" if last else
+                f"stopped after {metrics.get('stopped_at_step', 0)} steps, before the first epoch ended (no test "
+                "figures yet)")
+        print(f"{done}; outputs in {out}")
     return 0
+
+
+def _run_folder(given, config: Config, world) -> tuple[Path, list[Path]]:
+    """--out as given, or a new runs/<dataset>-<date>-<time> (-2, -3, ... when two runs start in the same
+    second), made now; returns it and the folders made for it (innermost first)."""
+    if given:
+        return Path(given), []
+    from pyrovae.folders import fresh_folder
+
+    base = Path(f"runs/{config.data.dataset.split(':')[0]}-{datetime.now():%Y%m%d-%H%M%S}")
+    parent_made = not base.parent.is_dir()
+    out = world.from_main(lambda: fresh_folder(base))
+    return out, [out, base.parent] if parent_made else [out]
+
+
+def _resumed(args) -> tuple[Config | None, Path, str | None]:
+    """(config, run folder, data folder) of a --resume; config None when the run has nothing left to do."""
+    from pyrovae.checkpoint import load_checkpoint
+    from pyrovae.runs import check_destination
+
+    changed = [f"--{f.replace('_', '-')}" for f in FLAG_FIELDS if f not in RESUME_FLAGS
+               and getattr(args, f) is not None] + (["--config"] if args.config else []) + \
+              (["--set"] if args.set else []) + (["--out"] if args.out else [])
+    if changed:
+        raise ConfigError(f"--resume continues a run with its saved config; only --epochs, --max-steps and "
+                          f"--data-dir may be given with it, not {', '.join(changed)}")
+    out = Path(args.resume)
+    out = out.parent if out.is_file() else out  # the run folder, or its checkpoint.pt
+    check_destination(out, resume=True)
+    checkpoint = load_checkpoint(out / "checkpoint.pt")
+    saved = Config.from_dict(checkpoint["config"])
+    config = saved.replace(train={"epochs": args.epochs or saved.train.epochs, "max_steps": args.max_steps})
+    idle = _nothing_to_do(out, checkpoint["state"], config.train)
+    if idle:
+        if not _rank_prefix():
+            print(idle)
+        return None, out, None
+    data_dir = args.data_dir
+    if data_dir is None and saved.data.data_dir and not Path(saved.data.data_dir).is_dir():
+        data_dir = os.environ.get("PYROVAE_DATA")  # the saved location is gone: look where the user says
+    return config, out, data_dir
+
+
+def _nothing_to_do(out: Path, state: dict, t) -> str | None:
+    """What to say when a resume's budget is spent already; None when there are steps to take."""
+    if state["epoch"] >= t.epochs:
+        return (f"nothing to do: {out} has finished {state['epoch']} epochs, and --epochs counts all epochs "
+                f"({t.epochs}); give a larger --epochs to train it further")
+    if t.max_steps is not None and state["step"] >= t.max_steps:
+        return (f"nothing to do: {out} has taken {state['step']} steps, and --max-steps counts all steps "
+                f"({t.max_steps}); give a larger --max-steps to train it further")
+    return None
 
 
 def _evaluate(args) -> int:
-    from pyrovae.runs import evaluate_run
+    from pyrovae.folders import check_writable, claimed
+    from pyrovae.runs import evaluate_run, write_json
 
     ckpt = Path(args.checkpoint)
-    out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "evaluation.json"
+    run = ckpt if ckpt.is_dir() else ckpt.parent
+    out = Path(args.out) if args.out else run / "evaluation.json"
     world = _join(args.device)
-    metrics = evaluate_run(ckpt, device=args.device, data_dir=args.data_dir, particles=args.particles, out=out,
-                           world=world)["test"]
-    if not world.main:
-        return 0
-    print(f"test -ELBO {metrics['neg_elbo']:.3f} nats/image  (reconstruction {metrics['reconstruction']:.3f}, "
-          f"KL {metrics['kl']:.3f}) on {metrics['images']} images; {metrics['active_units']} active units; "
-          f"written to {out}")
-    if args.particles:
-        print(f"test -log p(x) {metrics['neg_log_likelihood']:.3f} nats/image (importance sampling, "
-              f"K={args.particles} particles)")
+    in_run = ckpt.exists() and out.parent.resolve() == run.resolve()  # then the run folder is locked
+    if ckpt.exists() and not in_run:
+        world.from_main(lambda: check_writable(out))  # before any work
+    with claimed(run, world=world) if in_run else contextlib.nullcontext():
+        result = evaluate_run(ckpt, device=args.device, data_dir=args.data_dir, particles=args.particles,
+                              world=world)
+        if world.main:
+            _print_figures(result["test"], args.particles)
+        try:
+            world.from_main(lambda: write_json(out, result))
+        except StorageError as e:
+            raise StorageError(e.errno, f"{e}. The figures are printed above") from None
+    if world.main:
+        print(f"written to {out}")
     return 0
+
+
+def _print_figures(metrics: dict, particles: int | None) -> None:
+    print(f"test -ELBO {metrics['neg_elbo']:.3f} nats/image  (reconstruction {metrics['reconstruction']:.3f}, "
+          f"KL {metrics['kl']:.3f}) on {metrics['images']} images; {metrics['active_units']} active units")
+    if particles:
+        print(f"test -log p(x) {metrics['neg_log_likelihood']:.3f} nats/image (importance sampling, "
+              f"K={particles} particles)")
 
 
 def _sample(args) -> int:
     import torch
 
     from pyrovae import plots
-    from pyrovae.atomic import make_folder
     from pyrovae.checkpoint import load_vae
+    from pyrovae.folders import claimed
 
-    vae, _, _ = load_vae(args.checkpoint)
-    vae.eval()
-    out = make_folder(args.out)
-    torch.manual_seed(args.seed)
-    path = plots.image_grid(vae.sample(args.n), out / "samples.png", nrow=min(args.n, 8),
-                            title="E[x|z], z ~ p(z)")
+    with claimed(args.out, create=True):  # made (if need be) and locked before the checkpoint is read
+        vae, _, _ = load_vae(args.checkpoint)
+        vae.eval()
+        torch.manual_seed(args.seed)
+        path = plots.image_grid(vae.sample(args.n), Path(args.out) / "samples.png", nrow=min(args.n, 8),
+                                title="E[x|z], z ~ p(z)")
     print(f"wrote {path}")
     return 0
 
@@ -217,27 +320,44 @@ def _rank_prefix() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pyrovae.distributed import exit_now, stop
+    """Run one command; returns the exit status (1: an error of the user's, 2: a bad command line,
+    128 + N: stopped by signal N)."""
+    try:
+        return _guarded(argv)
+    except KeyboardInterrupt:  # Ctrl-C while torch and Pyro load, before the command handles it itself
+        print("pyrovae: interrupted", file=sys.stderr)
+        return 130
 
+
+def _guarded(argv: list[str] | None) -> int:
     try:
         code = _main(argv)
     except BaseException:
-        stop()
+        _stop()
         raise
-    if stop():  # torchrun made a process group: end without the interpreter's shutdown (see exit_now)
-        exit_now(code)
+    if _stop():  # torchrun made a process group: end without the interpreter's shutdown (see exit_now)
+        sys.modules["pyrovae.distributed"].exit_now(code)
     return code
 
 
+def _stop() -> bool:
+    """Leave the process group, if torchrun made one (none was made unless pyrovae.distributed was loaded)."""
+    distributed = sys.modules.get("pyrovae.distributed")
+    return distributed.stop() if distributed is not None else False
+
+
 def _main(argv: list[str] | None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(list_objectives=any(a in ("-h", "--help") for a in argv))
+    args = parser.parse_args(argv)  # before torch and Pyro are loaded: a mistake is told at once
+    from pyrovae.engine import Interrupted
+
     command = {"train": _train, "evaluate": _evaluate, "sample": _sample}[args.command]
     try:
         return command(args)
     except ConfigError as e:
-        parser.error(str(e))
-    except USER_ERRORS as e:
+        parser.exit(2, f"pyrovae {args.command}: error: {e} (see pyrovae {args.command} --help)\n")
+    except _user_errors() as e:
         print(f"{_rank_prefix()}pyrovae {args.command}: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # the file system refused: say which file, without a traceback

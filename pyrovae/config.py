@@ -181,6 +181,8 @@ class TrainConfig:
     kl_warmup_steps: int = 0  # raise the KL weight linearly to kl_weight over these steps (k/N at step k); 0: none
     grad_clip: float | None = None  # clip the gradient norm to this value; None: no clipping
     max_steps: int | None = None  # stop after this many optimizer steps in all (quick checks); None: no cap
+    max_seconds: float | None = None  # stop, with a checkpoint, once this much wall-clock time (this command's
+    # training loop) is spent; resumable like any stop. None: no limit
     checkpoint_every_steps: int | None = None  # also checkpoint every N steps within an epoch; None: per epoch
     log_every_steps: int = 100  # read the loss and the non-finite flags back from the device every N steps
     train_subset: int | None = None  # train on the first N images only (quick checks); None: all
@@ -233,6 +235,9 @@ class TrainConfig:
             if not tensorboard_available():
                 raise ConfigError("train.tensorboard needs the tensorboard package: pip install 'pyrovae[tensorboard]' "
                                   "(or pip install tensorboard), or leave train.tensorboard off")
+        if self.max_seconds is not None and (isinstance(self.max_seconds, bool) or not isinstance(
+                self.max_seconds, (int, float)) or not 0 < self.max_seconds < float("inf")):
+            raise ConfigError(f"train.max_seconds must be a positive number of seconds or None, got {self.max_seconds!r}")
         for key in ("max_steps", "checkpoint_every_steps", "train_subset", "test_subset"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value < 1):

@@ -15,10 +15,12 @@ what is missing.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +74,20 @@ def _cache_dir() -> Path:
     return Path(cache) / "pyrovae"
 
 
+@contextlib.contextmanager
+def _no_folders_left(target: Path):
+    """A download that fails removes the folders it made: torchvision makes ``target`` (e.g.
+    ROOT/MNIST/raw) with its parents before it tries, so a mistyped --data-dir would be left behind."""
+    target = Path(target).absolute()
+    top = next((p for p in reversed((target, *target.parents)) if not p.exists()), None)
+    try:
+        yield
+    except BaseException:
+        if top is not None and top.is_dir():
+            shutil.rmtree(top, ignore_errors=True)
+        raise
+
+
 # --- MNIST and Fashion-MNIST (torchvision's idx layout) -------------------------------------------
 def _idx_dataset(cls_name: str, root: Path, train: bool, download: bool):
     import torchvision.datasets
@@ -86,7 +102,8 @@ def _idx_dataset(cls_name: str, root: Path, train: bool, download: bool):
         if not download:
             raise DatasetNotFoundError(_missing_idx_message(cls_name, raw, "downloading is switched off")) from None
     try:
-        return cls(root=str(root), train=train, download=True)
+        with _no_folders_left(raw):
+            return cls(root=str(root), train=train, download=True)
     except (RuntimeError, ValueError, AssertionError) as e:
         if raw.is_dir() and all((raw / f).is_file() for f in MNIST_FILES):
             raise DatasetNotFoundError(_unreadable(raw, e)) from None
@@ -131,7 +148,8 @@ def load_cifar10(data_dir=None, *, train: bool, download: bool = True, device="c
     from torchvision.datasets import CIFAR10
 
     try:
-        ds = CIFAR10(root=str(root), train=train, download=download)
+        with _no_folders_left(root / "cifar-10-batches-py"):
+            ds = CIFAR10(root=str(root), train=train, download=download)
     except Exception as e:
         why = "downloading is switched off" if not download else f"the download failed or the files are unreadable: {e}"
         raise DatasetNotFoundError(

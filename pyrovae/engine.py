@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import signal
 import threading
 import time
@@ -170,11 +171,16 @@ def parameter_names(loss_fn, optimizer: torch.optim.Optimizer) -> list[str]:
 
 
 # --- the state a checkpoint holds ----------------------------------------------------------------
+def stream_seed(seed: int, epoch: int, step: int | None = None) -> int:
+    """The seed of an epoch's order (``step`` None) or of one step's binarization draws: a hash of
+    the run's seed and the position, so that nearby positions get unrelated streams."""
+    key = f"{seed}/{epoch}" + ("" if step is None else f"/{step}")
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
 @dataclass
 class TrainState:
     """Where a run stands: with the module and optimizer states, everything a resume needs."""
 
-    data_rng: torch.Tensor  # the data-order and binarization generator's state at the start of this epoch
+    seed: int = 0  # the run's seed: the data stream is a function of (seed, epoch, step) (epoch_batches)
     noise_rng: dict | None = None  # torch's generators (CPU, and CUDA) when saved; None: not yet saved
     epoch: int = 0  # epochs finished
     step: int = 0  # optimizer steps taken in all
@@ -189,9 +195,7 @@ class TrainState:
 
     @classmethod
     def start(cls, seed: int, device: torch.device, data: dict | None = None) -> "TrainState":
-        data_rng = torch.Generator(device=device).manual_seed(seed + 1)  # data order and binarization
-        return cls(data_rng=data_rng.get_state(), loss_sum=torch.zeros((), dtype=torch.float64, device=device),
-                   data=data)
+        return cls(seed=seed, loss_sum=torch.zeros((), dtype=torch.float64, device=device), data=data)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -201,17 +205,25 @@ class TrainState:
         return cls(**{**d, "loss_sum": d["loss_sum"].to(device)})
 
     def epoch_batches(self, data: Prepared, batch_size: int, world: World = World()) -> Iterator[torch.Tensor]:
-        """This process's part of each batch of the current epoch not yet trained on: the same draws
-        as a straight one-process run (see :mod:`pyrovae.distributed`)."""
-        generator = torch.Generator(device=data.train.device)
-        generator.set_state(self.data_rng)
-        epoch = batches(data.train, batch_size, generator, data.per_batch)  # global batches, prepared
-        for _ in range(self.epoch_step):  # resuming part-way: replay the draws up to where it stopped
-            next(epoch)
-        for batch in epoch:
+        """This process's part of each batch of the current epoch not yet trained on.
+
+        The data stream belongs to the seed, not to the device: the epoch's order is a permutation
+        drawn on the CPU from (seed, epoch), as torch's ``DistributedSampler`` draws its own, and each
+        step's binarization comes from a generator on the data's device seeded from (seed, epoch,
+        step). So the same seed takes the same images in the same order on the CPU, on CUDA and on
+        any number of processes (each takes its part of the global batch, prepared whole, see
+        :mod:`pyrovae.distributed`), and a resume part-way through an epoch starts at its step with
+        nothing to replay. The binarization draws themselves differ between kinds of device.
+        """
+        n, device = data.train.shape[0], data.train.device
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(stream_seed(self.seed, self.epoch)))
+        order, draws = order.to(device), torch.Generator(device=device)
+        for step in range(self.epoch_step, -(-n // batch_size)):
+            batch = data.train[order[step * batch_size:(step + 1) * batch_size]]
+            if data.per_batch is not None:
+                batch = data.per_batch(batch, draws.manual_seed(stream_seed(self.seed, self.epoch, step)))
             if batch.shape[0] >= world.size:  # a last batch too small to give every process an image is dropped
                 yield batch[shard(batch.shape[0], world)]
-        self.data_rng = generator.get_state()  # the next epoch starts where this one's draws ended
 
     def record(self, result: StepResult, images: int) -> None:
         self.step += 1
@@ -268,18 +280,6 @@ class TrainState:
             self.noise_rng = None  # a different number of processes: a fresh stream (not bit-exact)
         return self
 
-    def moved_to(self, device: torch.device, seed: int, log=print) -> "TrainState":
-        """Resuming on another kind of device than the one that saved the run: its data generator's
-        state belongs to that device, so the data stream starts afresh from the seed and the epoch
-        (the run goes on, not bit for bit)."""
-        fresh = torch.Generator(device=device)
-        if self.data_rng.numel() != fresh.get_state().numel():
-            self.data_rng = fresh.manual_seed(seed + 1 + 7919 * self.epoch).get_state()
-            self.epoch_step, self.images, self.loss_sum = 0, 0, torch.zeros_like(self.loss_sum)
-            log(f"note: this run was saved on another kind of device than {device.type}; its data order and "
-                "binarization go on from a fresh stream (the epoch in progress starts again; not bit-exact)")
-        return self
-
     def restore_noise(self, device: torch.device) -> None:
         """Resuming: the reparameterization noise goes on from where it stopped."""
         if self.noise_rng is not None:
@@ -320,30 +320,19 @@ def fit(config: Config, vae, loss_fn, optimizer, data: Prepared, state: TrainSta
     n, per_step = data.train.shape[0], t.batch_size
     steps_per_epoch = n // per_step + (n % per_step >= world.size)  # a last batch too small for the world is dropped
     vae.check_data(next(batches(data.train[: t.batch_size], t.batch_size, torch.Generator(device), data.per_batch)))
-    stopped_by = 0  # the signal that stopped the run, agreed by all processes
-    replayed = None  # the step as a CUDA graph (train.cuda_graph), captured again when the learning rate changes
-    graph = t.cuda_graph in (True, "auto") and device.type == "cuda"
+    step = _Stepper(t, loss_fn, optimizer, -(-t.batch_size // world.size), device, log)
+    stops = _Stops(t, world, device, steps_per_epoch)
     with pyro.validation_enabled(False), _stop_on_signals() as signals, _progress(quiet) as bar:  # data checked
-        while state.epoch < t.epochs and not _budget_spent(t, state) and not stopped_by:
+        while state.epoch < t.epochs and not _budget_spent(t, state) and not stops.now:
             _set_learning_rate(optimizer, learning_rate(t, state.epoch))
             vae.train()
             checked, start = state.epoch_step, time.perf_counter()
             for x in state.epoch_batches(data, t.batch_size, world):
-                full = x.shape[0] == -(-t.batch_size // world.size)
-                if graph and full:
-                    replayed = _replayed_step(replayed, loss_fn, optimizer, x, t.grad_clip, log)
-                    graph = replayed is not None
-                if graph and full:
-                    result = replayed(x, kl_weight_at(t, state.step))
-                else:
-                    result = train_step(loss_fn, optimizer, x, kl_weight=kl_weight_at(t, state.step),
-                                        grad_clip=t.grad_clip)
+                result = step(x, kl_weight_at(t, state.step))
                 watch.add(result)
                 state.record(result, x.shape[0])
                 bar.update()
-                stopped_by = world.max(signals[0] if signals else 0, device) if world.active else \
-                    (signals[0] if signals else 0)
-                stop = bool(stopped_by) or _budget_spent(t, state)
+                stop = stops.agree(state, signals) or _budget_spent(t, state)
                 save = stop or (t.checkpoint_every_steps is not None and state.step % t.checkpoint_every_steps == 0)
                 if save or state.step % t.log_every_steps == 0:
                     checked = _check(watch, checked, state, checkpoint)
@@ -363,20 +352,79 @@ def fit(config: Config, vae, loss_fn, optimizer, data: Prepared, state: TrainSta
                 break
             _check(watch, checked, state, checkpoint)
             state.seconds += time.perf_counter() - start
-            vae.eval()  # the test figures in evaluation mode (batch-norm statistics untouched)
-            row = state.end_epoch(evaluate(vae, data.test, seed=config.data.test_binarization_seed, world=world),
-                                  learning_rate(t, state.epoch), world)
-            state.save(checkpoint, config, vae, optimizer, device, world)
-            if board is not None and world.main:
-                board.epoch(row, vae, data.test, seed=config.train.seed)
-            if not quiet:
-                log(f"epoch {row['epoch']:3d}  train -ELBO {row['train_neg_elbo']:8.2f}  test -ELBO "
-                    f"{row['test_neg_elbo']:8.2f} nats/image  ({row['seconds']:.2f} s)")
-    if stopped_by:
-        kept = f"checkpoint written to {checkpoint}" if checkpoint is not None else "no checkpoint kept"
-        raise Interrupted(stopped_by, f"stopped by {signal.Signals(stopped_by).name} at epoch {state.epoch + 1}, "
-                                      f"step {state.epoch_step} of the epoch; {kept}")
+            _end_epoch(config, vae, optimizer, data, state, checkpoint, board, log if not quiet else None, world)
+    stops.report(state, checkpoint, log if not quiet else None)
     return state
+
+
+class _Stepper:
+    """One optimizer step on a batch: the step replayed as a CUDA graph where ``train.cuda_graph``
+    allows it and the batch has the full size, else the eager :func:`train_step`."""
+
+    def __init__(self, t: TrainConfig, loss_fn, optimizer, full: int, device: torch.device, log):
+        self.t, self.loss_fn, self.optimizer, self.full, self.log = t, loss_fn, optimizer, full, log
+        self.graph = t.cuda_graph in (True, "auto") and device.type == "cuda"
+        self.replayed = None  # captured again when the learning rate (a constant of the graph) changes
+
+    def __call__(self, x: torch.Tensor, kl_weight: float) -> StepResult:
+        if self.graph and x.shape[0] == self.full:
+            self.replayed = _replayed_step(self.replayed, self.loss_fn, self.optimizer, x, self.t.grad_clip, self.log)
+            self.graph = self.replayed is not None
+            if self.graph:
+                return self.replayed(x, kl_weight)
+        return train_step(self.loss_fn, self.optimizer, x, kl_weight=kl_weight, grad_clip=self.t.grad_clip)
+
+
+class _Stops:
+    """Whether to stop: a signal (SIGINT/SIGTERM) or the wall-clock budget (``train.max_seconds``).
+
+    One process looks at its own flags after every step. Several processes must stop at the same
+    step, so they agree (one small all-reduce and a host read) only every ``train.log_every_steps``
+    steps and at each epoch's last step, never in between: no host read per step under torchrun.
+    """
+
+    def __init__(self, t: TrainConfig, world: World, device: torch.device, steps_per_epoch: int):
+        self.t, self.world, self.device, self.steps_per_epoch = t, world, device, steps_per_epoch
+        self.deadline = time.monotonic() + t.max_seconds if t.max_seconds is not None else None
+        self.signal, self.out_of_time = 0, False
+
+    @property
+    def now(self) -> bool:
+        return bool(self.signal) or self.out_of_time
+
+    def agree(self, state: TrainState, signals: list[int]) -> bool:
+        late = self.deadline is not None and time.monotonic() >= self.deadline
+        mine = signals[0] if signals else 0
+        if not self.world.active:
+            self.signal, self.out_of_time = mine, late
+        elif state.step % self.t.log_every_steps == 0 or state.epoch_step == self.steps_per_epoch:
+            self.signal = self.world.max(mine, self.device)
+            self.out_of_time = bool(self.world.max(int(late), self.device))
+        return self.now
+
+    def report(self, state: TrainState, checkpoint: Path | None, log) -> None:
+        """After the loop: a signal ends the command (:class:`Interrupted`); a spent time budget is said."""
+        kept = f"checkpoint written to {checkpoint}" if checkpoint is not None else "no checkpoint kept"
+        if self.signal:
+            raise Interrupted(self.signal, f"stopped by {signal.Signals(self.signal).name} at epoch "
+                                           f"{state.epoch + 1}, step {state.epoch_step} of the epoch; {kept}")
+        if self.out_of_time and log is not None:
+            log(f"stopped: train.max_seconds ({self.t.max_seconds:g} s) spent after {state.step} steps; {kept}")
+
+
+def _end_epoch(config: Config, vae, optimizer, data: Prepared, state: TrainState, checkpoint, board, log,
+               world: World) -> None:
+    """The test figures of the epoch just trained (evaluation mode), its row, its checkpoint."""
+    t = config.train
+    vae.eval()  # the test figures in evaluation mode (batch-norm statistics untouched)
+    row = state.end_epoch(evaluate(vae, data.test, seed=config.data.test_binarization_seed, world=world),
+                          learning_rate(t, state.epoch), world)
+    state.save(checkpoint, config, vae, optimizer, data.train.device, world)
+    if board is not None and world.main:
+        board.epoch(row, vae, data.test, seed=t.seed)
+    if log is not None:
+        log(f"epoch {row['epoch']:3d}  train -ELBO {row['train_neg_elbo']:8.2f}  test -ELBO "
+            f"{row['test_neg_elbo']:8.2f} nats/image  ({row['seconds']:.2f} s)")
 
 
 def _replayed_step(replayed, loss_fn, optimizer, x, grad_clip, log):

@@ -36,6 +36,7 @@ from pyrovae.data import Prepared, expected_image_shape, fingerprint, prepare_da
 from pyrovae.distributed import World, wrap
 from pyrovae.engine import Interrupted, TrainState, fit, make_optimizer, resolve_device
 from pyrovae.evaluate import active_units, evaluate, importance_log_likelihood, seeded_noise
+from pyrovae.folders import LOCK_NAME, claimed
 from pyrovae.model import VAE, build_vae
 from pyrovae.objectives import build_objective
 
@@ -129,25 +130,36 @@ def train_run(config: Config | None, out_dir, *, quiet: bool = False, overwrite:
     where the data are now (they must be the data the run was trained on). ``data`` replaces the
     configured dataset (tensors already prepared, e.g. synthetic ones).
 
-    Everything that can be checked is checked before the data are read, and nothing is written
-    before the first step can run: a run that fails to start leaves the folder as it was. The VAE is
-    built and trained with Pyro's ``module_local_params`` setting: its parameters stay in the module,
-    and Pyro's global parameter store is left as it was.
+    The folder is locked (:mod:`pyrovae.folders`) from before the data are read until the run ends:
+    a second writer is refused. Everything that can be checked is checked before the data are read,
+    and a run that fails before its first checkpoint removes what it wrote (``config.json``, and the
+    folder if it made it): the folder is left as it was. The VAE is built and trained with Pyro's
+    ``module_local_params`` setting: its parameters stay in the module, and Pyro's global parameter
+    store is left as it was.
     """
-    with pyro.settings.context(module_local_params=True):
-        return _train_run(config, out_dir, quiet=quiet, overwrite=overwrite, download=download, resume=resume,
-                          data=data, data_dir=data_dir, log=log, world=world)
-
-
-def _train_run(config, out_dir, *, quiet, overwrite, download, resume, data, data_dir, log, world) -> TrainedRun:
     out = Path(out_dir)
+    out = out.parent if resume and out.is_file() else out  # the run's checkpoint.pt names the run too
+    world.from_main(lambda: check_destination(out, resume))
+    advice = "a resumed run writes into its folder: copy the folder somewhere writable and resume the copy"
+    with pyro.settings.context(module_local_params=True), \
+            claimed(out, create=not resume, world=world, log=log, advice=advice if resume else None):
+        try:
+            if not resume:  # with the folder claimed: it holds no other run (unless --overwrite)
+                world.from_main(lambda: _check_out_dir(out, overwrite, log))
+            return _train_run(config, out, quiet=quiet, overwrite=overwrite, download=download, resume=resume,
+                              data=data, data_dir=data_dir, log=log, world=world)
+        except BaseException:
+            if world.main and not resume:
+                _forget_unsaved_run(out)
+            raise
+
+
+def _train_run(config, out: Path, *, quiet, overwrite, download, resume, data, data_dir, log, world) -> TrainedRun:
     quiet, log = quiet or not world.main, log if world.main else (lambda *_: None)
-    saved = world.from_main(lambda: load_checkpoint(out / "checkpoint.pt")) if resume else None
+    saved = world.from_main(lambda: _saved_run(out)) if resume else None
     config = _resumable_config(out, config, saved) if resume else config
     if data_dir is not None:
         config = config.replace(data={"data_dir": str(data_dir)})
-    if not resume:
-        world.from_main(lambda: _check_out_dir(out, overwrite))
     device = _device(config, world)
     shape = tuple(data.train.shape[1:]) if data is not None else expected_image_shape(config.data)
     vae = _build(config, shape, device) if shape is not None else None  # option values checked before the data
@@ -172,7 +184,7 @@ def _train_run(config, out_dir, *, quiet, overwrite, download, resume, data, dat
         optimizer.load_state_dict(saved["optimizer"])
         for group in optimizer.param_groups:  # a run whose steps were CUDA graphs may go on elsewhere
             group["capturable"] = group.get("capturable", False) and device.type == "cuda"
-        state = TrainState.from_dict(saved["state"], device).resumed_by(world).moved_to(device, config.train.seed, log)
+        state = TrainState.from_dict(saved["state"], device).resumed_by(world)
         state.data = identity
     else:
         state = TrainState.start(config.train.seed, device, identity)
@@ -222,7 +234,7 @@ def _start_folder(out: Path, config: Config, overwrite: bool) -> None:
 
 
 def _launcher(world: World) -> str:
-    return f"torchrun --nproc_per_node {world.size} -m pyrovae" if world.active else "pyrovae"
+    return f"torchrun --standalone --nproc_per_node {world.size} -m pyrovae" if world.active else "pyrovae"
 
 
 def _build(config: Config, image_shape: tuple[int, ...], device: torch.device) -> VAE:
@@ -293,21 +305,35 @@ def _run_outputs(out: Path) -> tuple[list[Path], list[Path]]:
     if not out.is_dir():
         return [], []
     ours = {p for pattern in RUN_OUTPUTS for p in out.glob(pattern)}
-    return sorted(ours), sorted(p for p in out.iterdir() if p not in ours)
+    return sorted(ours), sorted(p for p in out.iterdir() if p not in ours and p.name != LOCK_NAME)
 
 
-def _check_out_dir(out: Path, overwrite: bool) -> None:
+def check_destination(out: Path, resume: bool) -> None:
+    """Before the folder is claimed: a run to resume has a checkpoint; a new run's --out can be a folder."""
+    if resume:
+        if not (out / "checkpoint.pt").is_file():
+            raise CheckpointError(
+                f"no checkpoint in {out}: its run stopped before saving one; start it again without --resume"
+                if (out / "config.json").is_file() else
+                f"no checkpoint at {out / 'checkpoint.pt'}: give the run folder (or its checkpoint.pt)")
+        return
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"--out {out} is a file, not a folder; choose another --out")
     blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise storage_error(out, OSError(errno.ENOTDIR, f"{blocking} is a file"))
+
+
+def _check_out_dir(out: Path, overwrite: bool, log=print) -> None:
+    """With the folder claimed: it holds no other run (unless --overwrite), nor, then, files of the user's."""
     markers = [p for p in ("config.json", "metrics.json", "checkpoint.pt") if (out / p).exists()]
+    if markers == ["config.json"] and not overwrite:
+        log(f"note: {out} holds the config.json of a run that never saved a checkpoint; this run replaces it")
+        return
     if markers and not overwrite:
-        raise RunFolderError(
-            f"{out} already holds a run ({', '.join(markers)}); choose another --out folder, "
-            "resume it with --resume, or pass --overwrite to replace it"
-        )
+        resume = "resume it with --resume, " if "checkpoint.pt" in markers else ""
+        raise RunFolderError(f"{out} already holds a run ({', '.join(markers)}); choose another --out folder, "
+                             f"{resume}or pass --overwrite to replace it")
     if markers:
         _, others = _run_outputs(out)
         if others:
@@ -315,6 +341,51 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
                 f"--overwrite replaces the run in {out} as a whole, but the folder also holds files a run does not "
                 f"write ({', '.join(p.name for p in others[:5])}{', ...' if len(others) > 5 else ''}); move them "
                 "away or choose another --out")
+
+
+def _forget_unsaved_run(out: Path) -> None:
+    """A new run failed before its first checkpoint: remove what it wrote (made after its lock was)."""
+    lock = out / LOCK_NAME
+    if (out / "checkpoint.pt").exists() or not lock.is_file():
+        return
+    claimed_at = lock.stat().st_mtime_ns
+    for path in (out / "config.json", out / "tensorboard"):
+        if path.exists() and path.stat().st_mtime_ns >= claimed_at:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    remove_temporaries(out)
+
+
+def _saved_run(out: Path) -> dict:
+    """The checkpoint of the run to resume, once its config.json is known to be the checkpoint's config."""
+    saved = load_checkpoint(out / "checkpoint.pt")
+    _check_config_file(out, saved["config"])
+    return saved
+
+
+def _check_config_file(out: Path, saved: dict) -> None:
+    """A resume refuses a config.json edited since the run began: the checkpoint's config is the run's."""
+    path = out / "config.json"
+    if not path.is_file():
+        return
+    try:
+        written = json.loads(path.read_text())
+        model = written.get("model", {})
+        for old, new in (("guide", "posterior"), ("guide_options", "posterior_options")):  # version-1 runs
+            if old in model:
+                model[new] = model.pop(old)
+        written = _flat(Config.from_dict(written).to_dict())
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"cannot resume {out}: its config.json cannot be read ({e}); restore it, or start "
+                              "a new run") from None
+    ours = _flat(Config.from_dict(saved).to_dict())
+    budget = ("train.epochs", "train.max_steps", "train.max_seconds", "data.data_dir")  # may change on resume
+    diff = [f"{k}: checkpoint {ours.get(k)!r}, config.json {written.get(k)!r}"
+            for k in sorted(set(ours) | set(written)) if k not in budget and ours.get(k) != written.get(k)]
+    if diff:
+        raise CheckpointError(
+            f"cannot resume {out}: its config.json no longer matches the config saved in its checkpoint "
+            f"({'; '.join(diff)}); a resume continues the run as it was saved. Undo the edit to config.json, "
+            "or start a new run with the changed config (pyrovae train ... --out NEW)")
 
 
 def _clear_run(out: Path) -> None:
@@ -325,18 +396,20 @@ def _clear_run(out: Path) -> None:
 
 
 def _resumable_config(out: Path, config: Config | None, state: dict) -> Config:
-    """The saved config, with the training budget (epochs, max_steps) taken from ``config``."""
+    """The saved config, with the training budget (epochs, max_steps, max_seconds) taken from ``config``."""
     saved = Config.from_dict(state["config"])
     if config is None:
         return saved
-    budget = {"epochs": config.train.epochs, "max_steps": config.train.max_steps}
-    mine = config.replace(train={"epochs": saved.train.epochs, "max_steps": saved.train.max_steps},
+    budget = {"epochs": config.train.epochs, "max_steps": config.train.max_steps,
+              "max_seconds": config.train.max_seconds}
+    mine = config.replace(train={"epochs": saved.train.epochs, "max_steps": saved.train.max_steps,
+                                 "max_seconds": saved.train.max_seconds},
                           data={"data_dir": saved.data.data_dir})  # where the data are is not the run's identity
     if mine != saved:
         a, b = _flat(saved.to_dict()), _flat(mine.to_dict())
         diff = [f"{k}: saved {a.get(k)!r}, given {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
         raise CheckpointError(f"cannot resume {out}: its config differs from the one given ({'; '.join(diff)}); "
-                              "only the budget (train.epochs, train.max_steps) may change on resume")
+                              "only the budget (train.epochs, train.max_steps, train.max_seconds) may change on resume")
     return saved.replace(train=budget)
 
 

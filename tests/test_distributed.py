@@ -53,6 +53,8 @@ def test_shards_are_disjoint_cover_the_data_and_change_between_epochs():
         mine = [sorted(sum(p, [])) for p in parts]
         assert not set(mine[0]) & set(mine[1]) and sorted(mine[0] + mine[1]) == list(range(n))
         epochs.append(mine[0])
+        for state in (one, *states):  # the epoch ends
+            state.epoch += 1
     assert epochs[0] != epochs[1]  # reshuffled each epoch, from the seed all processes share
 
 
@@ -132,7 +134,7 @@ def test_sigterm_to_torchrun_checkpoints_once_and_the_resumed_run_equals_the_str
     run.send_signal(signal.SIGTERM)
     _, err = run.communicate(timeout=120)
     assert run.returncode != 0 and 'pyrovae/' not in err, err[-3000:]  # (torchrun prints its own traceback)
-    assert f"--resume {tmp_path / 'pieces'}" in err and "torchrun --nproc_per_node 2" in err
+    assert f"--resume {tmp_path / 'pieces'}" in err and "torchrun --standalone --nproc_per_node 2" in err
     resumed = _torchrun(*_cli_args(images, tmp_path / "pieces", "--epochs", "3")[:3], "--resume",
                         str(tmp_path / "pieces"), "--epochs", "3", "--quiet")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

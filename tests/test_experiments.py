@@ -66,6 +66,16 @@ def test_benchmark_speed_smoke(mnist_root, tmp_path):
     assert len(results["scaling"]) == 2 and (tmp_path / "scaling.png").is_file()
     assert {"step_ms", "convolutions_ms", "ratio"} <= set(results["cifar10"]) and results["machine"]["cpu"]
     assert "default Pyro objective (meanfield) / best hand-coded" in results["epoch"]["ratios"]
+    per_step = results["epoch"]["per_step"]  # from the profiler: Pyro's objectives run more operators
+    assert per_step["stock"]["operators"] > per_step["hand/plain"]["operators"] > 0
+    assert "numpyro" in results["epoch"]
+
+
+def test_benchmark_whole_run_smoke(mnist_root, tmp_path):
+    printed = run_smoke("benchmarks/benchmark_whole_run.py", mnist_root, "--out", str(tmp_path))
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert set(runs) == {"first run", "second run"} and "second run" in printed
+    assert runs["first run"]["test_neg_elbo"] == runs["second run"]["test_neg_elbo"]  # the same run, twice
 
 
 def test_prior_grid_smoke(mnist_root, tmp_path):

@@ -4,16 +4,20 @@
 honest.
 """
 
+import contextlib
 import errno
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import time
+
+from pathlib import Path
 
 import pyro
 import pytest
@@ -29,6 +33,7 @@ from pyrovae.data import DatasetNotFoundError, MNIST_FILES, load_mnist
 from pyrovae.likelihoods import DataSupportError
 from pyrovae.model import ImageShapeError
 from pyrovae.engine import NonFiniteLossError, make_optimizer
+from pyrovae.folders import LOCK_NAME, FolderInUseError
 from pyrovae.runs import RunFolderError, train_run
 
 FAULTS = []  # the name of every bad input or fault proved below, registered when the module loads
@@ -139,17 +144,43 @@ def _as_version_1(path):
            "global_step": state["step"], "metrics": state["history"],
            "partial_epoch": {"step": state["epoch_step"], "loss_sum": float(state["loss_sum"]),
                              "images": state["images"], "seconds": state["seconds"], "interrupted": False},
-           "rng": {"torch": state["noise_rng"]["torch"], "data_epoch_start": state["data_rng"], "cuda": None}}
+           "rng": {"torch": state["noise_rng"]["torch"], "data_epoch_start": OLD_DATA_RNG, "cuda": None}}
     torch.save(old, path)
+
+
+#: What versions 1 and 2 kept of the data stream: a CPU generator's state (its size; the values do not matter,
+#: since version 3 draws the stream from the seed)
+OLD_DATA_RNG = torch.Generator().get_state()
+
+
+def _as_version_2(path):
+    """Rewrite a checkpoint in the layout of version 2: the data generator's state kept, no seed."""
+    saved = torch.load(path, weights_only=True)
+    state = {k: v for k, v in saved["state"].items() if k != "seed"}
+    torch.save({**saved, "version": 2, "state": {**state, "data_rng": OLD_DATA_RNG}}, path)
 
 
 @faults("a version-1 checkpoint (older pyrovae) loads and resumes exactly")
 def test_a_version_1_checkpoint_resumes_exactly(tmp_path):
     straight = _run(tmp_path / "straight", epochs=2)
-    _run(tmp_path / "old", epochs=2, max_steps=8)
+    _run(tmp_path / "old", epochs=2, max_steps=6)  # saved at the end of epoch 1
     _as_version_1(tmp_path / "old" / "checkpoint.pt")
     resumed = _run(tmp_path / "old", resume=True, epochs=2)
     _assert_same_run(resumed, straight, tmp_path / "old", tmp_path / "straight")
+
+
+@faults("a version-2 checkpoint saved at an epoch's end resumes exactly",
+        "a version-2 checkpoint saved inside an epoch resumes from that epoch's start")
+def test_a_version_2_checkpoint_resumes(tmp_path):
+    straight = _run(tmp_path / "straight", epochs=2)
+    _run(tmp_path / "end", epochs=2, max_steps=6)
+    _as_version_2(tmp_path / "end" / "checkpoint.pt")
+    _assert_same_run(_run(tmp_path / "end", resume=True, epochs=2), straight, tmp_path / "end", tmp_path / "straight")
+    _run(tmp_path / "inside", epochs=2, max_steps=8)  # 2 steps into epoch 2
+    _as_version_2(tmp_path / "inside" / "checkpoint.pt")
+    assert load_checkpoint(tmp_path / "inside" / "checkpoint.pt")["state"]["epoch_step"] == 0
+    resumed = _run(tmp_path / "inside", resume=True, epochs=2)
+    assert [row["epoch"] for row in resumed["epochs"]] == [1, 2] and resumed["epochs"][1]["steps"] == 14
 
 
 @faults("a checkpoint of a version this pyrovae does not know")
@@ -158,7 +189,7 @@ def test_an_unknown_checkpoint_version_is_refused_with_what_to_do(tmp_path):
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     state["version"] = 99
     torch.save(state, tmp_path / "run" / "checkpoint.pt")
-    with pytest.raises(CheckpointError, match="version 99.*reads versions 1 to 2.*train it afresh"):
+    with pytest.raises(CheckpointError, match="version 99.*reads versions 1 to 3.*train it afresh"):
         load_checkpoint(tmp_path / "run" / "checkpoint.pt")
 
 
@@ -178,6 +209,7 @@ def test_signal_checkpoints_and_resume_matches_the_straight_run(tmp_path, signum
     assert "Resume with: pyrovae train --resume" in err and "Traceback" not in err
     state = load_checkpoint(out / "checkpoint.pt")["state"]
     assert 2 <= state["step"] < 300
+    assert not (out / LOCK_NAME).exists()  # the folder is free again
     if signum == signal.SIGINT:
         return  # the exact resume is proved once, after SIGTERM
     epochs = state["epoch"] + 1
@@ -412,6 +444,10 @@ def test_resume_refuses_a_changed_config_or_a_missing_run(tmp_path, capsys):
 
 
 # --- every mistake a clear message, before anything is loaded or written -------------------------
+#: Downloads fail at once: every request goes to a proxy on a closed local port.
+NO_NETWORK = {name: "http://127.0.0.1:9" for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}
+
+
 def _cli(*args, cwd=ROOT, env=None, timeout=300):
     """``python -m pyrovae ARGS`` as a real subprocess: (exit code, stdout, stderr)."""
     result = subprocess.run([sys.executable, "-m", "pyrovae", *args], capture_output=True, text=True, cwd=cwd,
@@ -473,12 +509,15 @@ def test_command_line_mistakes_end_in_one_message_not_a_traceback(tmp_path, args
     assert needle in err, err
 
 
-@faults("a run that fails to start (data missing) leaves nothing that blocks the corrected retry")
+@faults("a run that fails to start (data missing) leaves nothing that blocks the corrected retry",
+        "--data-dir naming a folder that does not exist: one message, and no folder is made there")
 def test_a_run_that_cannot_start_leaves_no_folder_behind(tmp_path):
     out = tmp_path / "run"
-    code, _, err = _cli("train", "--out", str(out), "--data-dir", str(tmp_path / "no-data-here"), "--max-steps", "1")
-    assert code == 1 and "Traceback" not in err and "no-data-here" in err
-    assert not out.exists()
+    code, _, err = _cli("train", "--out", str(out), "--data-dir", str(tmp_path / "no-data-here" / "mnist"),
+                        "--max-steps", "2", "--train-subset", "256", "--test-subset", "256", "--batch-size", "64",
+                        env=NO_NETWORK)
+    assert code == 1 and "Traceback" not in err and "no-data-here" in err and "MNIST was not found" in err, err
+    assert not out.exists() and not (tmp_path / "no-data-here").exists()
 
 
 @faults("--overwrite over a finished 2-D run: nothing of the old run survives (evaluation, manifold, scatter)",
@@ -666,20 +705,6 @@ def test_plugins_reach_the_command_line_and_saved_runs(tmp_path):
     assert not (tmp_path / "c").exists()
 
 
-@faults("a run saved on another kind of device (a GPU's generator state) resumes here, saying it is not bit-exact")
-def test_a_run_from_another_kind_of_device_resumes_with_a_note(tmp_path):
-    _run(tmp_path / "run", max_steps=8)
-    path = tmp_path / "run" / "checkpoint.pt"
-    saved = torch.load(path, weights_only=True)
-    saved["state"]["data_rng"] = torch.zeros(16, dtype=torch.uint8)  # the size of a CUDA generator's state
-    torch.save(saved, path)
-    lines = []
-    metrics = train_run(TINY.replace(train={"epochs": 2}), tmp_path / "run", data=DATA, resume=True,
-                        log=lines.append).metrics
-    assert any("saved on another kind of device" in line for line in lines)
-    assert [row["epoch"] for row in metrics["epochs"]] == [1, 2]
-
-
 @faults("train_run leaves Pyro's global parameter store as it was")
 def test_training_leaves_the_param_store_empty(tmp_path):
     pyro.clear_param_store()
@@ -687,5 +712,282 @@ def test_training_leaves_the_param_store_empty(tmp_path):
     assert len(pyro.get_param_store()) == 0 and run["epochs"]
 
 
+# --- one writer per folder, checked before any work, nothing half-made -----------------------------
+READ_ONLY_SITE = '''"""Imported at start-up: every write under $PYROVAE_TEST_READ_ONLY fails as on a read-only file system."""
+import builtins, errno, io, os
+
+_FOLDER = os.path.abspath(os.environ["PYROVAE_TEST_READ_ONLY"])
+
+
+def _inside(*paths):
+    for path in paths:
+        try:
+            path = os.path.abspath(os.fsdecode(path))
+        except TypeError:  # a file descriptor
+            continue
+        if path == _FOLDER or path.startswith(_FOLDER + os.sep):
+            return True
+    return False
+
+
+def _guard(fn, paths=1, writes=lambda *args, **kwargs: True):
+    def guarded(*args, **kwargs):
+        if _inside(*args[:paths]) and writes(*args[paths:], **kwargs):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(args[0]))
+        return fn(*args, **kwargs)
+    return guarded
+
+
+os.open = _guard(os.open, writes=lambda flags, *args, **kwargs: flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+builtins.open = io.open = _guard(builtins.open, writes=lambda mode="r", *args, **kwargs: any(c in mode for c in "wax+"))
+for _name in ("mkdir", "rmdir", "remove", "unlink"):
+    setattr(os, _name, _guard(getattr(os, _name)))
+for _name in ("rename", "replace", "link"):
+    setattr(os, _name, _guard(getattr(os, _name), paths=2))
+'''
+
+
+@contextlib.contextmanager
+def _read_only(folder, tmp_path):
+    """The environment of a subprocess that finds ``folder`` read-only: made so by its mode, or, where the
+    tests run as root (whom modes do not stop), by a sitecustomize that refuses every write under it as a
+    read-only file system does."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield {}
+        finally:
+            folder.chmod(0o755)
+        return
+    site = tmp_path / "read-only-site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(READ_ONLY_SITE)
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
+    yield {"PYTHONPATH": path, "PYROVAE_TEST_READ_ONLY": str(folder)}
+
+
+def _folder_args(tmp_path, batch=20):
+    """Flags for a tiny run on 60 synthetic training images (``60 / batch`` steps an epoch)."""
+    images = image_folder(tmp_path / "images", 60, 20)
+    return ["--dataset", f"folder:{images}", "--z-dim", "3", "--hidden", "16", "--batch-size", str(batch), "--quiet"]
+
+
+def _lock_holder(folder, procs, timeout=120):
+    """What the lock one of ``procs`` took on ``folder`` says, once it is there and filled in."""
+    start = time.time()
+    while time.time() - start < timeout and any(p.poll() is None for p in procs):
+        try:
+            return json.loads((folder / LOCK_NAME).read_text())
+        except (OSError, ValueError):
+            time.sleep(0.02)
+    raise AssertionError(f"no lock in {folder}: {[p.poll() for p in procs]}")
+
+
+@faults("two commands writing into one folder: the second is refused, naming the first's pid and start time, "
+        "and the first's run is the run it makes alone")
+def test_a_second_writer_is_refused_and_the_first_runs_as_if_alone(tmp_path):
+    args = [*_folder_args(tmp_path), "--epochs", "1"]
+    twin, alone = tmp_path / "twin", tmp_path / "alone"
+    procs = [_cli_run([*args, "--out", str(twin)], dict(os.environ))]
+    time.sleep(0.3)
+    procs.append(_cli_run([*args, "--out", str(twin)], dict(os.environ)))
+    holder = _lock_holder(twin, procs)
+    first, second = sorted(procs, key=lambda p: p.pid != holder["pid"])  # the one holding the lock is first
+    first.send_signal(signal.SIGSTOP)  # it holds the folder (and stays there) while the other one tries
+    try:
+        _, err = second.communicate(timeout=120)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    _, first_err = first.communicate(timeout=120)
+    assert holder["pid"] == first.pid and first.returncode == 0, first_err
+    assert second.returncode == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"in use by another pyrovae command: pid {first.pid}" in err and f"started {holder['started']}" in err
+    assert not (twin / LOCK_NAME).exists()
+    assert main(["train", *args, "--out", str(alone)]) == 0
+    a, b = (json.loads((folder / "metrics.json").read_text()) for folder in (twin, alone))
+    assert _rows(a) == _rows(b) and a["config"] == b["config"] and a["data"] == b["data"]
+    pa, pb = _params(twin / "checkpoint.pt"), _params(alone / "checkpoint.pt")
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert sorted(p.name for p in twin.iterdir()) == sorted(p.name for p in alone.iterdir())
+
+
+@faults("a lock left by a process that no longer runs on this host is taken over, with a note",
+        "two runs started in the same second without --out get two folders")
+def test_a_stale_lock_is_taken_over_and_new_folders_are_unique(tmp_path, monkeypatch, capsys):
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = {"pid": gone, "host": socket.gethostname(), "started": "2020-01-02 03:04:05", "command": "pyrovae train"}
+    (out / LOCK_NAME).write_text(json.dumps(stale))
+    lines = []
+    train_run(TINY.replace(train={"max_steps": 1}), out, data=DATA, log=lines.append)
+    assert any(f"locked by pid {gone} (started 2020-01-02 03:04:05), which no longer runs" in line for line in lines)
+    assert (out / "checkpoint.pt").is_file() and not (out / LOCK_NAME).exists()
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / LOCK_NAME).write_text(json.dumps({**stale, "pid": os.getppid()}))  # a process that runs
+    with pytest.raises(FolderInUseError, match=f"pid {os.getppid()} on .* started 2020-01-02 03:04:05"):
+        _run(held, epochs=1)
+    assert sorted(p.name for p in held.iterdir()) == [LOCK_NAME]
+
+    import pyrovae.cli as cli
+    from datetime import datetime
+
+    class SameSecond(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2024, 5, 6, 7, 8, 9)
+
+    monkeypatch.setattr(cli, "datetime", SameSecond)
+    monkeypatch.chdir(tmp_path)
+    args = [*_folder_args(tmp_path), "--max-steps", "1"]
+    assert main(["train", *args]) == 0 and main(["train", *args]) == 0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["folder-20240506-070809",
+                                                                      "folder-20240506-070809-2"]
+    assert "outputs in runs/folder-20240506-070809-2" in capsys.readouterr().out
+
+
+@faults("evaluate --particles on a read-only run folder: one message, before any data are read",
+        "evaluate --out under a file: one message, before any data are read")
+def test_evaluate_checks_where_it_writes_before_any_work(tmp_path, monkeypatch, capsys):
+    run, nowhere = tmp_path / "run", tmp_path / "no-data"
+    _run(run, epochs=1)  # its data (MNIST by the config) are not in --data-dir: reading them would fail
+    with _read_only(run, tmp_path) as env:
+        code, _, err = _cli("evaluate", str(run), "--particles", "1000", "--data-dir", str(nowhere),
+                            env={**env, **NO_NETWORK})
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"cannot write {run}" in err and "MNIST" not in err
+    assert sorted(p.name for p in run.iterdir()) == sorted(["config.json", "metrics.json", "checkpoint.pt",
+                                                              *(p.name for p in run.glob("*.png"))])
+    (tmp_path / "file").write_text("x")
+    for name, value in NO_NETWORK.items():
+        monkeypatch.setenv(name, value)
+    assert main(["evaluate", str(run), "--out", str(tmp_path / "file" / "evaluation.json"),
+                 "--data-dir", str(nowhere)]) == 1
+    err = capsys.readouterr().err
+    assert "a part of the path is a file" in err and "MNIST" not in err, err
+
+
+@faults("evaluate prints its figures first: a write that fails after the work says they are printed above")
+def test_evaluate_prints_before_it_writes(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *_folder_args(tmp_path), "--epochs", "1", "--out", str(run)]) == 0
+    capsys.readouterr()
+
+    def full(path, obj):
+        raise StorageError(errno.ENOSPC, f"cannot write {path}: No space left on device; the disk is full")
+    monkeypatch.setattr("pyrovae.runs.write_json", full)
+    assert main(["evaluate", str(run)]) == 1
+    out, err = capsys.readouterr()
+    assert "test -ELBO" in out and "the disk is full. The figures are printed above" in err
+    assert not (run / LOCK_NAME).exists()
+
+
+@faults("train --resume on a read-only run folder: one message, before any data are read or a step taken")
+def test_resume_on_a_read_only_folder_fails_at_once(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    _run(run, epochs=1)
+    before = (run / "checkpoint.pt").read_bytes()
+    for name, value in NO_NETWORK.items():
+        monkeypatch.setenv(name, value)
+    if os.geteuid() == 0:  # root writes whatever the modes say: refuse the writes as a read-only file system
+        real_open = os.open
+
+        def read_only_open(path, flags, *args, **kwargs):
+            if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and Path(os.fsdecode(path)).is_relative_to(run):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(path))
+            return real_open(path, flags, *args, **kwargs)
+        monkeypatch.setattr(os, "open", read_only_open)
+    else:
+        run.chmod(0o555)
+    try:
+        code = main(["train", "--resume", str(run), "--epochs", "2", "--data-dir", str(tmp_path / "no-data")])
+    finally:
+        run.chmod(0o755)
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"cannot write {run}" in err and "MNIST" not in err
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
+@faults("a run that diverges before its first checkpoint leaves no folder, and the corrected command then runs",
+        "a folder holding only the config.json of a run that never saved is taken by a new run, with a note",
+        "--resume of a folder whose run never saved says there is no checkpoint")
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(tmp_path, capsys):
+    args = _folder_args(tmp_path)
+    out = tmp_path / "run"
+    code, _, err = _cli("train", *args, "--out", str(out), "--lr", "1e30", "--max-steps", "2")
+    assert code == 1 and "No checkpoint had been written yet" in err and "Traceback" not in err, err
+    assert not out.exists()
+    assert main(["train", *args, "--out", str(out), "--max-steps", "2"]) == 0
+    old = tmp_path / "old"  # as a run that never saved leaves it (older versions did)
+    old.mkdir()
+    shutil.copy(out / "config.json", old / "config.json")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(old)]) == 1
+    err = capsys.readouterr().err
+    assert f"no checkpoint in {old}" in err and "--resume it" not in err
+    assert main(["train", *args, "--out", str(old), "--max-steps", "2"]) == 0
+    assert "never saved a checkpoint" in capsys.readouterr().out and (old / "checkpoint.pt").is_file()
+
+
+@faults("train --resume RUN/checkpoint.pt resumes the run, as the run folder does",
+        "--quiet with a step budget inside the first epoch still prints where the outputs went",
+        "a resume with nothing left to do says so")
+def test_resume_takes_the_checkpoint_file_and_quiet_says_where(tmp_path, capsys):
+    args = _folder_args(tmp_path, batch=10)  # 6 steps an epoch
+    run = tmp_path / "run"
+    assert main(["train", *args, "--out", str(run), "--max-steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out == f"stopped after 2 steps, before the first epoch ended (no test figures yet); outputs in {run}\n"
+    code, out, err = _cli("train", "--resume", str(run / "checkpoint.pt"), "--max-steps", "2")
+    assert code == 0 and "Traceback" not in err, err
+    assert out.splitlines() == [f"nothing to do: {run} has taken 2 steps, and --max-steps counts all steps (2); "
+                                "give a larger --max-steps to train it further"]
+    assert main(["train", "--resume", str(run / "checkpoint.pt"), "--max-steps", "3", "--quiet"]) == 0
+    assert load_checkpoint(run)["state"]["step"] == 3 and f"outputs in {run}" in capsys.readouterr().out
+
+
+@faults("a resume whose config.json was edited by hand is refused, naming the fields that differ")
+def test_resume_refuses_an_edited_config_json(tmp_path):
+    run = tmp_path / "run"
+    _run(run, epochs=1)
+    config = json.loads((run / "config.json").read_text())
+    config["model"]["z_dim"], config["train"]["lr"] = 8, 0.01
+    (run / "config.json").write_text(json.dumps(config))
+    code, _, err = _cli("train", "--resume", str(run), "--epochs", "2", env=NO_NETWORK)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "model.z_dim: checkpoint 4, config.json 8" in err and "train.lr: checkpoint 0.001, config.json 0.01" in err
+    assert "Undo the edit to config.json, or start a new run" in err
+
+
+@faults("Ctrl-C while the command starts (torch loading): exit 130 and one line, no traceback")
+def test_ctrl_c_during_start_up_is_one_line(tmp_path):
+    proc = _cli_run(["--out", str(tmp_path / "run"), "--max-steps", "2"], dict(os.environ))
+    time.sleep(0.4)  # past the interpreter's own start (0.1 s), inside loading torch (a second or more)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+@faults("a bad value on the command line: one line and a pointer to --help, not the usage block")
+def test_a_command_line_error_is_one_line():
+    code, _, err = _cli("train", "--lr", "-1")
+    assert code == 2
+    assert err.splitlines() == ["pyrovae train: error: argument --lr: must be a positive finite number, got -1 "
+                                "(see pyrovae train --help)"]
+
+
+@faults("the resume command printed under torchrun keeps --standalone")
+def test_the_torchrun_resume_command_keeps_standalone(monkeypatch):
+    from pyrovae.distributed import World
+    from pyrovae.runs import _launcher
+
+    monkeypatch.setattr(World, "active", property(lambda self: True))
+    assert _launcher(World(rank=0, size=2)) == "torchrun --standalone --nproc_per_node 2 -m pyrovae"
+
+
 def test_the_module_counts_its_cases():
-    assert len(FAULTS) == len(set(FAULTS)) >= 40, FAULTS
+    assert len(FAULTS) == len(set(FAULTS)) >= 98, FAULTS

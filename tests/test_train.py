@@ -10,7 +10,7 @@ import torch
 from helpers import CountHostReads, binary_images, synthetic_data
 from pyrovae import Config, TrainState, build_vae, fit, train_step
 from pyrovae.checkpoint import load_vae
-from pyrovae.data import batches
+from pyrovae.config import ConfigError
 from pyrovae.engine import make_optimizer
 from pyrovae.evaluate import evaluate
 from pyrovae.objectives import OBJECTIVES, build_objective
@@ -140,6 +140,52 @@ def test_train_state_resumes_the_data_order_part_way():
     resumed.epoch_step = 2
     rest = list(resumed.epoch_batches(data, 100))
     assert len(all_batches) == 3 and len(rest) == 1 and torch.equal(rest[0], all_batches[2])
-    assert torch.equal(straight.data_rng, resumed.data_rng)  # the next epoch starts from the same draws
-    again = list(batches(data.train, 100, torch.Generator().manual_seed(1), data.per_batch))
-    assert torch.equal(again[0], all_batches[0])  # TrainState.start seeds the data generator with seed + 1
+    straight.epoch += 1
+    assert not torch.equal(next(straight.epoch_batches(data, 100)), all_batches[0])  # a new order each epoch
+    other = TrainState.start(1, torch.device("cpu"))
+    assert not torch.equal(next(other.epoch_batches(data, 100)), all_batches[0])  # and for each seed
+
+
+def _order_data(device):
+    """Images that are their own index (ready as they are: no binarization draws)."""
+    from pyrovae.data import Prepared
+
+    n = 250
+    return Prepared(torch.arange(n).float().view(n, 1, 1, 1).to(device), None, torch.zeros(1, 1, 1, 1),
+                    torch.zeros(1), "unit")
+
+
+def test_the_data_order_is_a_function_of_seed_epoch_and_step():
+    """Two states of one seed at the same (epoch, step) take the same images, whatever came before."""
+    data = _order_data("cpu")
+    a = TrainState.start(3, torch.device("cpu"))
+    first = [b.flatten().tolist() for b in a.epoch_batches(data, 100)]
+    a.epoch = 4
+    b = TrainState.start(3, torch.device("cpu"))
+    b.epoch, b.epoch_step = 4, 1
+    assert [x.flatten().tolist() for x in b.epoch_batches(data, 100)] == \
+        [x.flatten().tolist() for x in a.epoch_batches(data, 100)][1:]
+    assert sorted(sum(first, [])) == list(range(250))
+
+
+@pytest.mark.cuda
+def test_the_same_seed_takes_the_same_images_in_the_same_order_on_cuda_and_on_the_cpu():
+    orders = [[b.flatten().cpu().tolist() for b in TrainState.start(7, torch.device(d)).epoch_batches(_order_data(d), 64)]
+              for d in ("cpu", "cuda")]
+    assert orders[0] == orders[1]
+
+
+def test_a_spent_time_budget_stops_with_a_checkpoint_and_the_run_resumes_exactly(tmp_path):
+    """train.max_seconds: past the deadline the run checkpoints and stops (no error, saying so), and
+    its resumption ends where a straight run ends."""
+    config = Config().replace(model={"z_dim": 4, "hidden": (32,)}, train={"batch_size": 100, "epochs": 2})
+    data = synthetic_data(n_train=600, n_test=100)
+    straight = train_run(config, tmp_path / "straight", data=data, quiet=True)
+    lines = []
+    stopped = train_run(config.replace(train={"max_seconds": 1e-9}), tmp_path / "pieces", data=data, log=lines.append)
+    assert stopped.metrics["stopped_at_step"] == 1 and any("train.max_seconds" in line for line in lines), lines
+    resumed = train_run(config, tmp_path / "pieces", data=data, quiet=True, resume=True)
+    for name, value in straight.vae.state_dict().items():
+        assert torch.equal(value, resumed.vae.state_dict()[name]), name
+    with pytest.raises(ConfigError, match="train.max_seconds must be a positive number"):
+        config.replace(train={"max_seconds": 0})

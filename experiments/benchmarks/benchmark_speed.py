@@ -19,7 +19,8 @@
      through torch's default BLAS (``torch.mm``) and through oneDNN (``mkldnn._linear_pointwise``
      and ``torch.mm`` on a oneDNN-packed weight where available); the faster of the two is the floor.
    The ratios asked of us: the default epoch / floor, the best hand-coded / floor, the default Pyro
-   objective / the best hand-coded, ``trace_elbo`` / the best hand-coded.
+   objective / the best hand-coded, ``trace_elbo`` / the best hand-coded, ours / NumPyro's. Each
+   variant's operators (CPU) and kernels (CUDA) per step come from torch's profiler.
 2. **Peak memory**: the process's peak resident set after the epochs (everything it holds: torch,
    the data) and, on CUDA, ``torch.cuda.max_memory_allocated``.
 3. **Scaling**: the per-image step time of the default objective and of the floor for batch sizes
@@ -215,6 +216,8 @@ def epoch_section(args, device, log) -> dict:
                 step(x)
     log(f"epoch: {images.shape[0]} images, batch {args.batch_size} ({steps} steps), {args.rounds} rounds of "
         f"{len(variants)} variants, interleaved")
+    operators = {name: operators_per_step(step, make_batches()[:4], device) for name, step in variants.items()
+                 if not name.startswith("floor/")}
     times = time_rounds(variants, make_batches, args.rounds, device)
     median = {k: statistics.median(v) for k, v in times.items()}
     median["floor"] = min(median["floor/blas"], median["floor/onednn"])
@@ -246,12 +249,33 @@ def epoch_section(args, device, log) -> dict:
             if ours in median:
                 ratios[f"{ours} / numpyro jitted epoch"] = median[ours] / numpyro["seconds_per_epoch"]
     for name, seconds in sorted(median.items(), key=lambda kv: kv[1]):
-        log(f"  {name:34s} {seconds:8.3f} s/epoch  {seconds / median['floor']:6.2f}x floor")
+        ops = operators.get(name)
+        log(f"  {name:34s} {seconds:8.3f} s/epoch  {seconds / median['floor']:6.2f}x floor"
+            + (f"  {ops['operators']:5.0f} operators" + (f", {ops['kernels']:4.0f} kernels" if ops.get('kernels')
+                                                          else "") + " a step" if ops else ""))
     for name, ratio in ratios.items():
         log(f"  ratio {name}: {ratio:.3f}")
     return {"images": images.shape[0], "batch_size": args.batch_size, "rounds": args.rounds,
             "seconds_per_epoch": median, "all_rounds": times, "best_hand_coded": hand, "ratios": ratios,
-            "capture_seconds": capture_seconds, "compile_seconds": compile_seconds, "numpyro": numpyro}
+            "capture_seconds": capture_seconds, "compile_seconds": compile_seconds, "numpyro": numpyro,
+            "per_step": operators}
+
+
+def operators_per_step(step, batches: list, device: torch.device) -> dict:
+    """What one step of a variant runs, from torch's profiler over a few steps: the operators
+    dispatched on the CPU (aten operators, including those inside others) and, on CUDA, the kernels
+    launched. A compiled graph counts as the few calls it makes; a CUDA graph replay as its kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with pyro.validation_enabled(False), profile(activities=activities) as prof:
+        for x in batches:
+            step(x)
+        sync(device)
+    events = prof.events()
+    operators = sum(1 for e in events if e.name.startswith("aten::") and e.device_type.name == "CPU")
+    kernels = sum(1 for e in events if e.device_type.name == "CUDA")
+    return {"operators": operators / len(batches), "kernels": kernels / len(batches) if device.type == "cuda" else None}
 
 
 def numpyro_row(images: torch.Tensor, args, log) -> dict:
