@@ -44,6 +44,25 @@ def test_binarize_is_a_bernoulli_draw_of_the_grey_level():
     assert torch.equal(binarize(torch.tensor([0, 255], dtype=torch.uint8)), torch.tensor([0.0, 1.0]))
 
 
+def test_the_fast_binarization_is_a_bernoulli_draw_of_every_grey_level(monkeypatch):
+    """Exactly: of the 255 integers u in 0..254 the draw can take, g are below grey level g, so a pixel
+    is 1 with probability g/255 (checked by handing it each u in turn); and in distribution, for
+    every level, over 4,000 draws each."""
+    from pyrovae.data import binarize_fast
+
+    levels = torch.arange(256, dtype=torch.uint8)
+    ones = torch.zeros(256)
+    for u in range(255):
+        monkeypatch.setattr(torch, "randint", lambda low, high, size, **kw: torch.full(size, u, dtype=torch.uint8))
+        ones += binarize_fast(levels)
+    monkeypatch.undo()
+    assert torch.equal(ones, levels.float())  # g of the 255 draws give 1
+    x = binarize_fast(levels.repeat(4000, 1), torch.Generator().manual_seed(0))
+    p = levels.double() / 255
+    assert set(x.unique().tolist()) <= {0.0, 1.0}
+    assert ((x.double().mean(0) - p).abs() <= 5 * (p * (1 - p) / 4000).sqrt() + 1e-12).all()
+
+
 def test_batches_shuffle_cover_everything_and_redraw_each_epoch():
     images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1) * 25
     g = torch.Generator().manual_seed(0)
