@@ -27,7 +27,7 @@ import warnings
 import pyro
 import torch
 
-from pyrovae.engine import StepResult, train_step
+from pyrovae.step import StepResult, train_step
 
 __all__ = ["compile_loss", "faster_loss", "TracedLoss", "StaticStep", "CaptureUnsupported", "AUTO_COMPILE_MIN_STEPS"]
 

@@ -1,6 +1,6 @@
 """The training engine: one optimizer step, and one loop over one checkpointable state.
 
-``train_step`` takes a loss module (``loss(x, kl_weight=beta)`` -> the negative ELBO summed over the
+``train_step`` (from :mod:`pyrovae.step`) takes a loss module (``loss(x, kl_weight=beta)`` -> the negative ELBO summed over the
 batch: a Pyro objective or the hand-coded one) through one Adam step without reading anything back
 from the device: the loss stays a device tensor, and the non-finite guard is a device flag that the
 fused Adam kernel reads itself (``found_inf``, the mechanism ``torch.amp.GradScaler`` uses), skipping
@@ -35,6 +35,7 @@ from pyrovae.data import Prepared, batches
 from pyrovae.distributed import World, shard
 from pyrovae.evaluate import evaluate
 from pyrovae.progress import progress
+from pyrovae.step import StepResult, _parameters, train_step
 
 __all__ = ["train_step", "fit", "TrainState", "StepResult", "NonFiniteWatch", "make_optimizer", "resolve_device",
            "learning_rate", "kl_weight_at", "NonFiniteLossError", "DeviceUnavailableError", "Interrupted"]
@@ -83,50 +84,7 @@ def kl_weight_at(t: TrainConfig, steps_done: int) -> float:
     return t.kl_weight * warm
 
 
-# --- one step ------------------------------------------------------------------------------------
-@dataclass
-class StepResult:
-    """What one step leaves on the device: nothing here has been read by the host."""
-
-    loss: torch.Tensor  # () the batch's -ELBO sum, detached
-    loss_finite: torch.Tensor  # () bool
-    grads_finite: torch.Tensor  # (parameters,) bool, in optimizer order; True where there is no gradient
-
-
-def _parameters(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
-    return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-def train_step(loss_fn, optimizer: torch.optim.Optimizer, x: torch.Tensor, *, kl_weight: float = 1.0,
-               grad_clip: float | None = None) -> StepResult:
-    """One optimizer step on the batch ``x``; no update at all where the loss or a gradient is not finite.
-
-    With a fused optimizer (what :func:`make_optimizer` builds) the step never waits on the device:
-    the finiteness flag goes to the kernel as ``found_inf``. Any other optimizer is guarded by a host
-    check, one read per step.
-    """
-    loss = loss_fn(x, kl_weight=kl_weight)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    everything = _parameters(optimizer)
-    params = [p for p in everything if p.grad is not None]
-    norms = torch._foreach_norm([p.grad for p in params])  # one kernel for all parameters
-    loss_finite = torch.isfinite(loss.detach())
-    finite = iter(torch.isfinite(torch.stack(norms)).unbind() if norms else ())
-    grads_finite = torch.stack([next(finite) if p.grad is not None else loss_finite.new_ones(()) for p in everything])
-    skip = ~(loss_finite & grads_finite.all())
-    if grad_clip is not None and norms:
-        total = torch.linalg.vector_norm(torch.stack(norms))
-        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, total, foreach=True)
-    if optimizer.defaults.get("fused"):
-        optimizer.found_inf = skip.float()  # read by the fused kernel on the device
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.found_inf
-    elif not skip:  # a host read: the price of an optimizer without an on-device guard
-        optimizer.step()
-    return StepResult(loss.detach(), loss_finite, grads_finite)
+# --- one step: pyrovae.step ---------------------------------------------------------------------
 
 
 class NonFiniteWatch:

@@ -32,7 +32,7 @@ from torch import nn
 from torch.distributions import constraints
 from torch.nn import functional as F
 
-from pyrovae.config import OptionError, option_int, option_number
+from pyrovae.options import OptionError, option_int, option_number
 
 __all__ = [
     "LIKELIHOODS", "Likelihood", "DataSupportError", "BernoulliLikelihood", "ContinuousBernoulliLikelihood",

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pyrovae.config import OptionError
+from pyrovae.options import OptionError
 
 __all__ = [
     "ACTIVATIONS", "NETWORKS", "MLPEncoder", "MLPDecoder", "ConvEncoder", "ConvDecoder", "build_mlp",
@@ -413,6 +413,26 @@ def build_resnet(image_shape: tuple[int, ...], z_dim: int, out_channels: int, *,
     reports it as a config error naming the field).
     """
     _, h, w = image_shape
+    levels = _resnet_checked_levels(h, w, z_dim, width=width, blocks=blocks, stages=stages, max_width=max_width,
+                                    weight_norm=weight_norm, batch_norm=batch_norm, channels_last=channels_last,
+                                    latent_channels=latent_channels)
+    widths = [min(width * 2 ** i, max_width) for i in range(len(levels))]
+    options = dict(activation=activation, weight_norm=weight_norm, batch_norm=batch_norm, channels_last=channels_last,
+                   latent_channels=latent_channels)
+    hidden = tuple(hidden)
+    encoder = ResNetEncoder(image_shape, z_dim, levels, widths, blocks, hidden, min_scale=min_scale, **options)
+    decoder = ResNetDecoder(z_dim, (out_channels, h, w), levels, widths, blocks, tuple(reversed(hidden)), **options)
+    if channels_last:
+        encoder.to(memory_format=torch.channels_last)
+        decoder.to(memory_format=torch.channels_last)
+    return encoder, decoder
+
+
+def _resnet_checked_levels(h: int, w: int, z_dim: int, *, width, blocks, stages, max_width, weight_norm, batch_norm,
+                           channels_last, latent_channels) -> list[tuple[int, int]]:
+    """The resolution levels of :func:`build_resnet` for h x w images, once its options are checked
+    (an :class:`OptionError` naming the first bad one; a ``ValueError`` for a ``z_dim`` that does not
+    fit a spatial latent)."""
     for name, value, low in (("width", width, 1), ("blocks", blocks, 1), ("max_width", max_width, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise OptionError(name, f"must be an integer of at least {low}, got {value!r}")
@@ -426,7 +446,6 @@ def build_resnet(image_shape: tuple[int, ...], z_dim: int, out_channels: int, *,
         if not isinstance(value, bool):
             raise OptionError(name, f"must be true or false, got {value!r}")
     levels = resnet_levels(h, w, stages)
-    widths = [min(width * 2 ** i, max_width) for i in range(len(levels))]
     if latent_channels is not None:
         if isinstance(latent_channels, bool) or not isinstance(latent_channels, int) or latent_channels < 1:
             raise OptionError("latent_channels", f"must be a positive integer or unset (a flat latent), "
@@ -436,15 +455,7 @@ def build_resnet(image_shape: tuple[int, ...], z_dim: int, out_channels: int, *,
             raise ValueError(f"a spatial latent of {latent_channels} channels at {levels[-1][0]}x{levels[-1][1]} "
                              f"(the coarsest level of {h}x{w} images after {len(levels) - 1} halvings) has "
                              f"{size} numbers: set z_dim = {size}, or change latent_channels or stages")
-    options = dict(activation=activation, weight_norm=weight_norm, batch_norm=batch_norm, channels_last=channels_last,
-                   latent_channels=latent_channels)
-    hidden = tuple(hidden)
-    encoder = ResNetEncoder(image_shape, z_dim, levels, widths, blocks, hidden, min_scale=min_scale, **options)
-    decoder = ResNetDecoder(z_dim, (out_channels, h, w), levels, widths, blocks, tuple(reversed(hidden)), **options)
-    if channels_last:
-        encoder.to(memory_format=torch.channels_last)
-        decoder.to(memory_format=torch.channels_last)
-    return encoder, decoder
+    return levels
 
 
 #: Encoder/decoder pairs by config name: a builder taking (image_shape, z_dim, out_channels, **options).

@@ -14,7 +14,7 @@ import torch
 from pyro.distributions.transforms import affine_autoregressive
 from torch import nn
 
-from pyrovae.config import OptionError, option_widths
+from pyrovae.options import OptionError, option_widths
 
 __all__ = ["POSTERIORS", "Posterior", "DiagonalNormalPosterior", "IAFPosterior"]
 

@@ -21,7 +21,7 @@ from torch import nn
 from torch.distributions import constraints
 from torch.distributions.utils import lazy_property
 
-from pyrovae.config import OptionError, option_int, option_number, option_widths
+from pyrovae.options import OptionError, option_int, option_number, option_widths
 
 __all__ = [
     "PRIORS", "Prior", "DiagonalNormalMixture", "StandardNormalPrior", "LearnedNormalPrior", "MixtureOfGaussiansPrior",
