@@ -16,11 +16,22 @@ import importlib.util
 
 import torch
 
-__all__ = ["Board", "tensorboard_available"]
+__all__ = ["Board", "tensorboard_available", "require_tensorboard"]
 
 
 def tensorboard_available() -> bool:
     return importlib.util.find_spec("tensorboard") is not None
+
+
+def require_tensorboard() -> None:
+    """Raise a config error unless the tensorboard package is installed: checked where a run is about
+    to log, not in the config, so that a run trained with ``train.tensorboard`` loads, evaluates and
+    samples wherever it is copied, tensorboard or not."""
+    from pyrovae.options import ConfigError
+
+    if not tensorboard_available():
+        raise ConfigError("train.tensorboard needs the tensorboard package: pip install 'pyrovae[tensorboard]' "
+                          "(or pip install tensorboard), or leave train.tensorboard off")
 
 
 class Board:

@@ -173,12 +173,6 @@ class TrainConfig:
             value = getattr(self, key)
             if not (isinstance(value, bool) or value == "auto"):
                 raise ConfigError(f"train.{key} must be auto, true or false, got {value!r}")
-        if self.tensorboard:
-            from pyrovae.board import tensorboard_available
-
-            if not tensorboard_available():
-                raise ConfigError("train.tensorboard needs the tensorboard package: pip install 'pyrovae[tensorboard]' "
-                                  "(or pip install tensorboard), or leave train.tensorboard off")
         if self.max_seconds is not None and (isinstance(self.max_seconds, bool) or not isinstance(
                 self.max_seconds, (int, float)) or not 0 < self.max_seconds < float("inf")):
             raise ConfigError(f"train.max_seconds must be a positive number of seconds or None, got {self.max_seconds!r}")

@@ -158,6 +158,10 @@ def _train_run(config, out: Path, *, quiet, overwrite, download, resume, data, d
     quiet, log = quiet or not world.main, log if world.main else (lambda *_: None)
     saved = world.from_main(lambda: _saved_run(out)) if resume else None
     config = _resumable_config(out, config, saved) if resume else config
+    if config.train.tensorboard and world.main:  # an optional feature, checked where it is used
+        from pyrovae.board import require_tensorboard
+
+        require_tensorboard()
     if data_dir is not None:
         config = config.replace(data={"data_dir": str(data_dir)})
     device = _device(config, world)
@@ -171,13 +175,7 @@ def _train_run(config, out: Path, *, quiet, overwrite, download, resume, data, d
     identity = fingerprint(data)
     if saved is not None:
         _check_same_data(out, saved["state"].get("data"), identity)
-    loss_fn = build_objective(config.train.objective, vae, config.train.particles)
-    from pyrovae.compiled import faster_loss
-
-    loss_fn = faster_loss(config.train, loss_fn, device, _planned_steps(config, data), log)
-    if config.train.cuda_graph is True and device.type != "cuda":
-        log("note: train.cuda_graph applies on CUDA only; this run is on the CPU and takes eager steps")
-    loss_fn = wrap(loss_fn, world, device)
+    loss_fn = _loss_module(config, vae, data, device, world, log)
     optimizer = make_optimizer(vae.parameters(), config.train.lr, device)
     if saved is not None:
         vae.load_state_dict(saved["model"])
@@ -212,6 +210,18 @@ def _train_run(config, out: Path, *, quiet, overwrite, download, resume, data, d
     world.from_main(finish)
     vae.config = config
     return TrainedRun(vae.eval(), metrics, config, data)
+
+
+def _loss_module(config: Config, vae: VAE, data: Prepared, device: torch.device, world: World, log):
+    """The objective the run trains through: built, compiled where ``train.compile`` says so (for
+    the run's planned number of steps), and wrapped for data parallelism under torchrun."""
+    from pyrovae.compiled import faster_loss
+
+    loss_fn = build_objective(config.train.objective, vae, config.train.particles)
+    loss_fn = faster_loss(config.train, loss_fn, device, _planned_steps(config, data), log)
+    if config.train.cuda_graph is True and device.type != "cuda":
+        log("note: train.cuda_graph applies on CUDA only; this run is on the CPU and takes eager steps")
+    return wrap(loss_fn, world, device)
 
 
 def _planned_steps(config: Config, data: Prepared) -> int:

@@ -705,6 +705,22 @@ def test_plugins_reach_the_command_line_and_saved_runs(tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+@faults("a run trained with train.tensorboard loads where the tensorboard package is missing",
+        "train.tensorboard without the tensorboard package is refused before the run starts")
+def test_tensorboard_is_checked_where_it_is_used_not_in_the_config(tmp_path, monkeypatch):
+    _run(tmp_path / "run", max_steps=2)
+    path = tmp_path / "run" / "checkpoint.pt"
+    saved = torch.load(path, weights_only=True)
+    saved["config"]["train"]["tensorboard"] = True  # as if trained with --tensorboard on another machine
+    torch.save(saved, path)
+    monkeypatch.setattr("pyrovae.board.tensorboard_available", lambda: False)
+    vae, config, _ = load_vae(path)
+    assert config.train.tensorboard and vae.sample(2).shape[0] == 2
+    with pytest.raises(ConfigError, match="train.tensorboard needs the tensorboard package"):
+        train_run(TINY.replace(train={"tensorboard": True}), tmp_path / "new", data=DATA, quiet=True)
+    assert not (tmp_path / "new" / "config.json").exists()
+
+
 @faults("train_run leaves Pyro's global parameter store as it was")
 def test_training_leaves_the_param_store_empty(tmp_path):
     pyro.clear_param_store()
