@@ -106,8 +106,6 @@ def _from_version_1(old: dict) -> dict:
 
 def load_vae(path, map_location="cpu"):
     """(vae, config, state) from a checkpoint; the VAE is rebuilt from the saved config."""
-    from pyrovae.model import build_vae
-
     return vae_from_checkpoint(load_checkpoint(path, map_location), path, map_location)
 
 

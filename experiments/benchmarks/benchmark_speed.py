@@ -38,7 +38,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import resource
 import statistics
 import time
@@ -52,7 +51,7 @@ from torch.nn import functional as F
 
 from pyrovae.compiled import StaticStep, compile_loss
 from pyrovae.config import Config
-from pyrovae.data import batches, binarize, prepare_train
+from pyrovae.data import batches, prepare_train
 from pyrovae.engine import make_optimizer, resolve_device, train_step
 from pyrovae.evaluate import importance_log_likelihood
 from pyrovae.experiment import add_output_flags, command, output_folders
