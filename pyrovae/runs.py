@@ -202,7 +202,8 @@ def _train_run(config, out: Path, *, quiet, overwrite, download, resume, data, d
     finally:
         if board is not None:
             board.close()
-    metrics = run_metrics(config, state.summed(world), data, device, world.size)
+    metrics = {**run_metrics(config, state.summed(world), data, device, world.size),
+               "compile_seconds": _compile_seconds(loss_fn)}
 
     def finish():
         write_json(out / "metrics.json", metrics)
@@ -222,6 +223,14 @@ def _loss_module(config: Config, vae: VAE, data: Prepared, device: torch.device,
     if config.train.cuda_graph is True and device.type != "cuda":
         log("note: train.cuda_graph applies on CUDA only; this run is on the CPU and takes eager steps")
     return wrap(loss_fn, world, device)
+
+
+def _compile_seconds(loss_fn) -> float | None:
+    """How long tracing and compiling the loss took in this command (None: it was not compiled)."""
+    from pyrovae.compiled import TracedLoss
+
+    traced = next((m for m in (loss_fn, getattr(loss_fn, "module", None)) if isinstance(m, TracedLoss)), None)
+    return traced.seconds if traced is not None else None
 
 
 def _planned_steps(config: Config, data: Prepared) -> int:

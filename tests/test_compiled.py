@@ -341,6 +341,15 @@ def test_compile_is_auto_by_default_and_auto_compiles_long_cpu_runs_only():
             TINY.replace(train={"compile": value})
 
 
+def test_a_compiled_run_keeps_its_compile_time_in_its_metrics(tmp_path):
+    config = TINY.replace(train={"batch_size": 50, "max_steps": 2, "device": "cpu", "compile": True})
+    run = train_run(config, tmp_path / "run", data=synthetic_data(200, 50), quiet=True)
+    assert run.metrics["compile_seconds"] > 0
+    eager = train_run(config.replace(train={"compile": False}), tmp_path / "eager", data=synthetic_data(200, 50),
+                      quiet=True)
+    assert eager.metrics["compile_seconds"] is None
+
+
 def test_a_run_plans_its_steps_from_its_budget():
     from pyrovae.runs import _planned_steps
 
