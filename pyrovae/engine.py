@@ -1,10 +1,11 @@
 """The training engine: one optimizer step, and one loop over one checkpointable state.
 
-``train_step`` (from :mod:`pyrovae.step`) takes a loss module (``loss(x, kl_weight=beta)`` -> the negative ELBO summed over the
-batch: a Pyro objective or the hand-coded one) through one Adam step without reading anything back
-from the device: the loss stays a device tensor, and the non-finite guard is a device flag that the
-fused Adam kernel reads itself (``found_inf``, the mechanism ``torch.amp.GradScaler`` uses), skipping
-the update on the device when the loss or a gradient is NaN or infinite.
+``train_step`` (from :mod:`pyrovae.step`) takes a loss module (``loss(x, kl_weight=beta)`` -> the
+negative ELBO summed over the batch: a Pyro objective or the hand-coded one) through one Adam step
+without reading anything back from the device: the loss stays a device tensor, and the non-finite
+guard is a device flag that the fused Adam kernel reads itself (``found_inf``, the mechanism
+``torch.amp.GradScaler`` uses), skipping the update on the device when the loss or a gradient is
+NaN or infinite.
 
 ``fit`` is the loop. Everything it needs to go on after a stop lives in one :class:`TrainState`,
 which is what a checkpoint holds beside the module and optimizer states, so a run trained in pieces
