@@ -13,15 +13,16 @@ Both are ``auto`` by default:
   loss, the backward pass, the non-finite guard and the fused Adam update) as a CUDA graph on static
   input buffers, once; each later step copies its batch in and replays the kernels, so Pyro's Python
   runs only at capture. Batches of another shape (the last of an epoch) take the eager step. A step
-  that reads a value back to the host (Pyro's IAF inverse does) cannot be captured: the first
-  warm-up step runs with CUDA's synchronization check set to raise, and such a step is left eager,
-  with one line saying why (:class:`CaptureUnsupported`).
+  that reads a value back to the host (Pyro's IAF inverse under a VampPrior does) cannot be
+  captured: the second warm-up step runs with CUDA's synchronization check set to raise, and such
+  a step is left eager, with one line saying why (:class:`CaptureUnsupported`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import time
 import warnings
 
 import pyro
@@ -48,7 +49,7 @@ class TracedLoss(torch.nn.Module):
     the process), in the eager order, so runs and resumes are those of the eager step to float
     rounding. Batches of another shape (the last of an epoch), or the module in the other
     train/eval mode, take the eager module. A loss that reads a value back to the host while
-    tracing (stock ``Trace_ELBO``'s ``.item()`` calls, Pyro's IAF inverse) cannot be a graph: it,
+    tracing (stock ``Trace_ELBO``'s ``.item()`` calls) cannot be a graph: it,
     and any failure to trace or compile, falls back to eager with one line saying why.
     """
 
@@ -85,8 +86,6 @@ class TracedLoss(torch.nn.Module):
         return self._weights[key]
 
     def _trace(self, x, kl_weight, key) -> None:
-        import time
-
         from torch.fx.experimental.proxy_tensor import make_fx
 
         began = time.perf_counter()
@@ -105,8 +104,6 @@ class TracedLoss(torch.nn.Module):
         self.key, self.seconds, self._first = key, time.perf_counter() - began, True
 
     def _run(self, x, kl_weight) -> torch.Tensor:
-        import time
-
         began = time.perf_counter()
         loss = self.graph(*self._inputs(), x, self._weight(kl_weight, x.device))
         if self._first:  # the first call compiles

@@ -85,7 +85,7 @@ def kl_weight_at(t: TrainConfig, steps_done: int) -> float:
     return t.kl_weight * warm
 
 
-# --- one step: pyrovae.step ---------------------------------------------------------------------
+# --- a non-finite step, watched on the device -----------------------------------------------------
 
 
 class NonFiniteWatch:
@@ -327,11 +327,26 @@ class _Stepper:
 
     def __call__(self, x: torch.Tensor, kl_weight: float) -> StepResult:
         if self.graph and x.shape[0] == self.full:
-            self.replayed = _replayed_step(self.replayed, self.loss_fn, self.optimizer, x, self.t.grad_clip, self.log)
-            self.graph = self.replayed is not None
+            self._capture(x)
             if self.graph:
                 return self.replayed(x, kl_weight)
         return train_step(self.loss_fn, self.optimizer, x, kl_weight=kl_weight, grad_clip=self.t.grad_clip)
+
+    def _capture(self, x: torch.Tensor) -> None:
+        """The CUDA-graph step for batches like ``x``: the one captured before, unless the learning
+        rate has changed since. Where the step cannot be captured, one line says why and the run
+        takes eager steps."""
+        from pyrovae.compiled import CaptureUnsupported, StaticStep
+
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.replayed is not None and self.replayed.lr == lr:
+            return
+        try:
+            self.replayed = StaticStep(self.loss_fn, self.optimizer, x, grad_clip=self.t.grad_clip)
+            self.replayed.lr = lr
+        except CaptureUnsupported as e:
+            self.log(f"note: train.cuda_graph: {e}; this run takes eager steps")
+            self.graph, self.replayed = False, None
 
 
 class _Stops:
@@ -384,23 +399,6 @@ def _end_epoch(config: Config, vae, optimizer, data: Prepared, state: TrainState
     if log is not None:
         log(f"epoch {row['epoch']:3d}  train -ELBO {row['train_neg_elbo']:8.2f}  test -ELBO "
             f"{row['test_neg_elbo']:8.2f} nats/image  ({row['seconds']:.2f} s)")
-
-
-def _replayed_step(replayed, loss_fn, optimizer, x, grad_clip, log):
-    """The CUDA-graph step for batches like ``x``: the one captured before, unless the learning rate
-    (a constant of the graph) has changed since. None, after one line saying why, where the step
-    cannot be captured: the run then takes eager steps."""
-    from pyrovae.compiled import CaptureUnsupported, StaticStep
-
-    lr = optimizer.param_groups[0]["lr"]
-    if replayed is None or replayed.lr != lr:
-        try:
-            replayed = StaticStep(loss_fn, optimizer, x, grad_clip=grad_clip)
-        except CaptureUnsupported as e:
-            log(f"note: train.cuda_graph: {e}; this run takes eager steps")
-            return None
-        replayed.lr = lr
-    return replayed
 
 
 def _progress(quiet: bool):
