@@ -381,6 +381,10 @@ def _saved_run(out: Path) -> dict:
     return saved
 
 
+#: The train fields a resume may change: the budget of the command, not the run's identity.
+RESUME_BUDGET = ("epochs", "max_steps", "max_seconds")
+
+
 def _check_config_file(out: Path, saved: dict) -> None:
     """A resume refuses a config.json edited since the run began: the checkpoint's config is the run's."""
     path = out / "config.json"
@@ -397,7 +401,7 @@ def _check_config_file(out: Path, saved: dict) -> None:
         raise CheckpointError(f"cannot resume {out}: its config.json cannot be read ({e}); restore it, or start "
                               "a new run") from None
     ours = _flat(Config.from_dict(saved).to_dict())
-    budget = ("train.epochs", "train.max_steps", "train.max_seconds", "data.data_dir")  # may change on resume
+    budget = {f"train.{k}" for k in RESUME_BUDGET} | {"data.data_dir"}  # may change on resume
     diff = [f"{k}: checkpoint {ours.get(k)!r}, config.json {written.get(k)!r}"
             for k in sorted(set(ours) | set(written)) if k not in budget and ours.get(k) != written.get(k)]
     if diff:
@@ -419,10 +423,8 @@ def _resumable_config(out: Path, config: Config | None, state: dict) -> Config:
     saved = Config.from_dict(state["config"])
     if config is None:
         return saved
-    budget = {"epochs": config.train.epochs, "max_steps": config.train.max_steps,
-              "max_seconds": config.train.max_seconds}
-    mine = config.replace(train={"epochs": saved.train.epochs, "max_steps": saved.train.max_steps,
-                                 "max_seconds": saved.train.max_seconds},
+    budget = {k: getattr(config.train, k) for k in RESUME_BUDGET}
+    mine = config.replace(train={k: getattr(saved.train, k) for k in RESUME_BUDGET},
                           data={"data_dir": saved.data.data_dir})  # where the data are is not the run's identity
     if mine != saved:
         a, b = _flat(saved.to_dict()), _flat(mine.to_dict())
