@@ -15,7 +15,7 @@ import importlib.util
 #: Each public name and the module that defines it.
 _PUBLIC = {
     "Config": "pyrovae.config", "ModelConfig": "pyrovae.config", "DataConfig": "pyrovae.config",
-    "TrainConfig": "pyrovae.config", "VAE": "pyrovae.model", "build_vae": "pyrovae.model",
+    "TrainConfig": "pyrovae.config", "VAE": "pyrovae.model", "build_vae": "pyrovae.build",
     "PyroELBO": "pyrovae.objectives", "train_step": "pyrovae.engine", "fit": "pyrovae.engine",
     "TrainState": "pyrovae.engine", "load": "pyrovae.checkpoint", "train_run": "pyrovae.runs",
 }

@@ -111,7 +111,7 @@ def load_vae(path, map_location="cpu"):
 
 def vae_from_checkpoint(state: dict, path, map_location="cpu"):
     """(vae, config, state) from a checkpoint already read (``path`` names it in messages)."""
-    from pyrovae.model import build_vae
+    from pyrovae.build import build_vae
 
     try:
         config = Config.from_dict(state["config"])

@@ -101,6 +101,9 @@ def build_parser(list_objectives: bool = True) -> argparse.ArgumentParser:  # Fa
     t.add_argument("--epochs", type=_positive_int, help=f"passes over the training set ({d.train.epochs})")
     t.add_argument("--z-dim", type=_positive_int, help=f"latent size ({d.model.z_dim})")
     t.add_argument("--hidden", type=_widths, help="hidden widths, e.g. 400 or 200,200 (decoder mirrors encoder)")
+    t.add_argument("--latents", type=_widths, help="a stack of stochastic layers, bottom first, e.g. 100,50 "
+                                                    "(replaces --z-dim; default: one layer)")
+    t.add_argument("--inference", choices=["top_down", "bottom_up"], help="the guide of a stack (top_down)")
     t.add_argument("--activation", help=f"hidden nonlinearity ({d.model.activation})")
     t.add_argument("--prior", help=f"p(z) by name ({d.model.prior})")
     t.add_argument("--likelihood", help=f"p(x|z) by name ({d.model.likelihood})")
@@ -150,7 +153,7 @@ def build_parser(list_objectives: bool = True) -> argparse.ArgumentParser:  # Fa
 
 #: train flags and the config fields they set
 FLAG_FIELDS = {
-    "epochs": "train.epochs", "z_dim": "model.z_dim", "hidden": "model.hidden",
+    "epochs": "train.epochs", "z_dim": "model.z_dim", "hidden": "model.hidden", "latents": "model.latents", "inference": "model.inference",
     "activation": "model.activation", "prior": "model.prior", "likelihood": "model.likelihood",
     "posterior": "model.posterior", "network": "model.network", "batch_size": "train.batch_size", "lr": "train.lr", "seed": "train.seed",
     "device": "train.device", "objective": "train.objective", "binarization": "data.binarization",

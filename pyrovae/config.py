@@ -28,6 +28,10 @@ __all__ = ["ConfigError", "OptionError", "ModelConfig", "DataConfig", "TrainConf
            "part_options", "option_int", "option_number", "option_widths"]
 
 
+#: The guides of a stack of stochastic layers (``model.inference``): see :mod:`pyrovae.hierarchy`.
+INFERENCES = ("top_down", "bottom_up")
+
+
 def _names(registry) -> str:
     return ", ".join(sorted(registry))
 
@@ -47,6 +51,11 @@ class ModelConfig:
     posterior_options: dict = field(default_factory=dict)  # keyword options of the posterior, e.g. {"flows": 2}
     network_options: dict = field(default_factory=dict)  # keyword options of the network builder
     plugins: tuple[str, ...] = ()  # modules to import first; they add parts by name (see pyrovae.plugins)
+    latents: tuple[int, ...] = ()  # sizes of a stack of stochastic layers z1 (next to x) .. zL, e.g. [100, 50];
+    # replaces z_dim (set to latents[0]); empty: one layer of z_dim (see pyrovae.hierarchy)
+    inference: str = "top_down"  # the stack's guide: top_down (Ladder VAE) or bottom_up (Burda et al.)
+    latent_hidden: tuple[int, ...] | None = None  # hidden widths between two latent layers; None: two layers as
+    # wide as the lower one; empty: affine
 
     def __post_init__(self) -> None:
         from pyrovae.plugins import PluginError, load_plugins
@@ -85,9 +94,36 @@ class ModelConfig:
         ]:
             options = _check_options(key, getattr(self, f"{key}_options"), cls)
             object.__setattr__(self, f"{key}_options", options)  # integers given for float options, as floats
+        _check_stack(self)
         scale = self.min_scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (scale > 0 and math.isfinite(scale)):
             raise ConfigError(f"model.min_scale must be a positive finite number such as 1e-4, got {scale!r}")
+
+
+def _check_stack(c: ModelConfig) -> None:
+    """The fields of a stack of stochastic layers (pyrovae.hierarchy); sets z_dim to the lowest layer's size."""
+    if not isinstance(c.latents, tuple) or any(isinstance(n, bool) or not isinstance(n, int) or n < 1
+                                               for n in c.latents) or len(c.latents) == 1:
+        raise ConfigError(f"model.latents must be two or more positive layer sizes, bottom first (e.g. [100, 50]), "
+                          f"or empty for one layer of model.z_dim; got {c.latents!r}")
+    if c.inference not in INFERENCES:
+        raise ConfigError(f"unknown model.inference {c.inference!r}; valid: {', '.join(INFERENCES)}")
+    widths = c.latent_hidden
+    if widths is not None and (not isinstance(widths, tuple) or any(
+            isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in widths)):
+        raise ConfigError(f"model.latent_hidden must be hidden widths such as [100, 100], empty for affine maps, or "
+                          f"None; got {widths!r}")
+    if not c.latents:
+        return
+    refused = [f"model.{key} = {value!r}" for key, value, allowed in [
+        ("network", c.network, ("auto", "mlp")), ("posterior", c.posterior, ("diagonal",))] if value not in allowed]
+    if c.prior == "vamp" and c.inference != "top_down":
+        refused.append("model.prior = 'vamp' with model.inference = 'bottom_up' (the VampPrior mixes q(z_top | u), "
+                       "a single Gaussian only under the top-down guide)")
+    if refused:
+        raise ConfigError(f"a stack of stochastic layers (model.latents) is built from MLPs with diagonal Gaussian "
+                          f"layers; it cannot take {'; '.join(refused)}")
+    object.__setattr__(c, "z_dim", c.latents[0])
 
 
 @dataclass(frozen=True)
@@ -391,7 +427,7 @@ def _section_from_dict(section_cls, name: str, d: dict[str, Any]):
     if unknown:
         raise ConfigError(f"unknown key(s) {sorted(unknown)} in config section {name!r}; valid: {', '.join(fields)}")
     d = dict(d)
-    for key in ("hidden", "lr_milestones", "plugins"):  # tuples, written as lists (or one value) in TOML/JSON
+    for key in ("hidden", "lr_milestones", "plugins", "latents", "latent_hidden"):  # tuples, written as lists (or one value) in TOML/JSON
         if isinstance(d.get(key), list):
             d[key] = tuple(d[key])
         elif isinstance(d.get(key), (int, str)):

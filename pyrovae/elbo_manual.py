@@ -44,6 +44,8 @@ class ManualELBO(nn.Module):
         self.kl = kl
 
     def forward(self, x: torch.Tensor, kl_weight: float = 1.0) -> torch.Tensor:
+        if hasattr(self.vae, "stack_terms"):
+            return self._stack(x, kl_weight)
         q = self.vae.posterior(x)  # q(z|x), batch (batch,), event (z_dim,)
         z = q.rsample()  # reparameterization: z = mu + sigma * eps, (batch, z_dim)
         p = self.vae.prior().expand(q.batch_shape)  # p(z), one copy per image like Pyro's plate
@@ -54,6 +56,21 @@ class ManualELBO(nn.Module):
             log_pz = p.log_prob(z)  # scored before q, in the order Pyro's trace does: same rounding
             kl = q.log_prob(z) - log_pz  # one-sample estimate of KL, (batch,)
         return -(log_px_z - kl_weight * kl).sum()  # -ELBO (beta-weighted KL), summed like Pyro's losses
+
+    def _stack(self, x: torch.Tensor, kl_weight) -> torch.Tensor:
+        """The same for a stack of layers (:class:`pyrovae.hierarchy.HierarchicalVAE`): one KL term per
+        layer, in closed form where it exists and where the guide drew the layer's parent before it
+        (the top-down guide; under the bottom-up one only the top layer's)."""
+        terms = self.vae.stack_terms(x)  # {site: (z, q, p)}, top layer first
+        top_down = self.vae.inference == "top_down"
+        kl = 0.0
+        for i, (z, q, p) in enumerate(terms["layers"].values()):
+            p = p.expand(q.batch_shape)
+            if self.kl == "analytic" and (top_down or i == 0) and has_analytic_kl(q, p):
+                kl = kl + kl_divergence(q, p)  # (batch,)
+            else:
+                kl = kl + (q.log_prob(z) - p.log_prob(z))
+        return -(terms["reconstruction"] - kl_weight * kl).sum()
 
 
 class ManualIWAE(nn.Module):
@@ -71,6 +88,12 @@ class ManualIWAE(nn.Module):
         self.particles = particles
 
     def forward(self, x: torch.Tensor, kl_weight: float = 1.0) -> torch.Tensor:
+        if hasattr(self.vae, "stack_terms"):  # a stack of layers: log w summed over them
+            terms = self.vae.stack_terms(x, torch.Size([self.particles]))
+            log_w = terms["reconstruction"]  # (K, batch)
+            for z, q, p in terms["layers"].values():
+                log_w = log_w + kl_weight * (p.log_prob(z) - q.log_prob(z))
+            return -(torch.logsumexp(log_w, 0) - math.log(self.particles)).sum()
         q = self.vae.posterior(x)  # q(z|x), batch (batch,)
         z = q.rsample((self.particles,))  # (K, batch, z_dim), reparameterized
         log_px_z = self.vae.likelihood(self.vae.decoder(z)).log_prob(x)  # (K, batch)

@@ -47,6 +47,10 @@ def _my_batches(n: int, batch_size: int, world: World) -> range:
 
 def elbo_terms(vae, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-image ELBO terms, each of shape (batch,), from one reparameterized z ~ q(z|x)."""
+    if hasattr(vae, "stack_terms"):  # a stack of layers: the KL estimate summed over them
+        terms = vae.stack_terms(x)
+        kl = sum(q.log_prob(z) - p.log_prob(z) for z, q, p in terms["layers"].values())
+        return {"reconstruction": terms["reconstruction"], "kl": kl, "elbo": terms["reconstruction"] - kl}
     q = vae.posterior(x)
     z = q.rsample()  # (batch, z_dim)
     log_px_z = vae.likelihood.log_prob(vae.decoder(z), x)  # (batch,)
@@ -211,7 +215,7 @@ def iwae_chunks(vae, images: torch.Tensor) -> tuple[int, int]:
         return 100, 4096
     free, total = torch.cuda.mem_get_info(images.device)
     with torch.no_grad():
-        outputs = vae.decoder(vae.posterior(images[:1]).sample())  # one row
+        outputs = vae.decoder(vae.encode(images[:1]))  # one row
     per_row = 24 * outputs.numel() + 16 * 1024
     budget = min(GPU_IWAE_MEMORY_SHARE * total, 0.8 * free)
     rows = int(min(GPU_IWAE_ROWS, max(4096, budget // per_row)))
@@ -250,6 +254,13 @@ def importance_log_likelihood(vae, images: torch.Tensor, k: int = 1000, batch_si
     mine = _my_batches(n, batch_size, world)
     for start in progress(mine, desc=f"IWAE-{k}", unit="batch", quiet=not world.main):
         x = images[start:start + batch_size]  # (B, C, H, W)
+        if hasattr(vae, "log_weights"):  # a stack of layers: every layer drawn per chunk
+            with batch_noise(seed, start, images.device), fast:
+                per_chunk = max(1, max_rows // x.shape[0])
+                log_w = torch.cat([vae.log_weights(x, min(per_chunk, k - done)) for done in range(0, k, per_chunk)])
+            sums += torch.stack([(torch.logsumexp(log_w, 0) - math.log(k)).double().sum(),
+                                 log_w.mean(0).double().sum()])
+            continue
         with batch_noise(seed, start, images.device):  # the draws belong to this batch of images
             with fast:
                 q = vae.posterior(x)  # batch (B,), event (z_dim,)
@@ -278,7 +289,17 @@ def active_units(vae, images: torch.Tensor, threshold: float = 0.01, batch_size:
     E_q[z|x] is the guide's representative code (the encoder mean; for a flow guide, the mean pushed
     through the flows).
     """
+    if hasattr(vae, "encode_layers"):  # a stack: per layer, each given the guide's means of the others
+        chunks = [vae.encode_layers(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+        layers = {name: _active(torch.cat([c[name] for c in chunks]), threshold) for name in chunks[0]}
+        return {"active_units": sum(v["active_units"] for v in layers.values()),
+                "z_dim": sum(v["z_dim"] for v in layers.values()), "threshold": threshold,
+                "layers": {name: layers[name] for name in sorted(layers)}}
     codes = torch.cat([vae.posterior.location(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    return {**_active(codes, threshold), "threshold": threshold}
+
+
+def _active(codes: torch.Tensor, threshold: float) -> dict:
     variance = codes.var(0)  # (z_dim,)
     return {"active_units": int((variance > threshold).sum()), "z_dim": int(codes.shape[1]),
-            "threshold": threshold, "variances": variance.tolist()}
+            "variances": variance.tolist()}

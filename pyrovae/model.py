@@ -30,13 +30,8 @@ from pyro.nn import PyroModule, pyro_method
 from pyro.poutine.util import is_validation_enabled
 from torch import nn
 
-from pyrovae.config import ConfigError, ModelConfig, OptionError
-from pyrovae.posteriors import POSTERIORS
-from pyrovae.likelihoods import LIKELIHOODS
-from pyrovae.networks import NETWORKS, network_for
-from pyrovae.priors import PRIORS
 
-__all__ = ["VAE", "build_vae", "ImageShapeError"]
+__all__ = ["VAE", "ImageShapeError"]
 
 _instance_ids = itertools.count()
 
@@ -135,34 +130,3 @@ def _kl_scale(kl_weight):
     if isinstance(kl_weight, torch.Tensor) or kl_weight != 1.0:
         return poutine.scale(scale=kl_weight)
     return contextlib.nullcontext()
-
-
-def build_vae(config: ModelConfig, image_shape: tuple[int, ...] = (1, 28, 28)) -> VAE:
-    """Build the VAE a :class:`ModelConfig` describes: the one place where names become objects.
-
-    A part that refuses its options (a value out of range, or one that does not suit the image shape)
-    raises :class:`pyrovae.config.ConfigError` naming the config field: the option itself
-    (``model.prior_options.bins``) where the part raised :class:`pyrovae.config.OptionError`.
-    """
-    c = config
-    likelihood = _part("likelihood", c.likelihood, c.likelihood_options,
-                       lambda: LIKELIHOODS[c.likelihood].build(image_shape, **c.likelihood_options))
-    network = network_for(image_shape) if c.network == "auto" else c.network
-    encoder, decoder = _part("network", network, c.network_options, lambda: NETWORKS[network](
-        image_shape, c.z_dim, image_shape[0] * likelihood.outputs_per_pixel,
-        hidden=c.hidden, activation=c.activation, min_scale=c.min_scale, **c.network_options))
-    posterior = _part("posterior", c.posterior, c.posterior_options,
-                      lambda: POSTERIORS[c.posterior].build(encoder, c.z_dim, **c.posterior_options))
-    prior = _part("prior", c.prior, c.prior_options, lambda: PRIORS[c.prior].build(
-        c.z_dim, posterior=posterior, image_shape=image_shape, **c.prior_options))
-    return VAE(prior=prior, decoder=decoder, likelihood=likelihood, posterior=posterior, image_shape=image_shape)
-
-
-def _part(kind: str, name: str, options: dict, make):
-    try:
-        return make()
-    except OptionError as e:
-        raise ConfigError(f"model.{kind} {name!r}: model.{kind}_options.{e}") from None
-    except (ValueError, TypeError) as e:
-        given = f" with model.{kind}_options {options}" if options else ""
-        raise ConfigError(f"model.{kind} {name!r}{given} cannot be built: {e}") from None

@@ -35,6 +35,10 @@ class PyroELBO(nn.Module):
         super().__init__()
         self.vae = vae
         self.elbo = elbo if elbo is not None else Trace_ELBO()
+        if isinstance(self.elbo, TraceMeanField_ELBO) and getattr(vae, "inference", None) == "bottom_up":
+            raise ValueError("Pyro's TraceMeanField_ELBO takes each layer's KL in closed form, which is biased under "
+                             "a bottom-up guide (q draws z1 before z2, and p(z1 | z2) depends on z2); use the "
+                             "objective meanfield (ours: closed form only where it is valid) or trace_elbo")
         # bound once: `vae.model` is a new object at every access, and Pyro's JIT caches by identity
         self._model, self._guide = vae.model, vae.guide
 
@@ -96,7 +100,10 @@ class TracedELBO(nn.Module):
 
     ``kl="analytic"`` is the estimator of Pyro's ``TraceMeanField_ELBO``: each latent site of the
     model must be a site of the guide too, and contributes -KL(q || p) in closed form where torch has
-    one (scaled and masked by the guide site's), else the one-draw log p(z) - log q(z|x); the
+    one (scaled and masked by the guide site's) and the guide drew every latent that comes before the
+    site in the model first, else the one-draw log p(z) - log q(z|x). (A bottom-up guide of a stack
+    draws z_1 before z_2, while p(z_1 | z_2) depends on z_2: there the closed form would be biased, and
+    Pyro's estimator, which assumes the order, warns.) The
     observed sites contribute log p(x|z). Every guide site must be reparameterized. Where the KL is
     in closed form, log p(z) and log q(z|x) are not computed at all (the stock estimator scores them
     and leaves them unused).
@@ -178,6 +185,8 @@ def _log_ratio(model_sites: dict, log_p: dict, log_q: dict) -> MultiFrameTensor:
 def _mean_field_elbo(model_sites: dict, guide_sites: dict) -> torch.Tensor:
     """TraceMeanField_ELBO's one-particle estimate, a scalar: closed-form KL terms where torch has them."""
     elbo = 0.0
+    guide_order = {name: i for i, name in enumerate(guide_sites)}
+    model_latents = []  # the latent sites met so far in the model: the ones a site may depend on
     for name, site in model_sites.items():
         if site["is_observed"]:
             elbo = elbo + _log_prob(site).sum()  # log p(x|z)
@@ -185,7 +194,11 @@ def _mean_field_elbo(model_sites: dict, guide_sites: dict) -> torch.Tensor:
         if name not in guide_sites:
             raise ValueError(f"the mean-field ELBO needs the model's latent site {name!r} in the guide too")
         guide_site = guide_sites[name]
-        kl = _closed_form_kl(guide_site, site)
+        # KL(q || p) integrates this site out with its parents held fixed: valid only if the guide drew
+        # every latent the model drew before it (its possible parents) first, else its one-draw estimate
+        closed_form = all(guide_order.get(parent, -1) < guide_order[name] for parent in model_latents)
+        model_latents.append(name)
+        kl = _closed_form_kl(guide_site, site) if closed_form else None
         if kl is not None:
             elbo = elbo - kl
         else:  # no closed form: the one-draw estimate log p(z) - log q(z|x), scored in that order

@@ -37,7 +37,8 @@ from pyrovae.distributed import World, wrap
 from pyrovae.engine import Interrupted, TrainState, fit, make_optimizer, resolve_device
 from pyrovae.evaluate import active_units, evaluate, importance_log_likelihood, seeded_noise
 from pyrovae.folders import LOCK_NAME, claimed
-from pyrovae.model import VAE, build_vae
+from pyrovae.build import build_vae
+from pyrovae.model import VAE
 from pyrovae.objectives import build_objective
 
 __all__ = ["RunFolderError", "TrainedRun", "train_run", "evaluate_run", "provenance", "machine", "write_json",
@@ -298,8 +299,11 @@ def evaluate_run(checkpoint, *, device: str = "auto", data_dir: str | None = Non
         config = config.replace(data={"data_dir": data_dir})
     test, _ = prepare_test(config, device)
     test = test[:test_images] if test_images else test
+    units = active_units(vae, test)
     figures = {**evaluate(vae, test, seed=config.data.test_binarization_seed, world=world),
-               "active_units": active_units(vae, test)["active_units"], "z_dim": config.model.z_dim}
+               "active_units": units["active_units"], "z_dim": units["z_dim"]}
+    if "layers" in units:  # a stack: active units of each layer
+        figures["active_units_per_layer"] = {name: layer["active_units"] for name, layer in units["layers"].items()}
     if particles:
         start = time.perf_counter()
         iwae = importance_log_likelihood(vae, test, k=particles, world=world)
@@ -457,7 +461,7 @@ def write_figures(vae, out: Path, history, test_binary, test_labels, seed: int =
                      title="test images (top) and reconstructions E[x|z=mean of q(z|x)] (bottom)")
     with seeded_noise(seed, test_binary.device):
         plots.image_grid(vae.sample(64), out / "samples.png", nrow=8, title="E[x|z], z ~ p(z)")
-    if vae.prior().event_shape == (2,):
+    if not hasattr(vae, "latents") and vae.prior().event_shape == (2,):
         plots.manifold_grid(vae, out / "manifold.png")
         codes = torch.cat([vae.encode(test_binary[i:i + 1000]) for i in range(0, len(test_binary), 1000)])
         plots.latent_scatter(codes, test_labels, out / "latent_scatter.png")

@@ -87,7 +87,7 @@ def test_every_experiment_config_loads_builds_and_scores_a_batch(path):
     import torch
 
     from helpers import data_of_kind
-    from pyrovae.model import build_vae
+    from pyrovae.build import build_vae
     from pyrovae.objectives import build_objective
 
     config = Config.load(path)

@@ -26,7 +26,7 @@ import torch
 
 from pyrovae.config import Config, ConfigError, ModelConfig, OptionError, apply_overrides, part_options
 from pyrovae.likelihoods import LIKELIHOODS
-from pyrovae.model import build_vae
+from pyrovae.build import build_vae
 from pyrovae.networks import NETWORKS
 from pyrovae.plugins import load_plugins
 from pyrovae.posteriors import POSTERIORS

@@ -34,7 +34,7 @@ from pyrovae.distributed import exit_now, launched, shard, start, stop, wrap
 from pyrovae.engine import make_optimizer, train_step
 from pyrovae.evaluate import importance_log_likelihood
 from pyrovae.experiment import add_output_flags, command, output_folders
-from pyrovae.model import build_vae
+from pyrovae.build import build_vae
 from pyrovae.objectives import build_objective
 from pyrovae.runs import provenance, write_json
 

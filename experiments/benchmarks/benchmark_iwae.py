@@ -38,7 +38,7 @@ from pyrovae.config import Config
 from pyrovae.data import prepare_test
 from pyrovae.evaluate import _CPUFastPaths, importance_log_likelihood, seeded_noise
 from pyrovae.experiment import add_output_flags, output_folders
-from pyrovae.model import build_vae
+from pyrovae.build import build_vae
 from pyrovae.runs import provenance, write_json
 
 OUT = "results/benchmark_iwae"

@@ -31,7 +31,7 @@ from pyrovae.config import Config
 from pyrovae.data import prepare_data
 from pyrovae.engine import TrainState, fit, make_optimizer
 from pyrovae.experiment import add_output_flags, output_folders
-from pyrovae.model import build_vae
+from pyrovae.build import build_vae
 from pyrovae.objectives import build_objective
 from pyrovae.runs import provenance, write_json
 

@@ -35,7 +35,7 @@ from pyrovae.data import DatasetNotFoundError, Prepared, prepare_data, prepare_t
 from pyrovae.engine import fit, make_optimizer
 from pyrovae.experiment import add_output_flags, command, output_folders
 from pyrovae.lecture import figures
-from pyrovae.model import build_vae
+from pyrovae.build import build_vae
 from pyrovae.objectives import build_objective
 from pyrovae.runs import provenance, write_json
 

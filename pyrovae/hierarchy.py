@@ -1,0 +1,291 @@
+"""A stack of stochastic layers as a pair of Pyro programs: the hierarchical VAE.
+
+Generative story, top-down, for each image n in the data plate (L layers, ``model.latents``)::
+
+    z_L ~ p(z_L)                                the prior: any registered one
+    z_l ~ N(mu_l(z_{l+1}), diag(sigma_l(z_{l+1})^2)),   l = L-1, ..., 1
+    x   ~ p(x | decoder(z_1))                   the likelihood: any registered one
+
+Each layer is one sample site, ``z1`` (next to the data) to ``zL`` (the top). The guide q(z|x) is
+one of two factorizations, ``model.inference``:
+
+``bottom_up`` (Burda et al. 2015)::
+
+    q(z_1 | x) q(z_2 | z_1) ... q(z_L | z_{L-1})
+
+each a diagonal Gaussian from its own network.
+
+``top_down`` (the Ladder VAE, Sonderby et al. 2016)::
+
+    q(z_L | x) q(z_{L-1} | z_L, x) ... q(z_1 | z_2, x)
+
+A deterministic bottom-up pass d_1 = f_1(x), d_l = f_l(d_{l-1}) gives each layer a Gaussian
+estimate N(m_l, s_l^2) from the data. The top layer is that estimate; every lower one combines it
+with the generative conditional p(z_l | z_{l+1}) = N(mu_l, sigma_l^2), precision-weighted:
+
+    q(z_l | z_{l+1}, x) = N((m_l / s_l^2 + mu_l / sigma_l^2) / (1 / s_l^2 + 1 / sigma_l^2),
+                           1 / (1 / s_l^2 + 1 / sigma_l^2))
+
+so inference shares the generative path: where the data say little (large s_l) the guide follows
+the model's conditional and the layer's KL term vanishes, which keeps the upper layers in use
+(the Ladder VAE's argument for it, and the reason it is the default here). The product of two
+Gaussians also keeps q and p(z_l | z_{l+1}) in one family, so the mean-field objectives take
+each layer's KL in closed form. It is also the only guide under which q(z_L | x) is a single
+Gaussian, so the VampPrior (a mixture of q(z_L | u_k)) needs it.
+
+The networks are MLPs: ``model.hidden`` between the image and z_1 (the decoder mirrors it), and
+``model.latent_hidden`` between two latent layers (default: two layers as wide as the lower one,
+Burda et al.'s 100-100 between latents of 100 and 50).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import pyro_method
+from pyro.poutine.util import is_validation_enabled
+from torch import nn
+from torch.nn import functional as F
+
+from pyrovae.config import INFERENCES  # noqa: F401  (the guides by config name)
+from pyrovae.model import VAE, _kl_scale
+from pyrovae.networks import ACTIVATIONS, MLPDecoder
+
+__all__ = ["INFERENCES", "GaussianNet", "HierarchicalVAE", "StackEncoder", "precision_weighted"]
+
+#: The guide's factorizations, by config name (``model.inference``).
+INFERENCES = ("top_down", "bottom_up")
+
+
+class GaussianNet(nn.Module):
+    """h -> (loc, scale, features): an MLP whose last hidden layer also feeds the next layer up.
+
+    The scale is ``softplus(raw) + min_scale``, as in :class:`pyrovae.networks.MLPEncoder`.
+    """
+
+    def __init__(self, in_dim: int, hidden: tuple[int, ...], out_dim: int, activation: str, min_scale: float):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for n_in, n_out in zip((in_dim, *hidden[:-1]), hidden):
+            layers += [nn.Linear(n_in, n_out), ACTIVATIONS[activation]()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(hidden[-1] if hidden else in_dim, 2 * out_dim)
+        self.min_scale = min_scale
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        features = self.body(h)  # (..., hidden[-1])
+        loc, raw_scale = self.head(features).chunk(2, dim=-1)  # (..., out_dim) each
+        return loc, F.softplus(raw_scale) + self.min_scale, features
+
+
+def precision_weighted(loc_q, scale_q, loc_p, scale_p) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalized product of N(loc_q, scale_q^2) and N(loc_p, scale_p^2): (loc, scale)."""
+    precision_q, precision_p = scale_q.pow(-2), scale_p.pow(-2)
+    variance = 1 / (precision_q + precision_p)
+    return (loc_q * precision_q + loc_p * precision_p) * variance, variance.sqrt()
+
+
+def _normal(loc, scale) -> dist.Distribution:
+    return dist.Normal(loc, scale, validate_args=False).to_event(1)
+
+
+class StackEncoder(nn.Module):
+    """The guide's networks: one :class:`GaussianNet` per layer, bottom (x -> z_1) to top.
+
+    Calling it on images gives q(z_L | x) under the top-down guide (what a VampPrior mixes); the
+    bottom-up guide has no such closed form and refuses.
+    """
+
+    def __init__(self, nets: list[GaussianNet], inference: str, image_dims: int = 3):
+        super().__init__()
+        self.nets = nn.ModuleList(nets)
+        self.inference = inference
+        self.image_dims = image_dims
+
+    def estimates(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The top-down guide's data estimates (m_l, s_l), l = 1..L, from one deterministic pass."""
+        h, out = x.flatten(-self.image_dims), []
+        for net in self.nets:
+            loc, scale, h = net(h)
+            out.append((loc, scale))
+        return out
+
+    def forward(self, x: torch.Tensor) -> dist.Distribution:
+        if self.inference != "top_down":
+            raise ValueError("q(z_top | x) is a single Gaussian only under the top-down guide (model.inference = "
+                             "'top_down'); the bottom-up guide reaches the top layer through samples of the lower ones")
+        return _normal(*self.estimates(x)[-1])
+
+
+class HierarchicalVAE(VAE):
+    """A VAE with L >= 2 stochastic layers; see the module docstring for the story and the guides.
+
+    Args:
+        prior: p(z_L), a prior module over the top layer.
+        conditionals: L - 1 networks, ``conditionals[l - 1]``: z_{l+1} -> p(z_l | z_{l+1}).
+        decoder: z_1 -> raw outputs of shape (batch, *image_shape).
+        likelihood: decoder outputs -> p(x | z_1).
+        posterior: the guide's networks (:class:`StackEncoder`).
+        image_shape: (C, H, W) of one image.
+        latents: the layer sizes, bottom first.
+    """
+
+    def __init__(self, prior: nn.Module, conditionals: list[GaussianNet], decoder: nn.Module, likelihood: nn.Module,
+                 posterior: StackEncoder, image_shape: tuple[int, ...], latents: tuple[int, ...]):
+        super().__init__(prior=prior, decoder=decoder, likelihood=likelihood, posterior=posterior,
+                         image_shape=image_shape)
+        self.conditionals = nn.ModuleList(conditionals)
+        self.latents = tuple(latents)
+
+    @property
+    def inference(self) -> str:
+        return self.posterior.inference
+
+    def site(self, layer: int) -> str:
+        """The sample site of layer ``layer`` (1 is next to the data)."""
+        return f"z{layer}"
+
+    @pyro_method
+    def model(self, x: torch.Tensor | None = None, kl_weight: float = 1.0, batch_size: int | None = None
+              ) -> torch.Tensor:
+        """p(x, z_1..z_L), top-down; without ``x`` it runs generatively for ``batch_size`` images."""
+        n = self._batch(x, batch_size)
+        with pyro.plate("data", n):
+            with _kl_scale(kl_weight):
+                z = pyro.sample(self.site(len(self.latents)), self.prior())  # (batch, latents[-1])
+                for layer in range(len(self.latents) - 1, 0, -1):
+                    loc, scale, _ = self.conditionals[layer - 1](z)
+                    z = pyro.sample(self.site(layer), _normal(loc, scale))  # (batch, latents[layer - 1])
+            pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)  # (batch, C, H, W)
+        return z
+
+    @pyro_method
+    def guide(self, x: torch.Tensor, kl_weight: float = 1.0, batch_size: int | None = None) -> torch.Tensor:
+        """q(z_1..z_L | x), bottom-up or top-down (``model.inference``); returns z_1."""
+        if x is None:
+            raise ValueError("the guide q(z|x) needs images x; to draw from the prior run vae.model(batch_size=n) "
+                             "without a guide")
+        if is_validation_enabled():
+            self.check_data(x)
+        with pyro.plate("data", x.shape[0]), _kl_scale(kl_weight):
+            layers = self.walk_guide(x, pyro.sample)
+        return layers[self.site(1)][0]
+
+    def walk_guide(self, x: torch.Tensor, draw) -> dict[str, tuple[torch.Tensor, dist.Distribution]]:
+        """The guide's factorization, each layer drawn by ``draw(site, q) -> z``: {site: (z, q)} in
+        the guide's order. ``pyro.sample`` makes it the guide; ``lambda _, q: q.rsample(shape)`` makes
+        it the plain-torch mirror that the hand-coded objectives and the evaluation use."""
+        layers = {}
+        if self.inference == "bottom_up":
+            h = x.flatten(-len(self.image_shape))
+            for layer, net in enumerate(self.posterior.nets, start=1):
+                q = _normal(*net(h)[:2])
+                h = draw(self.site(layer), q)  # (..., batch, latents[layer - 1])
+                layers[self.site(layer)] = (h, q)
+            return layers
+        estimates = self.posterior.estimates(x)  # (m_l, s_l), l = 1..L
+        q = _normal(*estimates[-1])
+        z = draw(self.site(len(self.latents)), q)
+        layers[self.site(len(self.latents))] = (z, q)
+        for layer in range(len(self.latents) - 1, 0, -1):
+            loc_p, scale_p, _ = self.conditionals[layer - 1](z)
+            q = _normal(*precision_weighted(*estimates[layer - 1], loc_p, scale_p))
+            z = draw(self.site(layer), q)
+            layers[self.site(layer)] = (z, q)
+        return layers
+
+    def conditional(self, layer: int, parent: torch.Tensor) -> dist.Distribution:
+        """p(z_layer | z_{layer+1} = parent), or the prior p(z_L) for the top layer (``parent`` None)."""
+        if layer == len(self.latents):
+            return self.prior()
+        return _normal(*self.conditionals[layer - 1](parent)[:2])
+
+    def _batch(self, x, batch_size) -> int:
+        if x is not None and is_validation_enabled():
+            self.check_data(x)
+        if x is not None and batch_size is not None and batch_size != x.shape[0]:
+            raise ValueError(f"batch_size={batch_size} does not match the {x.shape[0]} images given; give one of them")
+        return x.shape[0] if x is not None else (1 if batch_size is None else batch_size)
+    def stack_terms(self, x: torch.Tensor, sample_shape: torch.Size = torch.Size()) -> dict:
+        """The plain-torch ELBO terms of reparameterized draws z ~ q(z|x) of shape ``sample_shape``:
+
+        ``{"reconstruction": log p(x | z_1), "layers": {site: (z, q, p)}}``, where q and p are the guide's
+        and the model's distribution of that layer given the same draws of the layers it depends on
+        (p is the prior for the top layer); the log densities have shape (*sample_shape, batch).
+        """
+        first = [True]
+
+        def draw(_, q):
+            z = q.rsample(sample_shape if first[0] else ())
+            first[0] = False
+            return z
+
+        layers = self.walk_guide(x, draw)
+        top = len(self.latents)
+        out = {}
+        for layer in range(top, 0, -1):  # the model's order, from the top down
+            z, q = layers[self.site(layer)]
+            parent = None if layer == top else layers[self.site(layer + 1)][0]
+            out[self.site(layer)] = (z, q, self.conditional(layer, parent))
+        log_px_z = self.likelihood(self.decoder(layers[self.site(1)][0])).log_prob(x)
+        return {"reconstruction": log_px_z, "layers": out}
+
+    def log_weights(self, x: torch.Tensor, particles: int) -> torch.Tensor:
+        """log p(x, z) - log q(z|x) for ``particles`` draws per image: (particles, batch)."""
+        terms = self.stack_terms(x, torch.Size([particles]))
+        log_w = terms["reconstruction"]
+        for z, q, p in terms["layers"].values():
+            log_w = log_w + p.log_prob(z) - q.log_prob(z)
+        return log_w
+
+    # --- conveniences for pictures and evaluation (no Pyro machinery) ---------------------------
+    @torch.no_grad()
+    def encode_layers(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The guide's means, each layer given the means of those it depends on: {site: (batch, size)}."""
+        return {name: z for name, (z, _) in self.walk_guide(x, lambda _, q: q.mean).items()}
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The code the decoder reads, z_1, by the guide's means: (batch, latents[0])."""
+        return self.encode_layers(x)[self.site(1)]
+
+    @torch.no_grad()
+    def sample_layers(self, n: int, top: torch.Tensor | None = None) -> torch.Tensor:
+        """z_1 of n draws from the model, top-down; ``top`` (n, latents[-1]) fixes the top layer."""
+        z = self.prior().sample((n,)) if top is None else top
+        for layer in range(len(self.latents) - 1, 0, -1):
+            z = self.conditional(layer, z).sample()
+        return z
+
+    @torch.no_grad()
+    def sample(self, n: int, top: torch.Tensor | None = None) -> torch.Tensor:
+        """E[x | z_1] for n draws of the stack from the model (the top layer fixed if given): (n, C, H, W)."""
+        return self.decode(self.sample_layers(n, top))
+
+
+def build_hierarchical(c, image_shape: tuple[int, ...], likelihood: nn.Module, make_prior) -> HierarchicalVAE:
+    """The hierarchical VAE a model config with ``latents`` describes (MLP networks).
+
+    ``make_prior(z_dim, posterior)`` builds the top layer's prior (it may need the guide: VampPrior).
+    """
+    latents, act, floor = tuple(c.latents), c.activation, c.min_scale
+    # hidden widths between latent layers l and l + 1, l = 1..L-1
+    between = [(lower, lower) if c.latent_hidden is None else tuple(c.latent_hidden) for lower in latents[:-1]]
+    ins = [math.prod(image_shape), *latents[:-1]]  # each inference network's input: the layer below...
+    if c.inference == "top_down":  # ...or the features of the network below
+        width = ins[0]
+        for layer, widths in enumerate([c.hidden, *between[:-1]], start=1):
+            width = widths[-1] if widths else width
+            ins[layer] = width
+    nets = [GaussianNet(ins[0], tuple(c.hidden), latents[0], act, floor)]
+    nets += [GaussianNet(ins[layer], between[layer - 1], latents[layer], act, floor) for layer in range(1, len(latents))]
+    posterior = StackEncoder(nets, c.inference, len(image_shape))
+    conditionals = [GaussianNet(latents[layer], tuple(reversed(between[layer - 1])), latents[layer - 1], act, floor)
+                    for layer in range(1, len(latents))]
+    decoder = MLPDecoder(latents[0], (image_shape[0] * likelihood.outputs_per_pixel, *image_shape[1:]),
+                         tuple(reversed(c.hidden)), act)
+    prior = make_prior(latents[-1], posterior)
+    return HierarchicalVAE(prior, conditionals, decoder, likelihood, posterior, image_shape, latents)
