@@ -139,6 +139,9 @@ def faster_loss(t, loss_fn: torch.nn.Module, device: torch.device, steps: int, l
     (:func:`compile_loss`) where it is asked for (true, or auto on the CPU for a long enough run),
     else ``loss_fn`` itself."""
     if t.compile is True or (t.compile == "auto" and device.type == "cpu" and steps >= AUTO_COMPILE_MIN_STEPS):
+        if getattr(loss_fn, "eager_only", None):
+            log(f"note: train.compile: {loss_fn.eager_only}; training in eager mode")
+            return loss_fn
         return compile_loss(loss_fn, log)
     return loss_fn
 

@@ -323,6 +323,10 @@ class _Stepper:
     def __init__(self, t: TrainConfig, loss_fn, optimizer, full: int, device: torch.device, log):
         self.t, self.loss_fn, self.optimizer, self.full, self.log = t, loss_fn, optimizer, full, log
         self.graph = t.cuda_graph in (True, "auto") and device.type == "cuda"
+        eager_only = getattr(getattr(loss_fn, "module", loss_fn), "eager_only", None)  # DDP wraps as .module
+        if self.graph and eager_only:
+            log(f"note: train.cuda_graph: {eager_only}; this run takes eager steps")
+            self.graph = False
         self.replayed = None  # captured again when the learning rate (a constant of the graph) changes
 
     def __call__(self, x: torch.Tensor, kl_weight: float) -> StepResult:

@@ -22,7 +22,7 @@ from torch.distributions import kl_divergence
 
 from pyrovae.elbo_manual import ManualELBO, ManualIWAE
 
-__all__ = ["OBJECTIVES", "PyroELBO", "PyroIWAE", "TracedELBO", "build_objective"]
+__all__ = ["OBJECTIVES", "PyroELBO", "PyroIWAE", "PyroDReG", "TracedELBO", "build_objective"]
 
 
 class PyroELBO(nn.Module):
@@ -78,6 +78,81 @@ class PyroIWAE(nn.Module):
             for site in trace.nodes.values():
                 if site["type"] == "sample" and not site_is_subsample(site):
                     log_w = log_w + sign * site["log_prob"]  # (K, batch)
+        return -(torch.logsumexp(log_w, 0) - math.log(self.particles)).sum()
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """The identity, whose backward multiplies the incoming gradient by ``holder[0]``, a tensor set
+    after the forward pass (the normalized importance weights, known only once log w is)."""
+
+    @staticmethod
+    def forward(ctx, value, holder):
+        ctx.holder = holder
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weights = ctx.holder[0]  # (K, batch)
+        return grad * weights.reshape(weights.shape + (1,) * (grad.dim() - weights.dim())), None
+
+
+class _HeldGuide(nn.Module):
+    """The guide replayed on given values, for :func:`torch.func.functional_call` with its parameters detached."""
+
+    def __init__(self, vae: nn.Module, vectorized):
+        super().__init__()
+        self.vae, self._vectorized = vae, vectorized
+
+    def forward(self, values_trace, x, kl_weight):
+        return poutine.trace(poutine.replay(self._vectorized(self.vae.guide), trace=values_trace)).get_trace(
+            x, kl_weight)
+
+
+class PyroDReG(PyroIWAE):
+    """-IWAE_K with doubly reparameterized gradients (DReG, Tucker et al. 2019), from Pyro traces.
+
+    The value is the IWAE bound's. The gradients: for the model's parameters, the IWAE gradient
+    sum_k w_k grad log w_k (w_k the normalized weights); for the guide's,
+
+        sum_k w_k^2 (d log w_k / d z_k) (d z_k / d phi),
+
+    with log q(z_k|x) differentiated through z_k only, its parameters held (Eq. 7 of the paper). Its
+    expectation is the IWAE gradient's, and its variance stays bounded as K grows, where the IWAE
+    estimator's signal-to-noise ratio for the guide falls as 1/sqrt(K) (Rainforth et al. 2018).
+
+    Here: the guide is traced (K particles, as :class:`PyroIWAE`); each latent value passes through
+    an identity whose backward multiplies by w_k; log q is the guide replayed on those values under
+    ``functional_call`` with detached parameters, and log p the model replayed on them. Every guide
+    site must be reparameterized. Parameters the guide shares with the model (the top-down stack's
+    conditionals, the VampPrior's encoder) take the IWAE gradient where they enter log p and the DReG
+    one through z. The backward reads a tensor set after the forward pass, which a traced or captured
+    graph would not see, so this objective always runs eagerly (``eager_only``).
+    """
+
+    eager_only = "doubly reparameterized gradients rescale the gradient at each z by weights set after the forward pass"
+
+    def __init__(self, vae: nn.Module, particles: int = 5):
+        super().__init__(vae, particles)
+        self._held = _HeldGuide(vae, self._vectorized)
+
+    def forward(self, x: torch.Tensor, kl_weight: float = 1.0) -> torch.Tensor:
+        guide_trace = poutine.trace(self._vectorized(self._guide)).get_trace(x, kl_weight)
+        holder = []
+        for name, site in _sample_sites(guide_trace).items():
+            if not site["fn"].has_rsample:
+                raise NotImplementedError(f"doubly reparameterized gradients need a reparameterized guide; site "
+                                          f"{name!r} is {type(site['fn']).__name__}")
+            site["value"] = _ScaleGradient.apply(site["value"], holder)
+        held = {name: p.detach().requires_grad_() for name, p in self._held.named_parameters()}  # fresh leaves
+        q_trace = torch.func.functional_call(self._held, held, (guide_trace, x, kl_weight))
+        model_trace = poutine.trace(poutine.replay(self._vectorized(self._model), trace=guide_trace)).get_trace(
+            x, kl_weight)
+        log_w = 0.0
+        for name, site in _sample_sites(model_trace).items():
+            log_w = log_w + _log_prob(site)  # (K, batch)
+        for name, site in _sample_sites(q_trace).items():
+            log_w = log_w - _log_prob(site)
+        holder.append(torch.softmax(log_w.detach(), 0))
         return -(torch.logsumexp(log_w, 0) - math.log(self.particles)).sum()
 
 
@@ -249,6 +324,7 @@ OBJECTIVES = {
     "manual_mc": lambda vae, particles=1: ManualELBO(vae, kl="mc"),
     "iwae": lambda vae, particles=1: PyroIWAE(vae, particles),
     "manual_iwae": lambda vae, particles=1: ManualIWAE(vae, particles),
+    "iwae_dreg": lambda vae, particles=1: PyroDReG(vae, particles),
 }
 
 
