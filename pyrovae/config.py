@@ -159,6 +159,8 @@ class TrainConfig:
     particles: int = 5  # K, importance samples per image for the iwae objectives (ignored by the others)
     kl_weight: float = 1.0  # beta: weight of the KL term (beta-VAE, Higgins et al. 2017); 1 is the ELBO
     kl_warmup_steps: int = 0  # raise the KL weight linearly to kl_weight over these steps (k/N at step k); 0: none
+    free_bits: float = 0.0  # nats per image below which a latent layer's KL term (its batch mean) is not pressed
+    # further (Kingma et al. 2016); objective meanfield only; 0: off
     grad_clip: float | None = None  # clip the gradient norm to this value; None: no clipping
     max_steps: int | None = None  # stop after this many optimizer steps in all (quick checks); None: no cap
     max_seconds: float | None = None  # stop, with a checkpoint, once this much wall-clock time (this command's
@@ -199,6 +201,14 @@ class TrainConfig:
         if not counts or list(milestones) != sorted(set(milestones)):
             raise ConfigError(f"train.lr_milestones must be increasing positive epoch counts such as [1, 4, 13], "
                               f"got {milestones!r}")
+        if isinstance(self.free_bits, bool) or not isinstance(self.free_bits, (int, float)) or not (
+                0 <= self.free_bits < float("inf")):
+            raise ConfigError(f"train.free_bits must be a number of nats >= 0 (e.g. 0.5), got {self.free_bits!r}")
+        from pyrovae.objectives import FREE_BITS_OBJECTIVES
+
+        if self.free_bits and self.objective not in FREE_BITS_OBJECTIVES:
+            raise ConfigError(f"train.free_bits floors each layer's closed-form KL term, which the objective "
+                              f"{self.objective!r} does not keep apart; use train.objective = meanfield")
         if not isinstance(self.kl_warmup_steps, int) or self.kl_warmup_steps < 0:
             raise ConfigError(f"train.kl_warmup_steps must be an integer >= 0, got {self.kl_warmup_steps!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2 ** 63 - 1:

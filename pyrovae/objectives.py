@@ -188,11 +188,13 @@ class TracedELBO(nn.Module):
     surrogate loss as Python floats, and NaN checks on the loss and on its gradient.
     """
 
-    def __init__(self, vae: nn.Module, kl: str = "mc"):
+    def __init__(self, vae: nn.Module, kl: str = "mc", free_bits: float = 0.0):
         super().__init__()
         if kl not in ("analytic", "mc"):
             raise ValueError(f"kl must be 'analytic' or 'mc', got {kl!r}")
-        self.vae, self.kl = vae, kl
+        if free_bits and kl != "analytic":
+            raise ValueError("free bits floor each layer's KL term, which only kl='analytic' keeps apart")
+        self.vae, self.kl, self.free_bits = vae, kl, float(free_bits)
         self._model, self._guide = vae.model, vae.guide  # bound once, as in PyroELBO
 
     def forward(self, x: torch.Tensor, kl_weight: float = 1.0) -> torch.Tensor:
@@ -201,7 +203,10 @@ class TracedELBO(nn.Module):
         if is_validation_enabled():  # shapes and names only: no value is read
             check_model_guide_match(model_trace, guide_trace)
         model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
-        elbo = (_mean_field_elbo if self.kl == "analytic" else _trace_elbo)(model_sites, guide_sites)
+        if self.kl == "analytic":
+            elbo = _mean_field_elbo(model_sites, guide_sites, self.free_bits)
+        else:
+            elbo = _trace_elbo(model_sites, guide_sites)
         return -elbo
 
 
@@ -257,8 +262,12 @@ def _log_ratio(model_sites: dict, log_p: dict, log_q: dict) -> MultiFrameTensor:
     return log_r
 
 
-def _mean_field_elbo(model_sites: dict, guide_sites: dict) -> torch.Tensor:
-    """TraceMeanField_ELBO's one-particle estimate, a scalar: closed-form KL terms where torch has them."""
+def _mean_field_elbo(model_sites: dict, guide_sites: dict, free_bits: float = 0.0) -> torch.Tensor:
+    """TraceMeanField_ELBO's one-particle estimate, a scalar: closed-form KL terms where torch has them.
+
+    ``free_bits`` > 0 (Kingma et al. 2016, "free bits"): each latent site's KL term, summed over the
+    batch, counts as at least ``free_bits`` nats per image, so a layer whose mean KL over the batch is
+    below that floor is not pushed further towards its prior (its term has no gradient there)."""
     elbo = 0.0
     guide_order = {name: i for i, name in enumerate(guide_sites)}
     model_latents = []  # the latent sites met so far in the model: the ones a site may depend on
@@ -274,11 +283,12 @@ def _mean_field_elbo(model_sites: dict, guide_sites: dict) -> torch.Tensor:
         closed_form = all(guide_order.get(parent, -1) < guide_order[name] for parent in model_latents)
         model_latents.append(name)
         kl = _closed_form_kl(guide_site, site) if closed_form else None
-        if kl is not None:
-            elbo = elbo - kl
-        else:  # no closed form: the one-draw estimate log p(z) - log q(z|x), scored in that order
+        if kl is None:  # no closed form: the one-draw estimate log q(z|x) - log p(z), scored p first
             log_p = _log_prob(site).sum()
-            elbo = elbo + log_p - _reparameterized_log_prob(guide_site).sum()
+            kl = _reparameterized_log_prob(guide_site).sum() - log_p
+        if free_bits and torch.is_tensor(kl):  # (the term as weighted by kl_weight)
+            kl = torch.clamp(kl, min=free_bits * guide_site["fn"].batch_shape.numel())
+        elbo = elbo - kl
     for name, site in guide_sites.items():
         if name not in model_sites:  # an auxiliary guide site: its entropy term
             elbo = elbo - _reparameterized_log_prob(site).sum()
@@ -328,5 +338,13 @@ OBJECTIVES = {
 }
 
 
-def build_objective(name: str, vae: nn.Module, particles: int = 1) -> nn.Module:
+#: The objectives that take ``free_bits`` (a floor under each latent layer's KL term).
+FREE_BITS_OBJECTIVES = ("meanfield",)
+
+
+def build_objective(name: str, vae: nn.Module, particles: int = 1, free_bits: float = 0.0) -> nn.Module:
+    if free_bits:
+        if name not in FREE_BITS_OBJECTIVES:
+            raise ValueError(f"free bits apply to the objective(s) {', '.join(FREE_BITS_OBJECTIVES)}, not {name!r}")
+        return TracedELBO(vae, kl="analytic", free_bits=free_bits)
     return OBJECTIVES[name](vae, particles)

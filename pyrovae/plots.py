@@ -154,3 +154,14 @@ def interpolation_grid(vae, starts: torch.Tensor, ends: torch.Tensor, path, step
     pic = _tile(rows.flatten(0, 1), steps + 2).numpy()
     names = ["start"] + [f"t={v:.2f}".rstrip("0").rstrip(".") for v in torch.linspace(0, 1, steps).tolist()] + ["end"]
     return _labelled_columns(pic, steps + 2, names, [""] * len(za), len(za), title, path)
+
+
+@torch.no_grad()
+def layers_grid(vae, path, tops: int = 8, draws: int = 8) -> Path:
+    """A stack's samples, one row per draw of the top layer z_L ~ p(z_L), the lower layers drawn
+    afresh from the model in each column: what the top layer fixes and what the lower ones vary."""
+    top = vae.prior().sample((tops,))  # (tops, latents[-1])
+    rows = top.repeat_interleave(draws, dim=0)  # each top draw `draws` times, row by row
+    return image_grid(vae.sample(tops * draws, top=rows), path, nrow=draws,
+                      title="each row: one z_top ~ p(z_top); columns: the lower layers drawn again given it")
+

@@ -219,7 +219,7 @@ def _loss_module(config: Config, vae: VAE, data: Prepared, device: torch.device,
     the run's planned number of steps), and wrapped for data parallelism under torchrun."""
     from pyrovae.compiled import faster_loss
 
-    loss_fn = build_objective(config.train.objective, vae, config.train.particles)
+    loss_fn = build_objective(config.train.objective, vae, config.train.particles, config.train.free_bits)
     loss_fn = faster_loss(config.train, loss_fn, device, _planned_steps(config, data), log)
     if config.train.cuda_graph is True and device.type != "cuda":
         log("note: train.cuda_graph applies on CUDA only; this run is on the CPU and takes eager steps")
@@ -461,6 +461,8 @@ def write_figures(vae, out: Path, history, test_binary, test_labels, seed: int =
                      title="test images (top) and reconstructions E[x|z=mean of q(z|x)] (bottom)")
     with seeded_noise(seed, test_binary.device):
         plots.image_grid(vae.sample(64), out / "samples.png", nrow=8, title="E[x|z], z ~ p(z)")
+        if hasattr(vae, "latents"):  # a stack: what the top layer holds
+            plots.layers_grid(vae, out / "layers.png")
     if not hasattr(vae, "latents") and vae.prior().event_shape == (2,):
         plots.manifold_grid(vae, out / "manifold.png")
         codes = torch.cat([vae.encode(test_binary[i:i + 1000]) for i in range(0, len(test_binary), 1000)])

@@ -299,3 +299,21 @@ def test_a_stack_trains_resumes_and_evaluates_from_the_command_line(tmp_path, mn
     figures = json.loads((run / "evaluation.json").read_text())["test"]
     assert figures["z_dim"] == 9 and set(figures["active_units_per_layer"]) == {"z1", "z2"}
     assert json.loads((run / "config.json").read_text())["model"]["latents"] == [6, 3]
+    assert (run / "layers.png").is_file()  # the top layer fixed in each row
+
+
+def test_free_bits_floor_each_layer_kl_and_leave_layers_above_it_alone():
+    """With a floor above every layer's KL the KL terms are constant (no gradient reaches the guide
+    through them); with a floor of 0 the loss is the mean-field loss."""
+    vae, x = _stack(), _images()
+    plain = _loss_and_grads(build_objective("meanfield", vae), vae, x, kl_weight=1.0)
+    _assert_same(_loss_and_grads(build_objective("meanfield", vae, free_bits=0.0), vae, x, kl_weight=1.0), plain)
+    floored = _loss_and_grads(build_objective("meanfield", vae, free_bits=1e4), vae, x, kl_weight=1.0)
+
+    def reconstruction_only(x, kl_weight):  # two layers at the floor: constants
+        guide = poutine.trace(vae.guide).get_trace(x)
+        model = poutine.trace(poutine.replay(vae.model, trace=guide)).get_trace(x)
+        return -model.nodes["x"]["fn"].log_prob(x).sum() + 2 * 1e4 * x.shape[0]
+    _assert_same(floored, _loss_and_grads(reconstruction_only, vae, x, kl_weight=1.0))
+    with pytest.raises(ConfigError, match="train.free_bits floors each layer"):
+        Config.from_dict({"train": {"free_bits": 0.5, "objective": "iwae"}})
