@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pyrovae.config import ConfigError, ModelConfig, OptionError
 from pyrovae.hierarchy import build_hierarchical
+from pyrovae.hierarchy_resnet import build_resnet_stack
 from pyrovae.likelihoods import LIKELIHOODS
 from pyrovae.model import VAE
 from pyrovae.networks import NETWORKS, network_for
@@ -29,7 +30,8 @@ def build_vae(config: ModelConfig, image_shape: tuple[int, ...] = (1, 28, 28)) -
     likelihood = _part("likelihood", c.likelihood, c.likelihood_options,
                        lambda: LIKELIHOODS[c.likelihood].build(image_shape, **c.likelihood_options))
     if c.latents:
-        return build_hierarchical(c, image_shape, likelihood, lambda z_dim, posterior: _part(
+        build = build_resnet_stack if c.network == "resnet" else build_hierarchical
+        return build(c, image_shape, likelihood, lambda z_dim, posterior: _part(
             "prior", c.prior, c.prior_options, lambda: PRIORS[c.prior].build(
                 z_dim, posterior=posterior, image_shape=image_shape, **c.prior_options)))
     network = network_for(image_shape) if c.network == "auto" else c.network

@@ -116,13 +116,17 @@ def _check_stack(c: ModelConfig) -> None:
     if not c.latents:
         return
     refused = [f"model.{key} = {value!r}" for key, value, allowed in [
-        ("network", c.network, ("auto", "mlp")), ("posterior", c.posterior, ("diagonal",))] if value not in allowed]
+        ("network", c.network, ("auto", "mlp", "resnet")), ("posterior", c.posterior, ("diagonal",))]
+        if value not in allowed]
+    if c.network == "resnet" and c.inference != "top_down":
+        refused.append("model.network = 'resnet' with model.inference = 'bottom_up' (the residual stack's guide is "
+                       "top-down)")
     if c.prior == "vamp" and c.inference != "top_down":
         refused.append("model.prior = 'vamp' with model.inference = 'bottom_up' (the VampPrior mixes q(z_top | u), "
                        "a single Gaussian only under the top-down guide)")
     if refused:
-        raise ConfigError(f"a stack of stochastic layers (model.latents) is built from MLPs with diagonal Gaussian "
-                          f"layers; it cannot take {'; '.join(refused)}")
+        raise ConfigError(f"a stack of stochastic layers (model.latents) is built from MLPs (network auto or mlp) "
+                          f"or the residual network, with diagonal Gaussian layers; it cannot take {'; '.join(refused)}")
     object.__setattr__(c, "z_dim", c.latents[0])
 
 

@@ -93,21 +93,21 @@ def _normal(loc, scale) -> dist.Distribution:
 
 
 class StackEncoder(nn.Module):
-    """The guide's networks: one :class:`GaussianNet` per layer, bottom (x -> z_1) to top.
+    """The guide's networks: one per layer, bottom (x -> z_1) to top, each giving (loc, scale, features).
 
     Calling it on images gives q(z_L | x) under the top-down guide (what a VampPrior mixes); the
     bottom-up guide has no such closed form and refuses.
     """
 
-    def __init__(self, nets: list[GaussianNet], inference: str, image_dims: int = 3):
+    def __init__(self, nets: list[nn.Module], inference: str, image_dims: int = 3, flatten: bool = True):
         super().__init__()
         self.nets = nn.ModuleList(nets)
         self.inference = inference
-        self.image_dims = image_dims
+        self.image_dims, self.flatten = image_dims, flatten  # flatten: the first network takes flat images
 
     def estimates(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The top-down guide's data estimates (m_l, s_l), l = 1..L, from one deterministic pass."""
-        h, out = x.flatten(-self.image_dims), []
+        h, out = (x.flatten(-self.image_dims) if self.flatten else x), []
         for net in self.nets:
             loc, scale, h = net(h)
             out.append((loc, scale))

@@ -317,3 +317,91 @@ def test_free_bits_floor_each_layer_kl_and_leave_layers_above_it_alone():
     _assert_same(floored, _loss_and_grads(reconstruction_only, vae, x, kl_weight=1.0))
     with pytest.raises(ConfigError, match="train.free_bits floors each layer"):
         Config.from_dict({"train": {"free_bits": 0.5, "objective": "iwae"}})
+
+
+# --- the residual stack ------------------------------------------------------------------------------
+COLOUR = (3, 8, 8)
+
+
+def _resnet_stack(latents=(32, 8, 4), seed=0):
+    """z1: 2 channels at 4x4, z2: 2 at 2x2, z3: 4 at 1x1, with an 8-bit likelihood."""
+    torch.manual_seed(seed)
+    config = ModelConfig(latents=latents, network="resnet", activation="elu", likelihood="discretized_logistic",
+                         network_options={"width": 4, "blocks": 1, "stages": 1, "latent_channels": 2})
+    return build_vae(config, COLOUR)
+
+
+def _colour_images(n=4):
+    return torch.randint(0, 256, (n, *COLOUR), generator=torch.Generator().manual_seed(1)).float() / 255
+
+
+def test_the_residual_stack_is_the_same_pyro_program_at_several_resolutions():
+    vae, x = _resnet_stack(), _colour_images()
+    guide = poutine.trace(vae.guide).get_trace(x)
+    assert [guide.nodes[f"z{i}"]["value"].shape[-1] for i in (1, 2, 3)] == [32, 8, 4]
+    stock = _loss_and_grads(lambda x, kl_weight: Trace_ELBO().differentiable_loss(vae.model, vae.guide, x,
+                                                                                  kl_weight=kl_weight), vae, x)
+    _assert_same(_loss_and_grads(TracedELBO(vae, "mc"), vae, x), stock)
+    _assert_same(_loss_and_grads(build_objective("manual_mc", vae), vae, x), stock)
+    mean_field = _loss_and_grads(lambda x, kl_weight: TraceMeanField_ELBO().differentiable_loss(
+        vae.model, vae.guide, x, kl_weight=kl_weight), vae, x)
+    _assert_same(_loss_and_grads(TracedELBO(vae, "analytic"), vae, x), mean_field)
+    assert vae.sample(3).shape == (3, *COLOUR) and vae.log_weights(x, 2).shape == (2, 4)
+
+
+def test_a_coarse_layer_conditions_the_finer_one_locally():
+    """p(z1 | z2): changing one position of z2 (8 x 8 grid, upsampled to z1's 16 x 16) moves the z1
+    positions near it, and none far away (the convolutions reach 4 positions)."""
+    torch.manual_seed(0)
+    config = ModelConfig(latents=(512, 128), network="resnet", activation="elu", likelihood="discretized_logistic",
+                         network_options={"width": 4, "blocks": 1, "stages": 1, "latent_channels": 2})
+    vae = build_vae(config, (3, 32, 32))
+    z2 = torch.randn(1, 128)
+    moved = z2.clone()
+    moved[0, 0] += 5.0  # channel 0 at the top-left position of z2's grid
+    before, after = vae.conditional(1, z2).mean, vae.conditional(1, moved).mean
+    changed = (before - after).abs().view(2, 16, 16).sum(0) > 1e-6  # z1's grid
+    assert changed[:2, :2].all() and not changed[6:].any() and not changed[:, 6:].any()
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"latents": (32, 8)}, "needs its spatial latent: set model.network_options.latent_channels"),
+    ({"latents": (32, 7), "network_options": {"latent_channels": 2, "stages": 1, "width": 4}},
+     "layer z2 has 7 numbers, not a whole number of channels at its 2x2 grid"),
+    ({"latents": (16, 8), "network_options": {"latent_channels": 2, "stages": 1, "width": 4}},
+     r"model.latents\[0\] = 16 must be z1's size"),
+])
+def test_a_residual_stack_that_does_not_fit_its_grids_is_refused(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        build_vae(ModelConfig(network="resnet", likelihood="discretized_logistic", **fields), COLOUR)
+    with pytest.raises(ConfigError, match="the residual stack's guide is top-down"):
+        ModelConfig(latents=(32, 8), network="resnet", inference="bottom_up")
+
+
+@pytest.mark.parametrize("name", ["cifar10_ladder.toml", "lfw_ladder.toml"])
+def test_the_shipped_ladder_configs_build_and_score_a_batch(name):
+    from pathlib import Path
+
+    config = Config.load(Path(__file__).resolve().parents[1] / "experiments" / "configs" / name)
+    shape = (3, 32, 32) if name.startswith("cifar") else (3, 64, 64)
+    vae = build_vae(config.model, shape)
+    x = torch.randint(0, 256, (2, *shape), generator=torch.Generator().manual_seed(0)).float() / 255
+    assert isinstance(vae, HierarchicalVAE) and vae.latents == (4096, 1024, 256)
+    assert torch.isfinite(build_objective(config.train.objective, vae)(x))
+
+
+def test_the_lfw_ladder_config_trains_end_to_end_on_a_synthetic_tree(tmp_path):
+    from pathlib import Path
+
+    from helpers import lfw_tree
+    from pyrovae.runs import train_run
+
+    root = lfw_tree(tmp_path / "data", "torchvision", n_train=4, n_test=2, per_person=3)
+    tiny = [f"data.data_dir={root}", "data.image_size=16", "model.z_dim=32", "model.latents=[32, 8, 4]",
+            "model.network_options.latent_channels=2", "model.network_options.width=4",
+            "model.likelihood_options.components=2", "train.epochs=1", "train.batch_size=4", "train.device=cpu"]
+    config = Config.load(Path(__file__).resolve().parents[1] / "experiments" / "configs" / "lfw_ladder.toml", tiny)
+    trained = train_run(config, tmp_path / "run", quiet=True)
+    assert math.isfinite(trained.metrics["epochs"][-1]["test_bits_per_dim"])
+    for name in ("checkpoint.pt", "samples.png", "layers.png", "reconstructions.png"):
+        assert (tmp_path / "run" / name).is_file(), name
