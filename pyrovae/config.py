@@ -121,9 +121,6 @@ def _check_stack(c: ModelConfig) -> None:
     if c.network == "resnet" and c.inference != "top_down":
         refused.append("model.network = 'resnet' with model.inference = 'bottom_up' (the residual stack's guide is "
                        "top-down)")
-    if c.prior == "vamp" and c.inference != "top_down":
-        refused.append("model.prior = 'vamp' with model.inference = 'bottom_up' (the VampPrior mixes q(z_top | u), "
-                       "a single Gaussian only under the top-down guide)")
     if refused:
         raise ConfigError(f"a stack of stochastic layers (model.latents) is built from MLPs (network auto or mlp) "
                           f"or the residual network, with diagonal Gaussian layers; it cannot take {'; '.join(refused)}")

@@ -91,7 +91,7 @@ def test_the_top_down_guide_is_the_precision_weighted_product():
 
 # --- the objectives against stock Pyro ---------------------------------------------------------------
 @pytest.mark.parametrize("inference, prior", [("top_down", "normal"), ("top_down", "vamp"), ("bottom_up", "normal"),
-                                              ("bottom_up", "mog")])
+                                              ("bottom_up", "mog"), ("bottom_up", "vamp")])
 def test_traced_and_hand_coded_objectives_equal_trace_elbo_under_the_same_noise(inference, prior):
     vae, x = _stack(inference, prior), _images()
     stock = _loss_and_grads(lambda x, kl_weight: Trace_ELBO().differentiable_loss(vae.model, vae.guide, x,
@@ -271,7 +271,6 @@ def test_one_layer_stays_the_default_and_a_stack_replaces_z_dim():
     ({"latents": (5, 3), "inference": "sideways"}, "unknown model.inference 'sideways'; valid: top_down, bottom_up"),
     ({"latents": (5, 3), "posterior": "iaf"}, "cannot take model.posterior = 'iaf'"),
     ({"latents": (5, 3), "network": "conv"}, "cannot take model.network = 'conv'"),
-    ({"latents": (5, 3), "prior": "vamp", "inference": "bottom_up"}, "single Gaussian only under the top-down"),
     ({"latent_hidden": (4, -1)}, "model.latent_hidden must be hidden widths"),
 ])
 def test_a_stack_it_cannot_build_is_refused_with_the_reason(fields, message):
@@ -405,3 +404,16 @@ def test_the_lfw_ladder_config_trains_end_to_end_on_a_synthetic_tree(tmp_path):
     assert math.isfinite(trained.metrics["epochs"][-1]["test_bits_per_dim"])
     for name in ("checkpoint.pt", "samples.png", "layers.png", "reconstructions.png"):
         assert (tmp_path / "run" / name).is_file(), name
+
+
+def test_a_vamp_prior_on_a_bottom_up_stack_mixes_q_of_the_top_layer_along_the_guide_means():
+    vae = _stack("bottom_up", "vamp")
+    u = vae.prior.pseudo_inputs  # (K, 1, 4, 4)
+    z1 = vae.posterior.nets[0](u.flatten(1))[0]  # the mean of q(z1 | u)
+    loc, scale, _ = vae.posterior.nets[1](z1)
+    component = vae.posterior(u)
+    torch.testing.assert_close(component.mean, loc)
+    torch.testing.assert_close(component.stddev, scale)
+    z = torch.randn(7, 2)
+    expected = torch.logsumexp(component.log_prob(z.unsqueeze(1)), 1) - math.log(u.shape[0])
+    torch.testing.assert_close(vae.prior().log_prob(z), expected, rtol=1e-5, atol=1e-5)

@@ -9,7 +9,8 @@ Each reproduction is a config in ``experiments/configs/`` and a resumable run in
     best_one_layer tomczak_vamp trained with IWAE, K=5          to beat: 84.78 (Burda, best one layer)
     two_layer_top_down   latents 100 and 50, top-down guide     Burda et al. 2015, two layers, VAE: 85.33
     two_layer_bottom_up  the same with the bottom-up guide
-    two_layer_vamp       two_layer_top_down with a VampPrior    to beat: 82.5 (Burda, two layers, IWAE k=50: 82.90)
+    two_layer_vamp       two_layer_bottom_up with a VampPrior   to beat: 82.5 (Burda, two layers, IWAE k=50: 82.90)
+    two_layer_vamp_top_down  the same with the top-down guide (stopped early)
 
 Train (or continue, from the last epoch's checkpoint) one of them, for as long as the budget allows;
 a run stopped by Ctrl-C, SIGTERM or a crash continues from where it was with the same command:
@@ -52,6 +53,7 @@ PUBLISHED = {
     "two_layer_top_down": ("Burda et al. 2015, Table 1, two layers, VAE k=1", 85.33),
     "two_layer_bottom_up": ("Burda et al. 2015, Table 1, two layers, VAE k=1", 85.33),
     "two_layer_vamp": ("Burda et al. 2015, Table 1, two layers, IWAE k=50 (the target: 82.5)", 82.90),
+    "two_layer_vamp_top_down": ("Burda et al. 2015, Table 1, two layers, IWAE k=50", 82.90),
 }
 MARKERS = ("<!-- reproduce:begin -->", "<!-- reproduce:end -->")
 
