@@ -135,6 +135,11 @@ def build_parser(list_objectives: bool = True) -> argparse.ArgumentParser:  # Fa
     plugin_help = "import this module first: it adds priors, likelihoods, posteriors or networks by name (repeatable)"
     t.add_argument("--plugin", action="append", default=None, metavar="MODULE", help=plugin_help)
 
+    _add_evaluate_and_sample(sub)
+    return parser
+
+
+def _add_evaluate_and_sample(sub) -> None:
     e = sub.add_parser("evaluate", help="test metrics of a checkpoint")
     e.add_argument("checkpoint", help="checkpoint.pt of a run, or the run folder")
     e.add_argument("--data-dir", default=None)
@@ -148,7 +153,6 @@ def build_parser(list_objectives: bool = True) -> argparse.ArgumentParser:  # Fa
     s.add_argument("--out", required=True, help="folder for samples.png")
     s.add_argument("--n", type=_positive_int, default=64, help="number of samples")
     s.add_argument("--seed", type=int, default=0)
-    return parser
 
 
 #: train flags and the config fields they set
