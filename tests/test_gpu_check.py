@@ -1,4 +1,4 @@
-"""The prepared GPU check (experiments/gpu_check) runs end to end on the CPU: prepare.py makes a
+"""The prepared GPU check (tools/gpu_check) runs end to end on the CPU: prepare.py makes a
 small carried folder from the shared data, run.py --smoke goes through every step (those that need
 CUDA skipped, saying why; the others at a tiny size on the CPU), writes summary.json and prints its
 table last."""
@@ -16,7 +16,7 @@ NEED_CUDA = {"cuda tests", "benchmark"}
 
 def test_gpu_check_smoke_on_the_cpu(mnist_root, tmp_path):
     carry, out = tmp_path / "carry", tmp_path / "out"
-    prepared = subprocess.run([sys.executable, "experiments/gpu_check/prepare.py", "--no-wheels", "--out", str(carry),
+    prepared = subprocess.run([sys.executable, "tools/gpu_check/prepare.py", "--no-wheels", "--out", str(carry),
                                "--data-dir", str(mnist_root), "--cifar-train-per-class", "20",
                                "--cifar-test-per-class", "10"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert prepared.returncode == 0, prepared.stderr[-3000:]
@@ -31,7 +31,7 @@ def test_gpu_check_smoke_on_the_cpu(mnist_root, tmp_path):
         archive.extractall(tmp_path / "unpacked", filter="data")
     carry = tmp_path / "unpacked" / "carry"
     assert json.loads((carry / "MANIFEST.json").read_text()) == manifest
-    done = subprocess.run([sys.executable, "experiments/gpu_check/run.py", "--smoke", "--carry", str(carry),
+    done = subprocess.run([sys.executable, "tools/gpu_check/run.py", "--smoke", "--carry", str(carry),
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

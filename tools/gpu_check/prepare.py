@@ -17,8 +17,8 @@ less (it counts more than the bytes of each file). The working tree travels with
 two together must stay under the device's 64 MiB: the script prints both sizes and refuses (deletes
 both, exits 1) when they add up to more than ``--limit-mib`` (60 MiB).
 
-    python experiments/gpu_check/prepare.py                        # gpu_carry/, data from $PYROVAE_DATA
-    python experiments/gpu_check/prepare.py --no-wheels --out /tmp/carry --cifar-train-per-class 20
+    python tools/gpu_check/prepare.py                        # gpu_carry/, data from $PYROVAE_DATA
+    python tools/gpu_check/prepare.py --no-wheels --out /tmp/carry --cifar-train-per-class 20
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     data = Path(args.data_dir or os.environ.get("PYROVAE_DATA") or ROOT.parent / "shared" / "data").expanduser()
     out = Path(args.out)
     start_folder(out)
-    manifest = {"command": " ".join(["python", "experiments/gpu_check/prepare.py", *sys.argv[1:]]),
+    manifest = {"command": " ".join(["python", "tools/gpu_check/prepare.py", *sys.argv[1:]]),
                 "git_commit": git_commit(), "data_source": str(data), "contents": {}}
     try:
         if not args.no_wheels:

@@ -2,7 +2,7 @@
 missing, runs the CUDA tests and the speed benchmark, measures IWAE-5000 and training, and writes a
 JSON summary and a short table (printed last).
 
-    python experiments/gpu_check/run.py --carry gpu_carry --out OUT [--budget-s 420] [--smoke]
+    python tools/gpu_check/run.py --carry gpu_carry --out OUT [--budget-s 420] [--smoke]
 
 ``--carry`` is the folder ``prepare.py`` made (wheels and data). The steps, in order; each is timed,
 and a step that fails is recorded and the next one runs:
@@ -118,7 +118,7 @@ class Check:
         self.cuda = False
         self.steps: list[dict] = []
         manifest = self.carry / "MANIFEST.json"
-        self.summary = {"command": " ".join(["python", "experiments/gpu_check/run.py", *sys.argv[1:]]),
+        self.summary = {"command": " ".join(["python", "tools/gpu_check/run.py", *sys.argv[1:]]),
                         "started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                         "smoke": args.smoke, "budget_s": args.budget_s, "carry": str(self.carry),
                         "carry_manifest": json.loads(manifest.read_text()) if manifest.is_file() else None,
@@ -737,7 +737,7 @@ def main(argv=None) -> int:
     if not args.out:
         p.error("--out is required")
     if not Path(args.carry).is_dir():
-        p.error(f"no carried folder at {args.carry}: run experiments/gpu_check/prepare.py first")
+        p.error(f"no carried folder at {args.carry}: run tools/gpu_check/prepare.py first")
 
     check = Check(args)
     signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM still ends with the summary and the table
