@@ -82,9 +82,9 @@ def _objectives_help(listed: bool) -> str:
     """The help of --objective; with ``listed``, the objectives' names (their module loads torch and Pyro)."""
     if not listed:  # the names come from pyrovae.objectives, which loads torch and Pyro: only for --help
         return "the loss, by name (see --help)"
-    from pyrovae.objectives import OBJECTIVES
+    from pyrovae.objectives import ESTIMATORS
 
-    return "the loss: " + ", ".join(sorted(OBJECTIVES))
+    return "the estimator: " + ", ".join(ESTIMATORS)
 
 
 def build_parser(list_objectives: bool = True) -> argparse.ArgumentParser:  # False: parsed without torch
@@ -114,6 +114,7 @@ def build_parser(list_objectives: bool = True) -> argparse.ArgumentParser:  # Fa
     t.add_argument("--seed", type=int, help=f"random seed ({d.train.seed})")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], help=f"({d.train.device})")
     t.add_argument("--objective", help=f"{_objectives_help(list_objectives)} ({d.train.objective})")
+    t.add_argument("--implementation", help=f"traced, pyro or manual ({d.train.implementation})")
     t.add_argument("--binarization", help="dynamic or static (MNIST training images)")
     t.add_argument("--dataset", help="mnist, fashion_mnist, cifar10, lfw, or folder:PATH")
     t.add_argument("--image-size", type=_positive_int, help="resize and centre-crop images to NxN")
@@ -160,7 +161,7 @@ FLAG_FIELDS = {
     "epochs": "train.epochs", "z_dim": "model.z_dim", "hidden": "model.hidden", "latents": "model.latents", "inference": "model.inference",
     "activation": "model.activation", "prior": "model.prior", "likelihood": "model.likelihood",
     "posterior": "model.posterior", "network": "model.network", "batch_size": "train.batch_size", "lr": "train.lr", "seed": "train.seed",
-    "device": "train.device", "objective": "train.objective", "binarization": "data.binarization",
+    "device": "train.device", "objective": "train.objective", "implementation": "train.implementation", "binarization": "data.binarization",
     "data_dir": "data.data_dir", "dataset": "data.dataset", "image_size": "data.image_size", "train_subset": "train.train_subset", "test_subset": "train.test_subset",
     "max_steps": "train.max_steps", "grad_clip": "train.grad_clip", "particles": "train.particles",
     "kl_weight": "train.kl_weight", "kl_warmup_steps": "train.kl_warmup_steps",

@@ -156,7 +156,10 @@ class TrainConfig:
     # lr_decay = 10^(-1/7) after 1, 4, 13, 40, 121, 364, 1093 epochs (stages of 3^i epochs)
     seed: int = 0  # seeds initialization, reparameterization noise, data order and binarization
     device: str = "auto"  # auto (CUDA when present), cpu or cuda
-    objective: str = "meanfield"  # loss: see pyrovae.objectives.OBJECTIVES (analytic KL where one exists, no host read)
+    objective: str = "meanfield"  # the estimator: meanfield (the ELBO, closed-form KL where one exists), elbo (the
+    # ELBO, one-draw KL), iwae (the IWAE bound, train.particles), iwae_dreg (IWAE, DReG gradients)
+    implementation: str = "traced"  # traced (ours, from Pyro's traces, no host read), pyro (Pyro's own estimator,
+    # the reference) or manual (the hand-coded ELBO in plain PyTorch); see pyrovae.objectives.OBJECTIVES
     particles: int = 5  # K, importance samples per image for the iwae objectives (ignored by the others)
     kl_weight: float = 1.0  # beta: weight of the KL term (beta-VAE, Higgins et al. 2017); 1 is the ELBO
     kl_warmup_steps: int = 0  # raise the KL weight linearly to kl_weight over these steps (k/N at step k); 0: none
@@ -185,10 +188,7 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be a positive learning rate such as 1e-3, got {self.lr!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device must be one of auto, cpu, cuda; got {self.device!r}")
-        from pyrovae.objectives import OBJECTIVES
-
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(f"unknown train.objective {self.objective!r}; valid: {_names(OBJECTIVES)}")
+        self._resolve_objective()
         if self.grad_clip is not None and (not isinstance(self.grad_clip, (int, float)) or not self.grad_clip > 0):
             raise ConfigError(f"train.grad_clip must be a positive number or None, got {self.grad_clip!r}")
         if not isinstance(self.particles, int) or self.particles < 1:
@@ -207,9 +207,10 @@ class TrainConfig:
             raise ConfigError(f"train.free_bits must be a number of nats >= 0 (e.g. 0.5), got {self.free_bits!r}")
         from pyrovae.objectives import FREE_BITS_OBJECTIVES
 
-        if self.free_bits and self.objective not in FREE_BITS_OBJECTIVES:
+        if self.free_bits and (self.objective, self.implementation) not in FREE_BITS_OBJECTIVES:
             raise ConfigError(f"train.free_bits floors each layer's closed-form KL term, which the objective "
-                              f"{self.objective!r} does not keep apart; use train.objective = meanfield")
+                              f"{self.objective!r} ({self.implementation}) does not keep apart; use "
+                              f"train.objective = meanfield with train.implementation = traced")
         if not isinstance(self.kl_warmup_steps, int) or self.kl_warmup_steps < 0:
             raise ConfigError(f"train.kl_warmup_steps must be an integer >= 0, got {self.kl_warmup_steps!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2 ** 63 - 1:
@@ -227,6 +228,26 @@ class TrainConfig:
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"train.{key} must be a positive integer or None, got {value!r}")
+
+
+    def _resolve_objective(self) -> None:
+        """Split an earlier one-word objective name into its estimator and implementation, keeping a note
+        (``old_name_note``) that names the new ones; refuse a pair that does not exist."""
+        from pyrovae.objectives import OLD_NAMES, resolve_objective
+
+        if not isinstance(self.objective, str) or not isinstance(self.implementation, str):
+            raise ConfigError(f"train.objective and train.implementation are names, got {self.objective!r} and "
+                              f"{self.implementation!r}")
+        try:
+            estimator, implementation = resolve_objective(self.objective, self.implementation)
+        except ValueError as e:
+            raise ConfigError(f"train.objective {self.objective!r}, train.implementation {self.implementation!r}: {e}"
+                              ) from None
+        if self.objective in OLD_NAMES:
+            object.__setattr__(self, "old_name_note", f"note: train.objective {self.objective!r} is now train.objective "
+                                                      f"= {estimator!r} with train.implementation = {implementation!r}")
+        object.__setattr__(self, "objective", estimator)
+        object.__setattr__(self, "implementation", implementation)
 
 
 @dataclass(frozen=True)

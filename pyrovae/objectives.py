@@ -22,7 +22,8 @@ from torch.distributions import kl_divergence
 
 from pyrovae.elbo_manual import ManualELBO, ManualIWAE
 
-__all__ = ["OBJECTIVES", "PyroELBO", "PyroIWAE", "PyroDReG", "TracedELBO", "build_objective"]
+__all__ = ["OBJECTIVES", "ESTIMATORS", "IMPLEMENTATIONS", "OLD_NAMES", "PyroELBO", "PyroIWAE", "PyroDReG", "TracedELBO",
+           "build_objective", "resolve_objective"]
 
 
 class PyroELBO(nn.Module):
@@ -324,27 +325,63 @@ def _reparameterized_log_prob(site) -> torch.Tensor:
     return scale_and_mask(parts.entropy_term, site["scale"], site["mask"])
 
 
-#: Objectives by config name: a factory taking the VAE and ``particles`` (K, for the IWAE bounds).
+#: The estimators (``train.objective``) and their implementations (``train.implementation``): ``traced``,
+#: ours, scored from Pyro's traces with no read back from the device; ``pyro``, Pyro's own estimator;
+#: ``manual``, the hand-coded one in plain PyTorch (:mod:`pyrovae.elbo_manual`).
+ESTIMATORS = ("meanfield", "elbo", "iwae", "iwae_dreg")
+IMPLEMENTATIONS = ("traced", "pyro", "manual")
+
+#: Objectives by (estimator, implementation): a factory taking the VAE and ``particles`` (K, for the IWAE bounds).
 OBJECTIVES = {
-    "trace_elbo": lambda vae, particles=1: PyroELBO(vae, Trace_ELBO()),
-    "meanfield_elbo": lambda vae, particles=1: PyroELBO(vae, TraceMeanField_ELBO()),
-    "elbo": lambda vae, particles=1: TracedELBO(vae, kl="mc"),
-    "meanfield": lambda vae, particles=1: TracedELBO(vae, kl="analytic"),
-    "manual_analytic": lambda vae, particles=1: ManualELBO(vae, kl="analytic"),
-    "manual_mc": lambda vae, particles=1: ManualELBO(vae, kl="mc"),
-    "iwae": lambda vae, particles=1: PyroIWAE(vae, particles),
-    "manual_iwae": lambda vae, particles=1: ManualIWAE(vae, particles),
-    "iwae_dreg": lambda vae, particles=1: PyroDReG(vae, particles),
+    ("elbo", "traced"): lambda vae, particles=1: TracedELBO(vae, kl="mc"),
+    ("elbo", "pyro"): lambda vae, particles=1: PyroELBO(vae, Trace_ELBO()),
+    ("elbo", "manual"): lambda vae, particles=1: ManualELBO(vae, kl="mc"),
+    ("meanfield", "traced"): lambda vae, particles=1: TracedELBO(vae, kl="analytic"),
+    ("meanfield", "pyro"): lambda vae, particles=1: PyroELBO(vae, TraceMeanField_ELBO()),
+    ("meanfield", "manual"): lambda vae, particles=1: ManualELBO(vae, kl="analytic"),
+    ("iwae", "traced"): lambda vae, particles=1: PyroIWAE(vae, particles),
+    ("iwae", "manual"): lambda vae, particles=1: ManualIWAE(vae, particles),
+    ("iwae_dreg", "traced"): lambda vae, particles=1: PyroDReG(vae, particles),
 }
 
+#: The one-word names of earlier versions, still accepted: name -> (estimator, implementation).
+OLD_NAMES = {
+    "trace_elbo": ("elbo", "pyro"),
+    "meanfield_elbo": ("meanfield", "pyro"),
+    "manual_mc": ("elbo", "manual"),
+    "manual_analytic": ("meanfield", "manual"),
+    "manual_iwae": ("iwae", "manual"),
+}
 
 #: The objectives that take ``free_bits`` (a floor under each latent layer's KL term).
-FREE_BITS_OBJECTIVES = ("meanfield",)
+FREE_BITS_OBJECTIVES = (("meanfield", "traced"),)
 
 
-def build_objective(name: str, vae: nn.Module, particles: int = 1, free_bits: float = 0.0) -> nn.Module:
+def resolve_objective(name: str, implementation: str = "traced") -> tuple[str, str]:
+    """(estimator, implementation) for an objective name, old one-word names included; a ValueError
+    that lists what there is for a name or a pair that does not exist."""
+    if name in OLD_NAMES:
+        if implementation not in ("traced", OLD_NAMES[name][1]):
+            raise ValueError(f"the objective {name!r} is {OLD_NAMES[name][0]!r} implemented by "
+                             f"{OLD_NAMES[name][1]!r}, which contradicts implementation {implementation!r}")
+        return OLD_NAMES[name]
+    if name not in ESTIMATORS:
+        raise ValueError(f"unknown objective {name!r}; valid: {', '.join(ESTIMATORS)} (the earlier names "
+                         f"{', '.join(OLD_NAMES)} are still read)")
+    if (name, implementation) not in OBJECTIVES:
+        has = [i for e, i in OBJECTIVES if e == name]
+        raise ValueError(f"the objective {name!r} has no {implementation!r} implementation; it has: {', '.join(has)}"
+                         if implementation in IMPLEMENTATIONS else
+                         f"unknown implementation {implementation!r}; valid: {', '.join(IMPLEMENTATIONS)}")
+    return name, implementation
+
+
+def build_objective(name: str, vae: nn.Module, particles: int = 1, free_bits: float = 0.0,
+                    implementation: str = "traced") -> nn.Module:
+    """The loss module of estimator ``name`` (or an old one-word name) implemented by ``implementation``."""
+    key = resolve_objective(name, implementation)
     if free_bits:
-        if name not in FREE_BITS_OBJECTIVES:
-            raise ValueError(f"free bits apply to the objective(s) {', '.join(FREE_BITS_OBJECTIVES)}, not {name!r}")
+        if key not in FREE_BITS_OBJECTIVES:
+            raise ValueError(f"free bits apply to the objective meanfield (traced), not {key[0]} ({key[1]})")
         return TracedELBO(vae, kl="analytic", free_bits=free_bits)
-    return OBJECTIVES[name](vae, particles)
+    return OBJECTIVES[key](vae, particles)

@@ -219,7 +219,10 @@ def _loss_module(config: Config, vae: VAE, data: Prepared, device: torch.device,
     the run's planned number of steps), and wrapped for data parallelism under torchrun."""
     from pyrovae.compiled import faster_loss
 
-    loss_fn = build_objective(config.train.objective, vae, config.train.particles, config.train.free_bits)
+    t = config.train
+    if getattr(t, "old_name_note", None):
+        log(t.old_name_note)
+    loss_fn = build_objective(t.objective, vae, t.particles, t.free_bits, implementation=t.implementation)
     loss_fn = faster_loss(config.train, loss_fn, device, _planned_steps(config, data), log)
     if config.train.cuda_graph is True and device.type != "cuda":
         log("note: train.cuda_graph applies on CUDA only; this run is on the CPU and takes eager steps")

@@ -4,7 +4,7 @@ import pytest
 
 from helpers import ROOT
 
-from pyrovae.objectives import OBJECTIVES
+from pyrovae.objectives import ESTIMATORS
 from pyrovae.config import Config, ConfigError, ModelConfig, TrainConfig
 from pyrovae.data import DATASETS
 from pyrovae.likelihoods import LIKELIHOODS
@@ -30,7 +30,8 @@ def test_json_round_trip(tmp_path):
     ("train", "batch_size", 0, "train.batch_size must be a positive integer"),
     ("train", "epochs", -3, "train.epochs must be a positive integer"),
     ("train", "device", "tpu", "auto, cpu, cuda"),
-    ("train", "objective", "elbo2", "valid: " + ", ".join(sorted(OBJECTIVES))),
+    ("train", "objective", "elbo2", "valid: " + ", ".join(ESTIMATORS)),
+    ("train", "implementation", "fast", "unknown implementation 'fast'; valid: traced, pyro, manual"),
     ("model", "z_dim", 0, "model.z_dim must be a positive integer"),
     ("model", "hidden", (), "model.hidden"),
     ("model", "prior", "gaussian", "valid: " + ", ".join(sorted(PRIORS))),

@@ -116,7 +116,7 @@ def test_the_on_device_guard_skips_a_non_finite_step_entirely(objective):
     step count exactly as they were, with no host read to decide it."""
     vae = build_vae(SMALL.model.__class__(z_dim=4, hidden=(16,), likelihood="normal",
                                           likelihood_options={"scale": "fixed"}))
-    loss_fn = build_objective(objective, vae, 2)
+    loss_fn = build_objective(objective[0], vae, 2, implementation=objective[1])
     opt = make_optimizer(vae.parameters(), 1e-2, torch.device("cpu"))
     x = torch.rand(8, 1, 28, 28)
     with pyro.validation_enabled(False):

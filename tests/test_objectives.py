@@ -90,7 +90,8 @@ def test_kl_warmup_schedule_in_a_run(tmp_path, monkeypatch):
             seen.append(kl_weight)
             return self.loss(x, kl_weight=kl_weight)
 
-    monkeypatch.setattr(runs, "build_objective", lambda name, vae, particles: Spy(real(name, vae, particles)))
+    monkeypatch.setattr(runs, "build_objective",
+                        lambda name, vae, particles, *args, **kwargs: Spy(real(name, vae, particles, *args, **kwargs)))
     config = Config().replace(model={"z_dim": 2, "hidden": (8,)},
                               train={"epochs": 2, "batch_size": 100, "kl_weight": 0.5, "kl_warmup_steps": 4})
     runs.train_run(config, tmp_path / "run", data=synthetic_data(n_train=300, n_test=50), quiet=True)
@@ -104,3 +105,15 @@ def test_bad_objective_settings_are_refused(train, needle):
         Config().replace(train=train)
     with pytest.raises(ValueError, match="K >= 1"):
         ManualIWAE(build_vae(SMALL), 0)
+
+
+def test_a_run_given_an_earlier_objective_name_says_what_it_is_now(tmp_path):
+    from helpers import synthetic_data
+    from pyrovae.runs import train_run
+
+    lines = []
+    config = Config().replace(model={"z_dim": 2, "hidden": (8,)}, train={
+        "objective": "manual_mc", "epochs": 1, "batch_size": 50, "device": "cpu"})
+    train_run(config, tmp_path / "run", quiet=True, log=lines.append, data=synthetic_data(100, 20))
+    assert [line for line in lines if "objective" in line] == [
+        "note: train.objective 'manual_mc' is now train.objective = 'elbo' with train.implementation = 'manual'"]

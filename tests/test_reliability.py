@@ -271,7 +271,8 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(t
     import pyrovae.runs as runs
 
     real = runs.build_objective
-    monkeypatch.setattr(runs, "build_objective", lambda name, vae, particles: _NaNAt(real(name, vae, particles), at=8))
+    monkeypatch.setattr(runs, "build_objective", lambda name, vae, particles, *args, **kwargs: _NaNAt(
+        real(name, vae, particles, *args, **kwargs), at=8))
     with pytest.raises(NonFiniteLossError, match=r"the loss is nan at epoch 2, step 2 of the epoch.*\(epoch 1, step 6\)"):
         _run(tmp_path / "run", epochs=3)
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")

@@ -137,9 +137,23 @@ def test_the_mean_field_objective_refuses_what_it_cannot_estimate():
 def test_both_are_registered_and_the_default_is_analytic():
     from pyrovae.config import TrainConfig
 
-    assert isinstance(OBJECTIVES["elbo"](_tiny_vae()), TracedELBO) and OBJECTIVES["elbo"](_tiny_vae()).kl == "mc"
-    assert OBJECTIVES["meanfield"](_tiny_vae()).kl == "analytic"
-    assert TrainConfig().objective == "meanfield"  # the default: analytic KL where one exists, no host read
+    elbo = OBJECTIVES["elbo", "traced"](_tiny_vae())
+    assert isinstance(elbo, TracedELBO) and elbo.kl == "mc"
+    assert OBJECTIVES["meanfield", "traced"](_tiny_vae()).kl == "analytic"
+    # the default: analytic KL where one exists, no host read
+    assert (TrainConfig().objective, TrainConfig().implementation) == ("meanfield", "traced")
+
+
+@pytest.mark.parametrize("old, new", [("trace_elbo", ("elbo", "pyro")), ("meanfield_elbo", ("meanfield", "pyro")),
+                                      ("manual_mc", ("elbo", "manual")), ("manual_analytic", ("meanfield", "manual")),
+                                      ("manual_iwae", ("iwae", "manual"))])
+def test_the_earlier_one_word_names_are_read_as_estimator_and_implementation(old, new):
+    from pyrovae.config import TrainConfig
+
+    t = TrainConfig(objective=old)
+    assert (t.objective, t.implementation) == new and old in t.old_name_note and repr(new[1]) in t.old_name_note
+    assert type(build_objective(old, _tiny_vae(), 2)) is type(OBJECTIVES[new](_tiny_vae(), 2))
+    assert not hasattr(TrainConfig(objective=new[0], implementation=new[1]), "old_name_note")
 
 
 # --- no host reads ----------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def communication_share(world, device, steps: int, rounds: int, batch: int) -> d
         torch.manual_seed(0)
         config = Config().replace(model={"hidden": (width,)})
         vae = build_vae(config.model)
-        loss_fn = wrap(build_objective(config.train.objective, vae), world, device)
+        loss_fn = wrap(build_objective(config.train.objective, vae, implementation=config.train.implementation), world, device)
         optimizer = make_optimizer(vae.parameters(), 1e-3, device)
         mine = [binarize(images[i:i + batch][shard(batch, world)], g) for i in range(0, len(images), batch)]
         times = {"all_reduce": [], "no_sync": []}

@@ -384,7 +384,7 @@ def cifar_section(args, device, log) -> dict:
     vae = build_vae(config.model, (3, 32, 32)).to(device)
     if config.model.network_options.get("channels_last"):
         vae = vae.to(memory_format=torch.channels_last)
-    loss_fn = build_objective(config.train.objective, vae)
+    loss_fn = build_objective(config.train.objective, vae, implementation=config.train.implementation)
     optimizer = make_optimizer(vae.parameters(), 1e-3, device)
     x = (torch.randint(0, 256, (args.cifar_batch, 3, 32, 32), device=device).float() / 255)
     convs = []  # (input, conv module) of every convolution in one step

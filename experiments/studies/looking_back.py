@@ -116,7 +116,7 @@ def estimate(vae, x: torch.Tensor, estimator: str, counts: list[int], repeats: i
 def briefly_trained_vae(config: Config, data: Prepared, log=print):
     """A small VAE trained for a few epochs in-process (runs without a checkpoint)."""
     vae = build_vae(config.model, tuple(data.train.shape[1:]))
-    loss_fn = build_objective(config.train.objective, vae)
+    loss_fn = build_objective(config.train.objective, vae, implementation=config.train.implementation)
     state = fit(config, vae, loss_fn, make_optimizer(vae.parameters(), config.train.lr, data.train.device), data,
                 quiet=True)
     vae.eval()

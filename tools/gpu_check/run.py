@@ -647,7 +647,8 @@ def worker_cifar10(p: dict) -> dict:
     # The step time, on a model of our own (the run's model is built afresh by train_run).
     with pyro.settings.context(module_local_params=True), pyro.validation_enabled(False):
         vae = build_vae(config.model, tuple(data.train.shape[1:])).to(device)
-        loss_fn = build_objective(config.train.objective, vae, config.train.particles)
+        loss_fn = build_objective(config.train.objective, vae, config.train.particles,
+                                  implementation=config.train.implementation)
         optimizer = make_optimizer(vae.parameters(), config.train.lr, device)
         generator = torch.Generator(device=device).manual_seed(0)
         x = data.per_batch(data.train[:batch_size], generator) if data.per_batch else data.train[:batch_size]
