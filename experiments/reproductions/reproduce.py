@@ -112,7 +112,8 @@ def report_run(name: str, runs: Path, k: int, test_images: int | None) -> dict:
         "active_units": test["active_units"], "z_dim": test["z_dim"],
         "epochs": evaluated["epoch"], "epochs_planned": config.train.epochs, "steps": evaluated["step"],
         "train_seconds": sum(row["seconds"] for row in history), "iwae_seconds": test["iwae_seconds"],
-        "objective": config.train.objective, "particles": config.train.particles,
+        "objective": config.train.objective, "implementation": config.train.implementation,
+        "particles": config.train.particles,
         "train_binarization": config.data.binarization, "config": config.to_dict(),
         "curve": [row["test_neg_elbo"] for row in history],
     }
@@ -122,7 +123,9 @@ def table(rows: list[dict]) -> str:
     lines = ["| run | objective | published -log p(x) | ours -log p(x) | ours - published | ours test -ELBO | "
              "active units | epochs | training time |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        objective = r["objective"] + (f" (K={r['particles']})" if "iwae" in r["objective"] else "")
+        implementation = r.get("implementation", "traced")
+        objective = r["objective"] + (f" (K={r['particles']})" if "iwae" in r["objective"] else "") + (
+            f", {implementation}" if implementation != "traced" else "")
         published = f"{r['published']:.2f} ({r['published_source']})" if r["published"] else "-"
         gap = f"{r['neg_log_likelihood'] - r['published']:+.2f}" if r["published"] else "-"
         lines.append(f"| `{r['name']}` | {objective} | {published} | **{r['neg_log_likelihood']:.2f}** "
@@ -157,7 +160,11 @@ def report(names: list[str], runs: Path, out: Path, k: int, test_images: int | N
     out.mkdir(parents=True, exist_ok=True)
     for name in names:
         if not (runs / name / "checkpoint.pt").is_file():
-            print(f"{name}: no checkpoint in {runs / name}; train it first", flush=True)
+            if (out / f"{name}.json").is_file():  # evaluated before (perhaps on another machine): kept as it was
+                rows.append(json.loads((out / f"{name}.json").read_text()))
+                print(f"{name}: no checkpoint in {runs / name}; its figures kept from {out / f'{name}.json'}", flush=True)
+            else:
+                print(f"{name}: no checkpoint in {runs / name}; train it first", flush=True)
             continue
         row = earlier_row(out / f"{name}.json", runs / name / "checkpoint.pt", k, test_images)
         if row is None:
