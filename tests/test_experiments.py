@@ -196,3 +196,19 @@ def test_reproduce_report_evaluates_a_checkpoint_once(mnist_root, tmp_path, monk
     reproduce.train("burda_vae", tmp_path / "runs", epochs=2, quiet=True)  # the run moves on
     later = reproduce.report(["burda_vae"], k=3, **args)
     assert later[0]["epochs"] == 2
+
+
+def test_a_report_keeps_the_figures_of_a_run_whose_checkpoint_is_elsewhere(tmp_path):
+    """The table lists a run evaluated before (its NAME.json) even where its checkpoint is not: a report
+    on another machine does not drop finished rows."""
+    reproduce = _experiment("reproductions/reproduce")
+    out = tmp_path / "out"
+    out.mkdir()
+    row = {"name": "burda_vae", "published": 86.76, "published_source": "Burda", "neg_log_likelihood": 87.3, "k": 5000,
+           "test_images": 10000, "iwae_seconds": 1.0, "neg_elbo": 90.9, "active_units": 16, "z_dim": 50,
+           "epochs": 3280, "epochs_planned": 3280, "train_seconds": 3600.0, "objective": "meanfield_elbo",
+           "particles": 5, "curve": [100.0, 95.0]}
+    (out / "burda_vae.json").write_text(json.dumps(row))
+    rows = reproduce.report(["burda_vae"], tmp_path / "runs", out, 5000, None, readme=tmp_path / "README.md",
+                            command="test")
+    assert rows == [row] and "**87.30**" in (tmp_path / "README.md").read_text()
