@@ -157,11 +157,13 @@ class StaticStep:
     """
 
     def __init__(self, loss_fn, optimizer: torch.optim.Optimizer, example: torch.Tensor, *,
-                 grad_clip: float | None = None, capture: bool | None = None, warmup: int = 3):
+                 grad_clip: float | None = None, skip_norm: float | None = None, capture: bool | None = None,
+                 warmup: int = 3):
         self.x = example.detach().clone()
         self.shape = tuple(example.shape)
         self.kl_weight = torch.ones((), device=example.device)  # a tensor, so a new value needs no new graph
-        self._step = lambda: train_step(loss_fn, optimizer, self.x, kl_weight=self.kl_weight, grad_clip=grad_clip)
+        self._step = lambda: train_step(loss_fn, optimizer, self.x, kl_weight=self.kl_weight, grad_clip=grad_clip,
+                                        skip_norm=skip_norm)
         self.graph = None
         if capture if capture is not None else example.device.type == "cuda":
             self._capture(loss_fn, optimizer, warmup)

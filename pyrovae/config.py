@@ -166,6 +166,8 @@ class TrainConfig:
     free_bits: float = 0.0  # nats per image below which a latent layer's KL term (its batch mean) is not pressed
     # further (Kingma et al. 2016); objective meanfield only; 0: off
     grad_clip: float | None = None  # clip the gradient norm to this value; None: no clipping
+    skip_grad_norm: float | None = None  # skip the update of a step whose gradient norm exceeds this (VDVAE's guard
+    # for deep latents, Child 2021), counted per epoch in metrics.json; None: never
     max_steps: int | None = None  # stop after this many optimizer steps in all (quick checks); None: no cap
     max_seconds: float | None = None  # stop, with a checkpoint, once this much wall-clock time (this command's
     # training loop) is spent; resumable like any stop. None: no limit
@@ -189,8 +191,11 @@ class TrainConfig:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device must be one of auto, cpu, cuda; got {self.device!r}")
         self._resolve_objective()
-        if self.grad_clip is not None and (not isinstance(self.grad_clip, (int, float)) or not self.grad_clip > 0):
-            raise ConfigError(f"train.grad_clip must be a positive number or None, got {self.grad_clip!r}")
+        for key in ("grad_clip", "skip_grad_norm"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    0 < value < float("inf"))):
+                raise ConfigError(f"train.{key} must be a positive number or None, got {value!r}")
         if not isinstance(self.particles, int) or self.particles < 1:
             raise ConfigError(f"train.particles (K) must be a positive integer, got {self.particles!r}")
         if not isinstance(self.kl_weight, (int, float)) or not self.kl_weight > 0 or self.kl_weight == float("inf"):

@@ -145,6 +145,7 @@ class TrainState:
     step: int = 0  # optimizer steps taken in all
     epoch_step: int = 0  # optimizer steps taken in the current epoch
     loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))  # this epoch's -ELBO
+    skipped: torch.Tensor | None = None  # this epoch's updates skipped for a gradient norm over train.skip_grad_norm
     images: int = 0  # images seen in the current epoch
     seconds: float = 0.0  # training time in the current epoch
     history: list = field(default_factory=list)  # one row of figures per finished epoch
@@ -161,7 +162,8 @@ class TrainState:
 
     @classmethod
     def from_dict(cls, d: dict, device: torch.device) -> "TrainState":
-        return cls(**{**d, "loss_sum": d["loss_sum"].to(device)})
+        skipped = d.get("skipped")
+        return cls(**{**d, "loss_sum": d["loss_sum"].to(device), "skipped": None if skipped is None else skipped.to(device)})
 
     def epoch_batches(self, data: Prepared, batch_size: int, world: World = World()) -> Iterator[torch.Tensor]:
         """This process's part of each batch of the current epoch not yet trained on.
@@ -188,29 +190,31 @@ class TrainState:
         self.step += 1
         self.epoch_step += 1
         self.loss_sum += result.loss.double()  # stays on the device
+        self.skipped = result.too_large.long() + (0 if self.skipped is None else self.skipped.to(result.loss.device))
         self.images += images
 
-    def totals(self, world: World) -> tuple[float, int]:
-        """The epoch's -ELBO sum and image count so far, over all processes (host reads)."""
-        both = torch.stack([self.loss_sum, self.loss_sum.new_tensor(float(self.images))])
-        loss, images = world.sum_(both.clone()).tolist()
-        return loss, int(images)
+    def totals(self, world: World) -> tuple[float, int, int]:
+        """The epoch's -ELBO sum, image count and skipped updates so far, over all processes (host reads)."""
+        skipped = self.loss_sum.new_tensor(0.0) if self.skipped is None else self.skipped.to(self.loss_sum)
+        both = torch.stack([self.loss_sum, self.loss_sum.new_tensor(float(self.images)), skipped / world.size])
+        loss, images, skipped = world.sum_(both.clone()).tolist()  # every process skips the same steps
+        return loss, int(images), round(skipped)
 
     def summed(self, world: World) -> "TrainState":
         """A copy holding the epoch's sums over all processes (what a checkpoint holds)."""
-        loss, images = self.totals(world)
+        loss, images, skipped = self.totals(world)
         return dataclasses.replace(self, loss_sum=torch.tensor(loss, dtype=torch.float64), images=images,
-                                   world_size=world.size)
+                                   skipped=torch.tensor(skipped), world_size=world.size)
 
     def end_epoch(self, test: dict, lr: float, world: World = World()) -> dict:
-        loss, images = self.totals(world)
+        loss, images, skipped = self.totals(world)
         self.epoch += 1
         row = {"epoch": self.epoch, "train_neg_elbo": loss / max(images, 1),
                "test_neg_elbo": test["neg_elbo"], "test_reconstruction": test["reconstruction"],
                "test_kl": test["kl"], **({"test_bits_per_dim": test["bits_per_dim"]} if "bits_per_dim" in test else {}),
-               "seconds": self.seconds, "steps": self.step, "lr": lr}
+               "seconds": self.seconds, "steps": self.step, "lr": lr, **({"skipped_steps": skipped} if skipped else {})}
         self.history.append(row)
-        self.epoch_step, self.images, self.seconds = 0, 0, 0.0
+        self.epoch_step, self.images, self.seconds, self.skipped = 0, 0, 0.0, None
         self.loss_sum = torch.zeros_like(self.loss_sum)
         return row
 
@@ -232,7 +236,7 @@ class TrainState:
         (the checkpoint holds the totals of all processes), and each process its own noise generators
         when the number of processes is the one that saved them."""
         if not world.main:
-            self.loss_sum, self.images = torch.zeros_like(self.loss_sum), 0
+            self.loss_sum, self.images, self.skipped = torch.zeros_like(self.loss_sum), 0, None
         if self.rank_noise_rng is not None and len(self.rank_noise_rng) == world.size:
             self.noise_rng = self.rank_noise_rng[world.rank]
         elif not world.main:
@@ -304,7 +308,7 @@ def fit(config: Config, vae, loss_fn, optimizer, data: Prepared, state: TrainSta
                 if stop and state.epoch_step < steps_per_epoch:  # at the last batch, let the epoch end
                     break
             if state.epoch_step < steps_per_epoch:  # stopped inside the epoch (checkpoint written)
-                loss, images = state.totals(world)
+                loss, images, _ = state.totals(world)
                 if not quiet:
                     log(f"stopped in epoch {state.epoch + 1} after {state.epoch_step} of its {steps_per_epoch} "
                         f"steps ({state.step} in all)  train -ELBO so far {loss / max(images, 1):8.2f}")
@@ -334,7 +338,8 @@ class _Stepper:
             self._capture(x)
             if self.graph:
                 return self.replayed(x, kl_weight)
-        return train_step(self.loss_fn, self.optimizer, x, kl_weight=kl_weight, grad_clip=self.t.grad_clip)
+        return train_step(self.loss_fn, self.optimizer, x, kl_weight=kl_weight, grad_clip=self.t.grad_clip,
+                          skip_norm=self.t.skip_grad_norm)
 
     def _capture(self, x: torch.Tensor) -> None:
         """The CUDA-graph step for batches like ``x``: the one captured before, unless the learning
@@ -346,7 +351,8 @@ class _Stepper:
         if self.replayed is not None and self.replayed.lr == lr:
             return
         try:
-            self.replayed = StaticStep(self.loss_fn, self.optimizer, x, grad_clip=self.t.grad_clip)
+            self.replayed = StaticStep(self.loss_fn, self.optimizer, x, grad_clip=self.t.grad_clip,
+                                       skip_norm=self.t.skip_grad_norm)
             self.replayed.lr = lr
         except CaptureUnsupported as e:
             self.log(f"note: train.cuda_graph: {e}; this run takes eager steps")
@@ -401,8 +407,9 @@ def _end_epoch(config: Config, vae, optimizer, data: Prepared, state: TrainState
     if board is not None and world.main:
         board.epoch(row, vae, data.test, seed=t.seed)
     if log is not None:
+        skipped = f", {row['skipped_steps']} updates skipped" if row.get("skipped_steps") else ""
         log(f"epoch {row['epoch']:3d}  train -ELBO {row['train_neg_elbo']:8.2f}  test -ELBO "
-            f"{row['test_neg_elbo']:8.2f} nats/image  ({row['seconds']:.2f} s)")
+            f"{row['test_neg_elbo']:8.2f} nats/image  ({row['seconds']:.2f} s{skipped})")
 
 
 def _progress(quiet: bool):

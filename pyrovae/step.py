@@ -23,6 +23,7 @@ class StepResult:
     loss: torch.Tensor  # () the batch's -ELBO sum, detached
     loss_finite: torch.Tensor  # () bool
     grads_finite: torch.Tensor  # (parameters,) bool, in optimizer order; True where there is no gradient
+    too_large: torch.Tensor  # () bool: the update skipped because the gradient norm passed ``skip_norm``
 
 
 def _parameters(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
@@ -30,8 +31,10 @@ def _parameters(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
 
 
 def train_step(loss_fn, optimizer: torch.optim.Optimizer, x: torch.Tensor, *, kl_weight: float = 1.0,
-               grad_clip: float | None = None) -> StepResult:
-    """One optimizer step on the batch ``x``; no update at all where the loss or a gradient is not finite.
+               grad_clip: float | None = None, skip_norm: float | None = None) -> StepResult:
+    """One optimizer step on the batch ``x``; no update at all where the loss or a gradient is not finite,
+    nor where the gradient's norm exceeds ``skip_norm`` (VDVAE's guard, Child 2021: a rare huge gradient
+    of a deep stack of latents is dropped rather than clipped). ``grad_clip`` clips what is left.
 
     With a fused optimizer (what :func:`make_optimizer` builds) the step never waits on the device:
     the finiteness flag goes to the kernel as ``found_inf``. Any other optimizer is guarded by a host
@@ -47,8 +50,10 @@ def train_step(loss_fn, optimizer: torch.optim.Optimizer, x: torch.Tensor, *, kl
     finite = iter(torch.isfinite(torch.stack(norms)).unbind() if norms else ())
     grads_finite = torch.stack([next(finite) if p.grad is not None else loss_finite.new_ones(()) for p in everything])
     skip = ~(loss_finite & grads_finite.all())
-    if grad_clip is not None and norms:
-        total = torch.linalg.vector_norm(torch.stack(norms))
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms and (grad_clip or skip_norm) else None
+    too_large = total > skip_norm if skip_norm is not None and total is not None else torch.zeros_like(skip)
+    skip = skip | too_large
+    if grad_clip is not None and total is not None:
         torch.nn.utils.clip_grads_with_norm_(params, grad_clip, total, foreach=True)
     if optimizer.defaults.get("fused"):
         optimizer.found_inf = skip.float()  # read by the fused kernel on the device
@@ -58,4 +63,4 @@ def train_step(loss_fn, optimizer: torch.optim.Optimizer, x: torch.Tensor, *, kl
             del optimizer.found_inf
     elif not skip:  # a host read: the price of an optimizer without an on-device guard
         optimizer.step()
-    return StepResult(loss.detach(), loss_finite, grads_finite)
+    return StepResult(loss.detach(), loss_finite, grads_finite, too_large)

@@ -189,3 +189,29 @@ def test_a_spent_time_budget_stops_with_a_checkpoint_and_the_run_resumes_exactly
         assert torch.equal(value, resumed.vae.state_dict()[name]), name
     with pytest.raises(ConfigError, match="train.max_seconds must be a positive number"):
         config.replace(train={"max_seconds": 0})
+
+
+def test_a_step_whose_gradient_norm_passes_skip_norm_changes_nothing_and_is_counted():
+    """VDVAE's guard: the update is dropped on the device (parameters and Adam moments as they were)
+    and the epoch's row counts it; a threshold above the norm leaves the step alone."""
+    vae = build_vae(SMALL.model.__class__(z_dim=4, hidden=(16,)))
+    loss_fn = build_objective("meanfield", vae)
+    opt = make_optimizer(vae.parameters(), 1e-2, torch.device("cpu"))
+    x = torch.bernoulli(torch.full((8, 1, 28, 28), 0.3), generator=torch.Generator().manual_seed(0))
+    with pyro.validation_enabled(False):
+        train_step(loss_fn, opt, x)
+        before = {k: v.clone() for k, v in vae.state_dict().items()}
+        result = train_step(loss_fn, opt, x, skip_norm=1e-6)
+        assert bool(result.too_large) and all(torch.equal(before[k], v) for k, v in vae.state_dict().items())
+        result = train_step(loss_fn, opt, x, skip_norm=1e12)
+        assert not bool(result.too_large) and not torch.equal(before["decoder.net.0.weight"],
+                                                               vae.state_dict()["decoder.net.0.weight"])
+    config = SMALL.replace(train={"skip_grad_norm": 1e-6, "epochs": 1, "batch_size": 100})
+    vae = build_vae(config.model)
+    start = {k: v.clone() for k, v in vae.state_dict().items()}
+    state = fit(config, vae, build_objective("meanfield", vae), make_optimizer(vae.parameters(), 1e-3, torch.device(
+        "cpu")), synthetic_data(300, 20), quiet=True)
+    assert state.history[-1]["skipped_steps"] == 3
+    assert all(torch.equal(start[k], v) for k, v in vae.state_dict().items())
+    with pytest.raises(ConfigError, match="train.skip_grad_norm must be a positive number"):
+        SMALL.replace(train={"skip_grad_norm": 0})
