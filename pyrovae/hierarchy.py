@@ -53,7 +53,6 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.nn import pyro_method
-from pyro.poutine.util import is_validation_enabled
 from torch import nn
 from torch.nn import functional as F
 
@@ -164,8 +163,7 @@ class HierarchicalVAE(VAE):
     def model(self, x: torch.Tensor | None = None, kl_weight: float = 1.0, batch_size: int | None = None
               ) -> torch.Tensor:
         """p(x, z_1..z_L), top-down; without ``x`` it runs generatively for ``batch_size`` images."""
-        n = self._batch(x, batch_size)
-        with pyro.plate("data", n):
+        with pyro.plate("data", self._batch(x, batch_size)):
             with _kl_scale(kl_weight):
                 z = pyro.sample(self.site(len(self.latents)), self.prior())  # (batch, latents[-1])
                 for layer in range(len(self.latents) - 1, 0, -1):
@@ -177,11 +175,7 @@ class HierarchicalVAE(VAE):
     @pyro_method
     def guide(self, x: torch.Tensor, kl_weight: float = 1.0, batch_size: int | None = None) -> torch.Tensor:
         """q(z_1..z_L | x), bottom-up or top-down (``model.inference``); returns z_1."""
-        if x is None:
-            raise ValueError("the guide q(z|x) needs images x; to draw from the prior run vae.model(batch_size=n) "
-                             "without a guide")
-        if is_validation_enabled():
-            self.check_data(x)
+        self._check_guide_input(x)
         with pyro.plate("data", x.shape[0]), _kl_scale(kl_weight):
             layers = self.walk_guide(x, pyro.sample)
         return layers[self.site(1)][0]
@@ -215,12 +209,6 @@ class HierarchicalVAE(VAE):
             return self.prior()
         return _normal(*self.conditionals[layer - 1](parent)[:2])
 
-    def _batch(self, x, batch_size) -> int:
-        if x is not None and is_validation_enabled():
-            self.check_data(x)
-        if x is not None and batch_size is not None and batch_size != x.shape[0]:
-            raise ValueError(f"batch_size={batch_size} does not match the {x.shape[0]} images given; give one of them")
-        return x.shape[0] if x is not None else (1 if batch_size is None else batch_size)
     def stack_terms(self, x: torch.Tensor, sample_shape: torch.Size = torch.Size()) -> dict:
         """The plain-torch ELBO terms of reparameterized draws z ~ q(z|x) of shape ``sample_shape``:
 

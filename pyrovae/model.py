@@ -81,12 +81,7 @@ class VAE(PyroModule):
         ``kl_weight`` (beta) scales log p(z) here and log q(z|x) in the guide, hence the KL term
         (beta-VAE, KL warm-up); Pyro hands model and guide the same arguments.
         """
-        if x is not None and is_validation_enabled():  # Pyro's switch: on by default, off in the training loop
-            self.check_data(x)
-        if x is not None and batch_size is not None and batch_size != x.shape[0]:
-            raise ValueError(f"batch_size={batch_size} does not match the {x.shape[0]} images given; give one of them")
-        n = x.shape[0] if x is not None else (1 if batch_size is None else batch_size)
-        with pyro.plate("data", n):
+        with pyro.plate("data", self._batch(x, batch_size)):
             with _kl_scale(kl_weight):
                 z = pyro.sample("z", self.prior())  # (batch, z_dim)
             pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)  # (batch, C, H, W)
@@ -95,13 +90,25 @@ class VAE(PyroModule):
     @pyro_method
     def guide(self, x: torch.Tensor, kl_weight: float = 1.0, batch_size: int | None = None) -> torch.Tensor:
         """q(z|x), amortized by the encoder. (``batch_size`` only mirrors the model's signature.)"""
+        self._check_guide_input(x)
+        with pyro.plate("data", x.shape[0]), _kl_scale(kl_weight):
+            return pyro.sample("z", self.posterior(x))  # (batch, z_dim)
+
+    def _batch(self, x: torch.Tensor | None, batch_size: int | None) -> int:
+        """The model's data-plate size: the images given (checked while Pyro's validation is on, as it
+        is by default; the training loop turns it off) or ``batch_size`` draws (default 1)."""
+        if x is not None and is_validation_enabled():
+            self.check_data(x)
+        if x is not None and batch_size is not None and batch_size != x.shape[0]:
+            raise ValueError(f"batch_size={batch_size} does not match the {x.shape[0]} images given; give one of them")
+        return x.shape[0] if x is not None else (1 if batch_size is None else batch_size)
+
+    def _check_guide_input(self, x: torch.Tensor | None) -> None:
         if x is None:
             raise ValueError("the guide q(z|x) needs images x; to draw from the prior run vae.model(batch_size=n) "
                              "without a guide")
         if is_validation_enabled():
             self.check_data(x)
-        with pyro.plate("data", x.shape[0]), _kl_scale(kl_weight):
-            return pyro.sample("z", self.posterior(x))  # (batch, z_dim)
 
     # --- conveniences for pictures and evaluation (no Pyro machinery) ---------------------------
     @torch.no_grad()
