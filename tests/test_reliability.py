@@ -119,8 +119,11 @@ def test_learning_rate_schedule_steps_at_the_milestones_and_resumes_exactly(tmp_
 
 
 def _cli_run(args, env):
+    """``pyrovae train`` in a child with Ctrl-C at its default: a suite started in the background by a
+    shell (``pytest &``) inherits SIGINT ignored, and the child would inherit that too."""
     return subprocess.Popen([sys.executable, "-m", "pyrovae", "train", *args], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(path, proc, timeout=120):
