@@ -162,8 +162,9 @@ class TrainState:
 
     @classmethod
     def from_dict(cls, d: dict, device: torch.device) -> "TrainState":
-        skipped = d.get("skipped")
-        return cls(**{**d, "loss_sum": d["loss_sum"].to(device), "skipped": None if skipped is None else skipped.to(device)})
+        skipped = d.get("skipped")  # absent from checkpoints written before train.skip_grad_norm
+        return cls(**{**d, "loss_sum": d["loss_sum"].to(device),
+                      "skipped": None if skipped is None else skipped.to(device)})
 
     def epoch_batches(self, data: Prepared, batch_size: int, world: World = World()) -> Iterator[torch.Tensor]:
         """This process's part of each batch of the current epoch not yet trained on.
