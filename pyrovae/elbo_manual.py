@@ -88,11 +88,8 @@ class ManualIWAE(nn.Module):
         self.particles = particles
 
     def forward(self, x: torch.Tensor, kl_weight: float = 1.0) -> torch.Tensor:
-        if hasattr(self.vae, "stack_terms"):  # a stack of layers: log w summed over them
-            terms = self.vae.stack_terms(x, torch.Size([self.particles]))
-            log_w = terms["reconstruction"]  # (K, batch)
-            for z, q, p in terms["layers"].values():
-                log_w = log_w + kl_weight * (p.log_prob(z) - q.log_prob(z))
+        if hasattr(self.vae, "log_weights"):  # a stack of layers: log w summed over them, (K, batch)
+            log_w = self.vae.log_weights(x, self.particles, kl_weight)
             return -(torch.logsumexp(log_w, 0) - math.log(self.particles)).sum()
         q = self.vae.posterior(x)  # q(z|x), batch (batch,)
         z = q.rsample((self.particles,))  # (K, batch, z_dim), reparameterized

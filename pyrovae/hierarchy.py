@@ -233,12 +233,13 @@ class HierarchicalVAE(VAE):
         log_px_z = self.likelihood(self.decoder(layers[self.site(1)][0])).log_prob(x)
         return {"reconstruction": log_px_z, "layers": out}
 
-    def log_weights(self, x: torch.Tensor, particles: int) -> torch.Tensor:
-        """log p(x, z) - log q(z|x) for ``particles`` draws per image: (particles, batch)."""
+    def log_weights(self, x: torch.Tensor, particles: int, kl_weight: float = 1.0) -> torch.Tensor:
+        """log p(x, z) - log q(z|x) for ``particles`` draws per image: (particles, batch); ``kl_weight``
+        scales each layer's log p(z_l | .) - log q(z_l | .), as the KL weight scales the latent sites."""
         terms = self.stack_terms(x, torch.Size([particles]))
         log_w = terms["reconstruction"]
         for z, q, p in terms["layers"].values():
-            log_w = log_w + p.log_prob(z) - q.log_prob(z)
+            log_w = log_w + kl_weight * (p.log_prob(z) - q.log_prob(z))
         return log_w
 
     # --- conveniences for pictures and evaluation (no Pyro machinery) ---------------------------
