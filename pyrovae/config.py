@@ -1,18 +1,19 @@
-"""Configuration: frozen dataclasses, validated eagerly, saved as JSON next to every run.
+"""Configuration: frozen dataclasses of plain data, saved as JSON next to every run.
 
-Every field has a one-line comment. ``Config.from_dict`` rejects unknown keys and bad values with a
-:class:`ConfigError` that names the field and says what is valid.
+Every field has a one-line comment. ``Config.from_dict`` rejects unknown keys, values of the wrong
+type and values out of range with a :class:`ConfigError` that names the field and says what is valid.
+Making or loading a config does nothing else: names (priors, likelihoods, plugins, datasets,
+objectives) are looked up where they become objects (:mod:`pyrovae.parts`, :mod:`pyrovae.data`,
+:mod:`pyrovae.objectives`), before any data are read, and optional features (tensorboard) are checked
+where they are used. So a saved run always loads, whatever is installed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import math
 import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,23 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["ConfigError", "OptionError", "ModelConfig", "DataConfig", "TrainConfig", "Config", "PART_ARGUMENTS",
-           "part_options", "option_int", "option_number", "option_widths"]
+__all__ = ["ConfigError", "OptionError", "ModelConfig", "DataConfig", "TrainConfig", "Config", "OLD_NAMES",
+           "option_int", "option_number", "option_widths"]
 
 
 #: The guides of a stack of stochastic layers (``model.inference``): see :mod:`pyrovae.hierarchy`.
 INFERENCES = ("top_down", "bottom_up")
+#: How MNIST's grey levels become the binary training images (``data.binarization``): see :mod:`pyrovae.data`.
+BINARIZATIONS = ("dynamic", "static")
+#: Objective names of earlier versions: name -> (``train.objective``, ``train.implementation``). Read with a
+#: note that names the new pair; the pairs themselves are pyrovae.objectives.OBJECTIVES.
+OLD_NAMES = {
+    "trace_elbo": ("elbo", "pyro"),
+    "meanfield_elbo": ("meanfield", "pyro"),
+    "manual_mc": ("elbo", "manual"),
+    "manual_analytic": ("meanfield", "manual"),
+    "manual_iwae": ("iwae", "manual"),
+}
 
 
 def _names(registry) -> str:
@@ -57,43 +69,22 @@ class ModelConfig:
     latent_hidden: tuple[int, ...] | None = None  # hidden widths between two latent layers; None: two layers as
     # wide as the lower one; empty: affine
 
-    def __post_init__(self) -> None:
-        from pyrovae.plugins import PluginError, load_plugins
-
+    def __post_init__(self) -> None:  # types and ranges only: names meet their registries in pyrovae.parts
         if not isinstance(self.plugins, tuple) or not all(isinstance(m, str) and m for m in self.plugins):
             raise ConfigError(f"model.plugins must be a list of module names, got {self.plugins!r}")
-        try:
-            load_plugins(self.plugins)
-        except PluginError as e:
-            raise ConfigError(f"model.plugins: {e}") from None
-        from pyrovae.posteriors import POSTERIORS
-        from pyrovae.likelihoods import LIKELIHOODS
-        from pyrovae.networks import ACTIVATIONS, NETWORKS
-        from pyrovae.priors import PRIORS
-
         if not isinstance(self.z_dim, int) or self.z_dim < 1:
             raise ConfigError(f"model.z_dim must be a positive integer (the latent size), got {self.z_dim!r}")
         linear = self.network == "mlp" and self.hidden == ()  # no hidden layer: an affine encoder and decoder
-        if not (self.hidden or linear) or any(not isinstance(h, int) or h < 1 for h in self.hidden):
+        if not isinstance(self.hidden, tuple) or not (self.hidden or linear) or any(
+                isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in self.hidden):
             raise ConfigError(f"model.hidden must be one or more positive layer widths, e.g. 400 or 200,200 "
                               f"(or empty with model.network = 'mlp', for a linear VAE); got {self.hidden!r}")
-        for key, value, registry in [
-            ("activation", self.activation, ACTIVATIONS),
-            ("prior", self.prior, PRIORS),
-            ("likelihood", self.likelihood, LIKELIHOODS),
-            ("posterior", self.posterior, POSTERIORS),
-            ("network", self.network, {"auto": None, **NETWORKS}),
-        ]:
-            if value not in registry:
-                raise ConfigError(f"unknown model.{key} {value!r}; valid: {_names(registry)}")
-        for key, cls in [
-            ("prior", PRIORS[self.prior]),
-            ("likelihood", LIKELIHOODS[self.likelihood]),
-            ("posterior", POSTERIORS[self.posterior]),
-            ("network", None if self.network == "auto" else NETWORKS[self.network]),
-        ]:
-            options = _check_options(key, getattr(self, f"{key}_options"), cls)
-            object.__setattr__(self, f"{key}_options", options)  # integers given for float options, as floats
+        for key in ("activation", "prior", "likelihood", "posterior", "network"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                raise ConfigError(f"model.{key} must be a name, got {getattr(self, key)!r}")
+            if not isinstance(getattr(self, f"{key}_options", {}), dict):
+                raise ConfigError(f"model.{key}_options must be a mapping of option names to values, got "
+                                  f"{getattr(self, f'{key}_options')!r}")
         _check_stack(self)
         scale = self.min_scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (scale > 0 and math.isfinite(scale)):
@@ -113,18 +104,8 @@ def _check_stack(c: ModelConfig) -> None:
             isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in widths)):
         raise ConfigError(f"model.latent_hidden must be hidden widths such as [100, 100], empty for affine maps, or "
                           f"None; got {widths!r}")
-    if not c.latents:
-        return
-    refused = [f"model.{key} = {value!r}" for key, value, allowed in [
-        ("network", c.network, ("auto", "mlp", "resnet")), ("posterior", c.posterior, ("diagonal",))]
-        if value not in allowed]
-    if c.network == "resnet" and c.inference != "top_down":
-        refused.append("model.network = 'resnet' with model.inference = 'bottom_up' (the residual stack's guide is "
-                       "top-down)")
-    if refused:
-        raise ConfigError(f"a stack of stochastic layers (model.latents) is built from MLPs (network auto or mlp) "
-                          f"or the residual network, with diagonal Gaussian layers; it cannot take {'; '.join(refused)}")
-    object.__setattr__(c, "z_dim", c.latents[0])
+    if c.latents:
+        object.__setattr__(c, "z_dim", c.latents[0])
 
 
 @dataclass(frozen=True)
@@ -135,15 +116,14 @@ class DataConfig:
     test_binarization_seed: int = 0  # the one fixed draw of the binarized test set
     image_size: int | None = None  # resize and centre-crop every image to this square size; None: as stored
 
-    def __post_init__(self) -> None:
-        from pyrovae.data import BINARIZATIONS, DATASETS, dataset_is_known
-
-        if not isinstance(self.dataset, str) or not dataset_is_known(self.dataset):
-            raise ConfigError(f"unknown data.dataset {self.dataset!r}; valid: {_names(DATASETS)}, or folder:PATH")
+    def __post_init__(self) -> None:  # the dataset's name meets its loaders in pyrovae.data.check_dataset
+        if not isinstance(self.dataset, str) or not self.dataset:
+            raise ConfigError(f"data.dataset must be a name (mnist, fashion_mnist, cifar10, lfw) or folder:PATH, got "
+                              f"{self.dataset!r}")
         if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 4):
             raise ConfigError(f"data.image_size must be an integer of at least 4, or None; got {self.image_size!r}")
         if self.binarization not in BINARIZATIONS:
-            raise ConfigError(f"unknown data.binarization {self.binarization!r}; valid: {_names(BINARIZATIONS)}")
+            raise ConfigError(f"unknown data.binarization {self.binarization!r}; valid: {', '.join(BINARIZATIONS)}")
 
 
 @dataclass(frozen=True)
@@ -210,12 +190,6 @@ class TrainConfig:
         if isinstance(self.free_bits, bool) or not isinstance(self.free_bits, (int, float)) or not (
                 0 <= self.free_bits < float("inf")):
             raise ConfigError(f"train.free_bits must be a number of nats >= 0 (e.g. 0.5), got {self.free_bits!r}")
-        from pyrovae.objectives import FREE_BITS_OBJECTIVES
-
-        if self.free_bits and (self.objective, self.implementation) not in FREE_BITS_OBJECTIVES:
-            raise ConfigError(f"train.free_bits floors each layer's closed-form KL term, which the objective "
-                              f"{self.objective!r} ({self.implementation}) does not keep apart; use "
-                              f"train.objective = meanfield with train.implementation = traced")
         if not isinstance(self.kl_warmup_steps, int) or self.kl_warmup_steps < 0:
             raise ConfigError(f"train.kl_warmup_steps must be an integer >= 0, got {self.kl_warmup_steps!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2 ** 63 - 1:
@@ -237,20 +211,19 @@ class TrainConfig:
 
     def _resolve_objective(self) -> None:
         """Split an earlier one-word objective name into its estimator and implementation, keeping a note
-        (``old_name_note``) that names the new ones; refuse a pair that does not exist."""
-        from pyrovae.objectives import OLD_NAMES, resolve_objective
-
+        (``old_name_note``) that names the new ones. Whether the pair exists is the objective registry's
+        to say (pyrovae.objectives.check_objective)."""
         if not isinstance(self.objective, str) or not isinstance(self.implementation, str):
             raise ConfigError(f"train.objective and train.implementation are names, got {self.objective!r} and "
                               f"{self.implementation!r}")
-        try:
-            estimator, implementation = resolve_objective(self.objective, self.implementation)
-        except ValueError as e:
-            raise ConfigError(f"train.objective {self.objective!r}, train.implementation {self.implementation!r}: {e}"
-                              ) from None
-        if self.objective in OLD_NAMES:
-            object.__setattr__(self, "old_name_note", f"note: train.objective {self.objective!r} is now train.objective "
-                                                      f"= {estimator!r} with train.implementation = {implementation!r}")
+        if self.objective not in OLD_NAMES:
+            return
+        estimator, implementation = OLD_NAMES[self.objective]
+        if self.implementation not in ("traced", implementation):
+            raise ConfigError(f"train.objective {self.objective!r} is {estimator!r} implemented by {implementation!r}, "
+                              f"which contradicts train.implementation {self.implementation!r}")
+        object.__setattr__(self, "old_name_note", f"note: train.objective {self.objective!r} is now train.objective "
+                                                  f"= {estimator!r} with train.implementation = {implementation!r}")
         object.__setattr__(self, "objective", estimator)
         object.__setattr__(self, "implementation", implementation)
 
@@ -332,120 +305,6 @@ def apply_overrides(d: dict[str, Any], overrides) -> dict[str, Any]:
                 raise ConfigError(f"cannot set {key}: {part} is not a section or an options mapping")
         node[parts[-1]] = parse_value(value.strip())
     return d
-
-
-#: The arguments ``build_vae`` gives each kind of part itself; the part's other keyword arguments are its
-#: options (``model.<kind>_options``).
-PART_ARGUMENTS = {
-    "prior": {"z_dim", "posterior", "image_shape"},
-    "likelihood": {"image_shape"},
-    "posterior": {"encoder", "z_dim"},
-    "network": {"image_shape", "z_dim", "out_channels", "hidden", "activation", "min_scale"},
-}
-
-
-def _signature(target) -> inspect.Signature:
-    fn = target.__init__ if isinstance(target, type) else target
-    try:
-        return inspect.signature(fn, eval_str=True)
-    except (NameError, TypeError):  # annotations that cannot be evaluated: names only
-        return inspect.signature(fn)
-
-
-def part_options(kind: str, target) -> dict[str, inspect.Parameter] | None:
-    """The options a part of ``kind`` ("prior", "likelihood", "posterior", "network") takes: its
-    constructor's keyword parameters (annotations evaluated where possible) less those ``build_vae``
-    passes itself; ``None`` when it takes any keyword (``**options``)."""
-    params = _signature(target).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return None
-    return {n: p for n, p in params.items() if n != "self" and n not in PART_ARGUMENTS[kind]
-            and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
-
-
-def _check_options(kind: str, options, target) -> dict:
-    """``model.<kind>_options`` checked against ``target``'s constructor: keyword arguments it accepts,
-    each of the type its annotation names; returned with integers given for float options as floats.
-    (Ranges are the part's own to check: ``build_vae`` reports them.)"""
-    where = f"model.{kind}_options"
-    if not isinstance(options, dict):
-        raise ConfigError(f"{where} must be a mapping of option names to values, got {options!r}")
-    params = part_options(kind, target) if target is not None and options else None
-    if params is None:
-        return dict(options)
-    unknown = sorted(set(options) - set(params))
-    if unknown:
-        name = getattr(target, "__name__", str(target))
-        raise ConfigError(f"unknown option(s) {unknown} in {where} for {name}; valid: {', '.join(params) or 'none'}")
-    checked = {}
-    for key, value in options.items():
-        annotation = params[key].annotation
-        if annotation is inspect.Parameter.empty or isinstance(annotation, str):
-            checked[key] = value
-            continue
-        if not _has_type(value, annotation):
-            raise ConfigError(f"{where}.{key} must be {_type_name(annotation)}, got {value!r}")
-        checked[key] = _as_annotated(value, annotation)
-    return checked
-
-
-def _accepts(annotation, kind: type) -> bool:
-    """Whether ``annotation`` is ``kind`` or a union that has ``kind`` among its members."""
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return any(_accepts(a, kind) for a in typing.get_args(annotation))
-    return annotation is kind
-
-
-def _as_annotated(value, annotation):
-    """A config value (one that fits ``annotation``) with every integer the annotation wants as a float
-    (``float``, not ``int``) made a float, in lists too: TOML and JSON write 2.0 as 2, and an integer
-    would reach torch as an integer tensor. Booleans are left alone."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int):
-        return float(value) if _accepts(annotation, float) and not _accepts(annotation, int) else value
-    if isinstance(value, (list, tuple)):
-        members = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
-            else (annotation,)
-        for member in members:
-            args = typing.get_args(member)
-            if typing.get_origin(member) in (tuple, list) and args and _has_type(value, member):
-                return type(value)(_as_annotated(v, args[0]) for v in value)
-    return value
-
-
-def _has_type(value, annotation) -> bool:
-    """Whether a config value (TOML/JSON: lists for tuples) fits a simple annotation."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_has_type(value, a) for a in args)
-    if annotation is type(None):
-        return value is None
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if origin in (tuple, list):
-        item = args[0] if args else typing.Any
-        return isinstance(value, (list, tuple)) and all(_has_type(v, item) for v in value)
-    if isinstance(annotation, type):
-        return isinstance(value, annotation)
-    return True  # an annotation this check does not model: the part checks it
-
-
-def _type_name(annotation) -> str:
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args)
-    if annotation is type(None):
-        return "None"
-    if origin in (tuple, list):
-        plural = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
-        return f"a list of {plural.get(args[0], 'values') if args else 'values'}"
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 
 #: Keys that have a new name: (section, old key) -> new key.

@@ -28,10 +28,12 @@ from typing import Callable, Iterator, NamedTuple
 
 import torch
 
+from pyrovae.config import BINARIZATIONS, ConfigError  # noqa: F401  (BINARIZATIONS: the names)
+
 __all__ = [
     "DATASETS", "BINARIZATIONS", "DatasetNotFoundError", "ImageData", "MNIST_FILES",
     "data_root", "load_dataset", "load_mnist", "load_image_folder", "binarize", "binarize_fast", "to_unit", "batches",
-    "load_lfw", "lfw_is_test_person", "dataset_is_known", "Prepared", "prepare_data", "prepare_train", "prepare_test",
+    "load_lfw", "lfw_is_test_person", "dataset_is_known", "check_dataset", "Prepared", "prepare_data", "prepare_train", "prepare_test",
 ]
 
 MNIST_FILES = [
@@ -372,8 +374,15 @@ def dataset_is_known(name: str) -> bool:
     return name in DATASETS or (name.startswith("folder:") and len(name) > len("folder:"))
 
 
+def check_dataset(name: str) -> None:
+    """A :class:`ConfigError` unless ``data.dataset`` names a dataset here (or a folder of images)."""
+    if not dataset_is_known(name):
+        raise ConfigError(f"unknown data.dataset {name!r}; valid: {', '.join(sorted(DATASETS))}, or folder:PATH")
+
+
 def load_dataset(name: str, data_dir=None, *, train: bool, download: bool = True, device="cpu",
                  image_size: int | None = None) -> ImageData:
+    check_dataset(name)
     loader = load_folder_dataset if name.startswith("folder:") else DATASETS[name]
     if loader is load_folder_dataset:
         return loader(name, data_dir, train=train, download=download, device=device, image_size=image_size)
@@ -412,7 +421,6 @@ def to_unit(images: torch.Tensor, generator: torch.Generator | None = None) -> t
 
 
 #: Training binarizations: dynamic draws afresh every time an image is used, static draws once.
-BINARIZATIONS = ("dynamic", "static")
 
 
 def batches(data: torch.Tensor, batch_size: int, generator: torch.Generator,
@@ -492,7 +500,9 @@ STORED_SHAPES = {"mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "cifar10": 
 
 
 def expected_image_shape(data_config) -> tuple[int, ...] | None:
-    """(C, H, W) the configured dataset will have, without reading it; None for a folder of images."""
+    """(C, H, W) the configured dataset will have, without reading it; None for a folder of images.
+    An unknown dataset name is a :class:`ConfigError`."""
+    check_dataset(data_config.dataset)
     stored = STORED_SHAPES.get(data_config.dataset)
     if stored is None:
         return None

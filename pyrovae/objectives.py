@@ -20,10 +20,11 @@ from pyro.util import check_model_guide_match
 from torch import nn
 from torch.distributions import kl_divergence
 
+from pyrovae.config import OLD_NAMES, ConfigError
 from pyrovae.elbo_manual import ManualELBO, ManualIWAE
 
 __all__ = ["OBJECTIVES", "ESTIMATORS", "IMPLEMENTATIONS", "OLD_NAMES", "PyroELBO", "PyroIWAE", "PyroDReG", "TracedELBO",
-           "build_objective", "resolve_objective"]
+           "build_objective", "check_objective", "resolve_objective"]
 
 
 class PyroELBO(nn.Module):
@@ -344,15 +345,6 @@ OBJECTIVES = {
     ("iwae_dreg", "traced"): lambda vae, particles=1: PyroDReG(vae, particles),
 }
 
-#: The one-word names of earlier versions, still accepted: name -> (estimator, implementation).
-OLD_NAMES = {
-    "trace_elbo": ("elbo", "pyro"),
-    "meanfield_elbo": ("meanfield", "pyro"),
-    "manual_mc": ("elbo", "manual"),
-    "manual_analytic": ("meanfield", "manual"),
-    "manual_iwae": ("iwae", "manual"),
-}
-
 #: The objectives that take ``free_bits`` (a floor under each latent layer's KL term).
 FREE_BITS_OBJECTIVES = (("meanfield", "traced"),)
 
@@ -374,6 +366,19 @@ def resolve_objective(name: str, implementation: str = "traced") -> tuple[str, s
                          if implementation in IMPLEMENTATIONS else
                          f"unknown implementation {implementation!r}; valid: {', '.join(IMPLEMENTATIONS)}")
     return name, implementation
+
+
+def check_objective(t) -> None:
+    """A :class:`ConfigError` unless ``train.objective`` and ``train.implementation`` (of a
+    :class:`pyrovae.config.TrainConfig`) name an objective here, and ``train.free_bits`` suits it."""
+    try:
+        key = resolve_objective(t.objective, t.implementation)
+    except ValueError as e:
+        raise ConfigError(f"train.objective {t.objective!r}, train.implementation {t.implementation!r}: {e}") from None
+    if t.free_bits and key not in FREE_BITS_OBJECTIVES:
+        raise ConfigError(f"train.free_bits floors each layer's closed-form KL term, which the objective "
+                          f"{key[0]!r} ({key[1]}) does not keep apart; use train.objective = meanfield with "
+                          f"train.implementation = traced")
 
 
 def build_objective(name: str, vae: nn.Module, particles: int = 1, free_bits: float = 0.0,

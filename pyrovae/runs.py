@@ -37,7 +37,7 @@ from pyrovae.distributed import World, wrap
 from pyrovae.engine import Interrupted, TrainState, fit, make_optimizer, resolve_device
 from pyrovae.evaluate import active_units, evaluate, importance_log_likelihood, seeded_noise
 from pyrovae.folders import LOCK_NAME, claimed
-from pyrovae.build import build_vae
+from pyrovae.build import build_vae, check_names
 from pyrovae.model import VAE
 from pyrovae.objectives import build_objective
 
@@ -140,6 +140,8 @@ def train_run(config: Config | None, out_dir, *, quiet: bool = False, overwrite:
     """
     out = Path(out_dir)
     out = out.parent if resume and out.is_file() else out  # the run's checkpoint.pt names the run too
+    if config is not None and not resume:
+        check_names(config)  # before the folder is claimed: an unknown name leaves nothing behind
     world.from_main(lambda: check_destination(out, resume))
     advice = "a resumed run writes into its folder: copy the folder somewhere writable and resume the copy"
     with pyro.settings.context(module_local_params=True), \
@@ -159,6 +161,8 @@ def _train_run(config, out: Path, *, quiet, overwrite, download, resume, data, d
     quiet, log = quiet or not world.main, log if world.main else (lambda *_: None)
     saved = world.from_main(lambda: _saved_run(out)) if resume else None
     config = _resumable_config(out, config, saved) if resume else config
+    if resume:
+        check_names(config)  # a plugin the saved run names, say, may be missing here
     if config.train.tensorboard and world.main:  # an optional feature, checked where it is used
         from pyrovae.board import require_tensorboard
 

@@ -4,6 +4,7 @@ import pytest
 
 from helpers import ROOT
 
+from pyrovae.build import check_names
 from pyrovae.objectives import ESTIMATORS
 from pyrovae.config import Config, ConfigError, ModelConfig, TrainConfig
 from pyrovae.data import DATASETS
@@ -41,8 +42,32 @@ def test_json_round_trip(tmp_path):
     ("data", "binarization", "threshold", "valid: dynamic, static"),
 ])
 def test_bad_values_name_the_field_and_the_valid_choices(section, key, value, needle):
+    """A type or range is refused when the config is made; a name when it is resolved (check_names,
+    which a run calls before it reads data); either way the message names the field."""
     with pytest.raises(ConfigError, match=needle):
-        Config().replace(**{section: {key: value}})
+        check_names(Config().replace(**{section: {key: value}}))
+
+
+def test_making_a_config_resolves_no_name_and_loads_nothing(tmp_path):
+    """Inert data: a config naming parts, a plugin, a dataset and an objective that do not exist here
+    is made, saved and read back without importing torch or the plugin; resolving it names the field."""
+    import subprocess
+    import sys
+
+    bad = {"model": {"prior": "elsewhere", "plugins": ["no_such_plugin_module"], "prior_options": {"k": 1}},
+           "data": {"dataset": "imagenet"}, "train": {"objective": "elbo2", "tensorboard": True}}
+    (tmp_path / "c.json").write_text(json.dumps(bad))
+    code = ("import sys; from pyrovae.config import Config; c = Config.load(sys.argv[1]); c.save(sys.argv[1]); "
+            "print(sorted(m for m in ('torch', 'pyro', 'no_such_plugin_module', 'tensorboard') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c.json")], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout
+    assert out.strip() == "[]"
+    config = Config.load(tmp_path / "c.json")
+    assert config.model.prior == "elsewhere" and config.data.dataset == "imagenet"
+    with pytest.raises(ConfigError, match="model.plugins: no plugin module 'no_such_plugin_module'"):
+        check_names(config)
+    with pytest.raises(ConfigError, match="unknown model.prior 'elsewhere'"):
+        check_names(config.replace(model={"plugins": ()}))
 
 
 def test_unknown_keys_are_listed():
@@ -61,11 +86,11 @@ def test_sections_validate_on_their_own():
 
 def test_unknown_component_options_are_refused_with_the_valid_ones():
     with pytest.raises(ConfigError, match=r"unknown option\(s\) \['components'\] in model.prior_options"):
-        Config().replace(model={"prior_options": {"components": 3}})
+        check_names(Config().replace(model={"prior_options": {"components": 3}}))
     with pytest.raises(ConfigError, match="must be a mapping"):
         Config().replace(model={"posterior_options": [1, 2]})
     with pytest.raises(ConfigError, match="unknown model.network 'transformer'; valid: auto, " + ", ".join(sorted(NETWORKS))):
-        Config().replace(model={"network": "transformer"})
+        check_names(Config().replace(model={"network": "transformer"}))
 
 
 def test_lr_milestones_read_from_toml_lists():

@@ -16,6 +16,8 @@ from helpers import small_options
 from pyrovae import Config, ModelConfig, build_vae
 from pyrovae.compiled import TracedLoss
 from pyrovae.config import ConfigError
+from pyrovae.objectives import check_objective
+from pyrovae.parts import resolve_parts
 from pyrovae.evaluate import active_units, elbo_terms, importance_log_likelihood
 from pyrovae.hierarchy import HierarchicalVAE, precision_weighted
 from pyrovae.likelihoods import LIKELIHOODS
@@ -275,7 +277,7 @@ def test_one_layer_stays_the_default_and_a_stack_replaces_z_dim():
 ])
 def test_a_stack_it_cannot_build_is_refused_with_the_reason(fields, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        ModelConfig(**fields)
+        resolve_parts(ModelConfig(**fields))
 
 
 def test_active_units_are_counted_per_layer():
@@ -315,7 +317,7 @@ def test_free_bits_floor_each_layer_kl_and_leave_layers_above_it_alone():
         return -model.nodes["x"]["fn"].log_prob(x).sum() + 2 * 1e4 * x.shape[0]
     _assert_same(floored, _loss_and_grads(reconstruction_only, vae, x, kl_weight=1.0))
     with pytest.raises(ConfigError, match="train.free_bits floors each layer"):
-        Config.from_dict({"train": {"free_bits": 0.5, "objective": "iwae"}})
+        check_objective(Config.from_dict({"train": {"free_bits": 0.5, "objective": "iwae"}}).train)
 
 
 # --- the residual stack ------------------------------------------------------------------------------
@@ -374,7 +376,7 @@ def test_a_residual_stack_that_does_not_fit_its_grids_is_refused(fields, message
     with pytest.raises(ConfigError, match=message):
         build_vae(ModelConfig(network="resnet", likelihood="discretized_logistic", **fields), COLOUR)
     with pytest.raises(ConfigError, match="the residual stack's guide is top-down"):
-        ModelConfig(latents=(32, 8), network="resnet", inference="bottom_up")
+        resolve_parts(ModelConfig(latents=(32, 8), network="resnet", inference="bottom_up"))
 
 
 @pytest.mark.parametrize("name", ["cifar10_ladder.toml", "lfw_ladder.toml"])

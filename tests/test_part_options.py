@@ -24,7 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyrovae.config import Config, ConfigError, ModelConfig, OptionError, apply_overrides, part_options
+from pyrovae.build import check_names
+from pyrovae.config import Config, ConfigError, ModelConfig, OptionError, apply_overrides
+from pyrovae.parts import part_options, resolve_parts
 from pyrovae.likelihoods import LIKELIHOODS
 from pyrovae.build import build_vae
 from pyrovae.networks import NETWORKS
@@ -151,7 +153,8 @@ def test_the_readme_plugin_takes_an_integer_scale_as_a_float_and_samples(monkeyp
     exec(readme_plugin_source(), {})
     config = Config.from_dict(apply_overrides({}, ["model.prior=logistic", "model.prior_options.scale=2",
                                                    "model.z_dim=3", "model.hidden=[16]"]))
-    assert config.model.prior_options == {"scale": 2.0} and type(config.model.prior_options["scale"]) is float
+    options = resolve_parts(config.model).options["prior"]
+    assert options == {"scale": 2.0} and type(options["scale"]) is float
     assert Config.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     vae = build_vae(config.model)
     assert vae.prior.scale.dtype == torch.get_default_dtype()
@@ -162,13 +165,14 @@ def test_the_readme_plugin_takes_an_integer_scale_as_a_float_and_samples(monkeyp
 def test_registered_parts_get_floats_for_float_options_and_keep_integers():
     config = ModelConfig(z_dim=3, hidden=(16,), prior="flow", prior_options={"bins": 4, "bound": 2, "flows": 1},
                          likelihood="normal", likelihood_options={"scale": "fixed", "scale_value": 1})
-    assert config.prior_options == {"bins": 4, "bound": 2.0, "flows": 1}
-    assert [type(v) for v in config.prior_options.values()] == [int, float, int]
-    assert type(config.likelihood_options["scale_value"]) is float
+    options = resolve_parts(config).options
+    assert options["prior"] == {"bins": 4, "bound": 2.0, "flows": 1}
+    assert [type(v) for v in options["prior"].values()] == [int, float, int]
+    assert type(options["likelihood"]["scale_value"]) is float
     vae = build_vae(config)
     assert torch.isfinite(vae.sample(4)).all()
     student = ModelConfig(prior="student_t", prior_options={"df": 5})
-    assert type(student.prior_options["df"]) is float
+    assert type(resolve_parts(student).options["prior"]["df"]) is float
     assert build_vae(student).prior.df.dtype == torch.get_default_dtype()
 
 
@@ -182,15 +186,15 @@ class _Weighted(torch.nn.Module):
 
 def test_integers_become_floats_in_unions_and_lists_but_booleans_do_not(monkeypatch):
     monkeypatch.setitem(PRIORS, "weighted", _Weighted)
-    options = ModelConfig(prior="weighted", prior_options={"weights": [1, 2.5], "temperature": 2, "count": 3,
-                                                           "flag": True}).prior_options
+    options = resolve_parts(ModelConfig(prior="weighted", prior_options={
+        "weights": [1, 2.5], "temperature": 2, "count": 3, "flag": True})).options["prior"]
     assert options == {"weights": [1.0, 2.5], "temperature": 2.0, "count": 3, "flag": True}
     assert [type(w) for w in options["weights"]] == [float, float] and type(options["count"]) is int
     for bad in ({"temperature": True}, {"weights": [1, False]}):
         with pytest.raises(ConfigError, match=f"model.prior_options.{next(iter(bad))} must be"):
-            ModelConfig(prior="weighted", prior_options=bad)
+            resolve_parts(ModelConfig(prior="weighted", prior_options=bad))
     with pytest.raises(ConfigError, match="model.prior_options.df must be a number, got True"):
-        ModelConfig(prior="student_t", prior_options={"df": True})
+        resolve_parts(ModelConfig(prior="student_t", prior_options={"df": True}))
 
 
 # --- the messages ------------------------------------------------------------------------------------

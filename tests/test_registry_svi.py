@@ -14,6 +14,7 @@ import torch
 
 from pyrovae import ModelConfig, PyroELBO, build_vae
 from pyrovae.config import ConfigError
+from pyrovae.parts import resolve_parts
 from pyrovae.posteriors import POSTERIORS
 from pyrovae.likelihoods import LIKELIHOODS, LocationScaleLikelihood
 from pyrovae.priors import PRIORS
@@ -72,12 +73,12 @@ def test_vamp_prior_from_a_config():
 def test_every_part_refuses_unknown_options_and_lists_its_own(key, registry):
     for name, cls in registry.items():
         with pytest.raises(ConfigError, match="no_such_option"):
-            ModelConfig(**{key: name, f"{key}_options": {"no_such_option": 1}})
+            resolve_parts(ModelConfig(**{key: name, f"{key}_options": {"no_such_option": 1}}))
         options = [n for n, p in inspect.signature(cls.__init__).parameters.items()
                    if p.default is not inspect.Parameter.empty]
         if options:
             with pytest.raises(ConfigError, match=options[0]):
-                ModelConfig(**{key: name, f"{key}_options": {"no_such_option": 1}})
+                resolve_parts(ModelConfig(**{key: name, f"{key}_options": {"no_such_option": 1}}))
 
 
 @pytest.mark.parametrize("scale", LocationScaleLikelihood.SCALES)

@@ -27,6 +27,7 @@ from helpers import ROOT, binary_images, image_folder, synthetic_data
 from pyrovae.atomic import StorageError
 from pyrovae import Config, ModelConfig, build_vae, fit, train_step
 from pyrovae.checkpoint import CheckpointError, load_checkpoint, load_vae, save_checkpoint
+from pyrovae.build import check_names
 from pyrovae.cli import main
 from pyrovae.config import ConfigError
 from pyrovae.data import DatasetNotFoundError, MNIST_FILES, load_mnist
@@ -329,12 +330,12 @@ def _wrong_shape():
 BAD_INPUTS = [
     (case("grey levels given to the Bernoulli likelihood"), _grey_to_bernoulli, DataSupportError, "Binarize"),
     (case("images of the wrong shape for the network"), _wrong_shape, ImageShapeError, "expected a batch of images"),
-    (case("an unknown prior name"), lambda: Config().replace(model={"prior": "cauchy"}), ConfigError, "valid: "),
-    (case("an unknown likelihood name"), lambda: Config().replace(model={"likelihood": "x"}), ConfigError, "valid: "),
-    (case("an unknown posterior name"), lambda: Config().replace(model={"posterior": "x"}), ConfigError, "valid: "),
+    (case("an unknown prior name"), lambda: check_names(Config().replace(model={"prior": "cauchy"})), ConfigError, "valid: "),
+    (case("an unknown likelihood name"), lambda: check_names(Config().replace(model={"likelihood": "x"})), ConfigError, "valid: "),
+    (case("an unknown posterior name"), lambda: check_names(Config().replace(model={"posterior": "x"})), ConfigError, "valid: "),
     (case("a config written with the old key model.guide"), lambda: Config.from_dict({"model": {"guide": "iaf"}}),
      ConfigError, "model.guide is now model.posterior"),
-    (case("an unknown network name"), lambda: Config().replace(model={"network": "x"}), ConfigError, "valid: auto"),
+    (case("an unknown network name"), lambda: check_names(Config().replace(model={"network": "x"})), ConfigError, "valid: auto"),
     (case("a zero learning rate"), lambda: Config().replace(train={"lr": 0.0}), ConfigError, "train.lr"),
     (case("a negative learning rate"), lambda: Config().replace(train={"lr": -1e-3}), ConfigError, "train.lr"),
     (case("a zero batch size"), lambda: Config().replace(train={"batch_size": 0}), ConfigError, "batch_size"),
@@ -723,6 +724,16 @@ def test_tensorboard_is_checked_where_it_is_used_not_in_the_config(tmp_path, mon
     with pytest.raises(ConfigError, match="train.tensorboard needs the tensorboard package"):
         train_run(TINY.replace(train={"tensorboard": True}), tmp_path / "new", data=DATA, quiet=True)
     assert not (tmp_path / "new" / "config.json").exists()
+
+
+@faults("a run naming a part, plugin or objective that does not exist here is refused before its folder is made")
+def test_names_are_resolved_before_the_run_folder_is_claimed(tmp_path):
+    for model, train, needle in [({"prior": "cauchy"}, {}, "unknown model.prior 'cauchy'"),
+                                 ({"plugins": ("no_such_plugin_module",)}, {}, "no plugin module"),
+                                 ({}, {"objective": "elbo2"}, "unknown objective 'elbo2'")]:
+        with pytest.raises(ConfigError, match=needle):
+            train_run(TINY.replace(model=model, train=train), tmp_path / "new", data=DATA, quiet=True)
+        assert not (tmp_path / "new").exists()
 
 
 @faults("train_run leaves Pyro's global parameter store as it was")

@@ -16,6 +16,7 @@ from helpers import (LFW_LAYOUTS, ROOT, assert_one_step_moves_every_parameter, d
                      small_options, write_jpeg)
 from pyrovae import ModelConfig, PyroELBO, build_vae
 from pyrovae.config import Config, ConfigError
+from pyrovae.parts import resolve_parts
 from pyrovae.data import DatasetNotFoundError, lfw_is_test_person, load_dataset
 from pyrovae.likelihoods import LIKELIHOODS
 from pyrovae.networks import NETWORKS, build_resnet, resnet_levels
@@ -152,11 +153,11 @@ def test_option_values_out_of_range_are_config_errors(options, needle):
 
 def test_unknown_and_mistyped_options_are_refused_by_the_config():
     with pytest.raises(ConfigError, match=r"unknown option\(s\) \['depth'\].*valid: width, blocks, stages"):
-        ModelConfig(network="resnet", network_options={"depth": 3})
+        resolve_parts(ModelConfig(network="resnet", network_options={"depth": 3}))
     with pytest.raises(ConfigError, match="weight_norm must be true or false"):
-        ModelConfig(network="resnet", network_options={"weight_norm": "yes"})
+        resolve_parts(ModelConfig(network="resnet", network_options={"weight_norm": "yes"}))
     with pytest.raises(ConfigError, match="width must be an integer"):
-        ModelConfig(network="resnet", network_options={"width": 32.5})
+        resolve_parts(ModelConfig(network="resnet", network_options={"width": 32.5}))
 
 
 REGISTRY_SHAPE = (3, 8, 8)  # one halving, to 4x4

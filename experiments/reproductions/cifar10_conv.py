@@ -1,7 +1,7 @@
 """CIFAR-10 with the residual convolutional VAE (``network = "resnet"`` in the config) and a discretized
 logistic mixture likelihood: test bits/dim at a budget.
 
-Reads ``experiments/configs/cifar10.toml`` (overridable with ``--set``), trains, and reports test
+Reads ``experiments/configs/cifar10.toml`` (another with ``--config``, keys overridable with ``--set``), trains, and reports test
 bits/dim from the ELBO (all test images) and from importance sampling with K samples (the first
 ``--test-images``). Into ``--out`` (``results/cifar10``) go the run's config and metrics, and the
 figures: the loss curve in bits/dim, samples from the prior, reconstructions of test images spread
@@ -65,6 +65,8 @@ def showcase(vae, test: torch.Tensor, labels: torch.Tensor, history: list[dict],
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", type=Path, default=CONFIG,
+                   help="the run's config (default: experiments/configs/cifar10.toml; cifar10_ladder.toml is the stack)")
     p.add_argument("--epochs", type=int, default=None, help="override train.epochs of the config")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--particles", dest="k", type=int, default=100, help="importance samples per image")
@@ -81,7 +83,7 @@ def main(argv=None) -> int:
     if args.smoke:
         overrides += ["train.epochs=1", "train.train_subset=256", "train.test_subset=64", "train.batch_size=64",
                       "model.likelihood_options.components=2", "model.network_options.width=8"]
-    config = Config.load(CONFIG, overrides)
+    config = Config.load(args.config, overrides)
     k, test_images = (4, 16) if args.smoke else (args.k, args.test_images)
 
     with output_folders(args.smoke, args.out, args.runs, default_out=OUT, default_runs=RUNS) as folders:
