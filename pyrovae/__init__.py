@@ -17,7 +17,7 @@ _PUBLIC = {
     "Config": "pyrovae.config", "ModelConfig": "pyrovae.config", "DataConfig": "pyrovae.config",
     "TrainConfig": "pyrovae.config", "VAE": "pyrovae.model", "build_vae": "pyrovae.build",
     "PyroELBO": "pyrovae.objectives", "train_step": "pyrovae.engine", "fit": "pyrovae.engine",
-    "TrainState": "pyrovae.engine", "load": "pyrovae.checkpoint", "train_run": "pyrovae.runs",
+    "TrainState": "pyrovae.state", "load": "pyrovae.checkpoint", "train_run": "pyrovae.runs",
 }
 
 __all__ = ["Config", "ModelConfig", "DataConfig", "TrainConfig", "VAE", "build_vae", "PyroELBO", "train_step", "fit",

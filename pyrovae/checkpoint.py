@@ -15,8 +15,10 @@ import torch
 
 from pyrovae.atomic import atomic_write
 from pyrovae.config import Config, ConfigError
+from pyrovae.distributed import World
+from pyrovae.state import TrainState, summed
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_vae", "load"]
+__all__ = ["CheckpointError", "Checkpointer", "restore_noise", "save_checkpoint", "load_checkpoint", "load_vae", "load"]
 
 FORMAT = "pyrovae-checkpoint"
 VERSION = 3  # 3: the data stream follows from the seed; 2 (still read): the state kept the data generator's
@@ -41,6 +43,59 @@ def save_checkpoint(path, *, vae, optimizer, config: Config, state: dict) -> Non
     buffer = io.BytesIO()  # serialized in memory first: a failed disk write is then a plain OSError
     torch.save(payload, buffer)
     atomic_write(path, buffer.getbuffer())
+
+
+class Checkpointer:
+    """A run's checkpoint file, written and read by every process of the run.
+
+    :meth:`save` gathers the processes' noise generators and sums their epoch totals; rank 0 writes
+    the file and all wait for it. :meth:`resume` hands each process the state it goes on from. With
+    ``path`` None nothing is written (a loop that keeps no checkpoint).
+    """
+
+    def __init__(self, path: str | Path | None, world: World = World()):
+        self.path, self.world = (Path(path) if path is not None else None), world
+
+    def save(self, state: TrainState, *, vae, optimizer, config: Config, device: torch.device) -> None:
+        if self.path is None:
+            return
+        world = self.world
+        state.noise_rng = {"torch": torch.get_rng_state(),
+                           "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        noise = world.gather(state.noise_rng)
+        saved = summed(state, world)
+        saved.rank_noise_rng = noise if world.size > 1 else None
+        if world.main:
+            save_checkpoint(self.path, vae=vae, optimizer=optimizer, config=config, state=saved.to_dict())
+        world.barrier()  # no process goes on before the checkpoint is in place
+
+    def resume(self, saved: dict, device: torch.device) -> TrainState:
+        """The saved state (a checkpoint's ``state``) as this process goes on from it: rank 0 carries
+        the epoch's sums (the checkpoint holds the totals of all processes), and each process its own
+        noise generators when the number of processes is the one that saved them."""
+        state, world = TrainState.from_dict(saved, device), self.world
+        if not world.main:
+            state.loss_sum, state.images, state.skipped = torch.zeros_like(state.loss_sum), 0, None
+        if state.rank_noise_rng is not None and len(state.rank_noise_rng) == world.size:
+            state.noise_rng = state.rank_noise_rng[world.rank]
+        elif not world.main:
+            state.noise_rng = None  # a different number of processes: a fresh stream (not bit-exact)
+        return state
+
+    def last_good(self) -> str:
+        """Which checkpoint is still good, in words (after a failed step)."""
+        if self.path is None or not self.path.is_file():
+            return "No checkpoint had been written yet"
+        saved = load_checkpoint(self.path)["state"]
+        return f"The last good checkpoint (epoch {saved['epoch']}, step {saved['step']}) is kept in {self.path}"
+
+
+def restore_noise(state: TrainState, device: torch.device) -> None:
+    """Resuming: the reparameterization noise goes on from where the saved state left it."""
+    if state.noise_rng is not None:
+        torch.set_rng_state(state.noise_rng["torch"])
+        if device.type == "cuda" and state.noise_rng["cuda"] is not None:
+            torch.cuda.set_rng_state(state.noise_rng["cuda"], device)
 
 
 def load_checkpoint(path, map_location="cpu") -> dict[str, Any]:

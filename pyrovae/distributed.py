@@ -24,6 +24,7 @@ The convention (what keeps one process and N processes on the same objective):
 from __future__ import annotations
 
 import datetime
+import functools
 import inspect
 import os
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["World", "CollectiveError", "launched", "start", "stop", "exit_now", "shard", "sum_gradients", "wrap"]
+__all__ = ["World", "CollectiveError", "launched", "start", "stop", "exit_now", "on_main", "shard", "sum_gradients", "wrap"]
 
 #: How long a collective waits for the other processes before it fails (seconds); a process that
 #: died makes the others fail after at most this long, instead of hanging.
@@ -116,6 +117,16 @@ class World:
         box = [obj]
         _collective(dist.broadcast_object_list, box, src=0)
         return box[0]
+
+
+def on_main(fn):
+    """Decorator for rank-0 work: the function runs on rank 0 only, and its result (or its error,
+    raised again) reaches every process of the ``world`` keyword it is called with (one process when
+    none is given). It must not itself call a collective: the other processes wait in this one."""
+    @functools.wraps(fn)
+    def on_rank_zero(*args, world: World = World(), **kwargs):
+        return world.from_main(lambda: fn(*args, **kwargs))
+    return on_rank_zero
 
 
 def _collective(fn, *args, **kwargs):

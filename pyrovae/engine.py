@@ -7,38 +7,38 @@ guard is a device flag that the fused Adam kernel reads itself (``found_inf``, t
 ``torch.amp.GradScaler`` uses), skipping the update on the device when the loss or a gradient is
 NaN or infinite.
 
-``fit`` is the loop. Everything it needs to go on after a stop lives in one :class:`TrainState`,
-which is what a checkpoint holds beside the module and optimizer states, so a run trained in pieces
-has the same parameters and metrics as one trained straight through. The loop reads the device's
-flags at most once per ``train.log_every_steps`` steps, before every checkpoint and at the end of an
-epoch. It knows nothing of run folders (see :mod:`pyrovae.runs`): it writes only the checkpoint file
-it is given.
+``fit`` is the loop. It takes its batches from the data stream (:mod:`pyrovae.stream`), records
+each step in a :class:`pyrovae.state.TrainState` (what a checkpoint holds beside the module and
+optimizer states, so a run trained in pieces has the same parameters and metrics as one trained
+straight through), and hands the state to a :class:`pyrovae.checkpoint.Checkpointer` to write. The
+loop reads the device's flags at most once per ``train.log_every_steps`` steps, before every
+checkpoint and at the end of an epoch. It knows nothing of run folders (see :mod:`pyrovae.runs`): it
+writes only the checkpoint file it is given.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import pyro
 import torch
 
-from pyrovae.checkpoint import load_checkpoint, save_checkpoint
+from pyrovae.checkpoint import Checkpointer, restore_noise
 from pyrovae.config import Config, TrainConfig
 from pyrovae.data import Prepared, batches
-from pyrovae.distributed import World, shard
+from pyrovae.distributed import World
 from pyrovae.evaluate import evaluate
 from pyrovae.progress import progress
+from pyrovae.state import TrainState, epoch_totals
 from pyrovae.step import StepResult, _parameters, train_step
+from pyrovae.stream import epoch_batches, steps_per_epoch
 
-__all__ = ["train_step", "fit", "TrainState", "StepResult", "NonFiniteWatch", "make_optimizer", "resolve_device",
+__all__ = ["train_step", "fit", "StepResult", "NonFiniteWatch", "make_optimizer", "resolve_device",
            "learning_rate", "kl_weight_at", "NonFiniteLossError", "DeviceUnavailableError", "Interrupted"]
 
 
@@ -129,129 +129,6 @@ def parameter_names(loss_fn, optimizer: torch.optim.Optimizer) -> list[str]:
     return [named.get(id(p), f"parameter {i}") for i, p in enumerate(_parameters(optimizer))]
 
 
-# --- the state a checkpoint holds ----------------------------------------------------------------
-def stream_seed(seed: int, epoch: int, step: int | None = None) -> int:
-    """The seed of an epoch's order (``step`` None) or of one step's binarization draws: a hash of
-    the run's seed and the position, so that nearby positions get unrelated streams."""
-    key = f"{seed}/{epoch}" + ("" if step is None else f"/{step}")
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
-@dataclass
-class TrainState:
-    """Where a run stands: with the module and optimizer states, everything a resume needs."""
-
-    seed: int = 0  # the run's seed: the data stream is a function of (seed, epoch, step) (epoch_batches)
-    noise_rng: dict | None = None  # torch's generators (CPU, and CUDA) when saved; None: not yet saved
-    epoch: int = 0  # epochs finished
-    step: int = 0  # optimizer steps taken in all
-    epoch_step: int = 0  # optimizer steps taken in the current epoch
-    loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))  # this epoch's -ELBO
-    skipped: torch.Tensor | None = None  # this epoch's updates skipped for a gradient norm over train.skip_grad_norm
-    images: int = 0  # images seen in the current epoch
-    seconds: float = 0.0  # training time in the current epoch
-    history: list = field(default_factory=list)  # one row of figures per finished epoch
-    data: dict | None = None  # what the run trains on: pyrovae.data.fingerprint, checked on resume
-    world_size: int = 1  # processes that trained the run (torchrun); loss_sum and images are their totals
-    rank_noise_rng: list | None = None  # every process's noise generators, in rank order (several processes)
-
-    @classmethod
-    def start(cls, seed: int, device: torch.device, data: dict | None = None) -> "TrainState":
-        return cls(seed=seed, loss_sum=torch.zeros((), dtype=torch.float64, device=device), data=data)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict, device: torch.device) -> "TrainState":
-        skipped = d.get("skipped")  # absent from checkpoints written before train.skip_grad_norm
-        return cls(**{**d, "loss_sum": d["loss_sum"].to(device),
-                      "skipped": None if skipped is None else skipped.to(device)})
-
-    def epoch_batches(self, data: Prepared, batch_size: int, world: World = World()) -> Iterator[torch.Tensor]:
-        """This process's part of each batch of the current epoch not yet trained on.
-
-        The data stream belongs to the seed, not to the device: the epoch's order is a permutation
-        drawn on the CPU from (seed, epoch), as torch's ``DistributedSampler`` draws its own, and each
-        step's binarization comes from a generator on the data's device seeded from (seed, epoch,
-        step). So the same seed takes the same images in the same order on the CPU, on CUDA and on
-        any number of processes (each takes its part of the global batch, prepared whole, see
-        :mod:`pyrovae.distributed`), and a resume part-way through an epoch starts at its step with
-        nothing to replay. The binarization draws themselves differ between kinds of device.
-        """
-        n, device = data.train.shape[0], data.train.device
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(stream_seed(self.seed, self.epoch)))
-        order, draws = order.to(device), torch.Generator(device=device)
-        for step in range(self.epoch_step, -(-n // batch_size)):
-            batch = data.train[order[step * batch_size:(step + 1) * batch_size]]
-            if data.per_batch is not None:
-                batch = data.per_batch(batch, draws.manual_seed(stream_seed(self.seed, self.epoch, step)))
-            if batch.shape[0] >= world.size:  # a last batch too small to give every process an image is dropped
-                yield batch[shard(batch.shape[0], world)]
-
-    def record(self, result: StepResult, images: int) -> None:
-        self.step += 1
-        self.epoch_step += 1
-        self.loss_sum += result.loss.double()  # stays on the device
-        self.skipped = result.too_large.long() + (0 if self.skipped is None else self.skipped.to(result.loss.device))
-        self.images += images
-
-    def totals(self, world: World) -> tuple[float, int, int]:
-        """The epoch's -ELBO sum, image count and skipped updates so far, over all processes (host reads)."""
-        skipped = self.loss_sum.new_tensor(0.0) if self.skipped is None else self.skipped.to(self.loss_sum)
-        both = torch.stack([self.loss_sum, self.loss_sum.new_tensor(float(self.images)), skipped / world.size])
-        loss, images, skipped = world.sum_(both.clone()).tolist()  # every process skips the same steps
-        return loss, int(images), round(skipped)
-
-    def summed(self, world: World) -> "TrainState":
-        """A copy holding the epoch's sums over all processes (what a checkpoint holds)."""
-        loss, images, skipped = self.totals(world)
-        return dataclasses.replace(self, loss_sum=torch.tensor(loss, dtype=torch.float64), images=images,
-                                   skipped=torch.tensor(skipped), world_size=world.size)
-
-    def end_epoch(self, test: dict, lr: float, world: World = World()) -> dict:
-        loss, images, skipped = self.totals(world)
-        self.epoch += 1
-        row = {"epoch": self.epoch, "train_neg_elbo": loss / max(images, 1),
-               "test_neg_elbo": test["neg_elbo"], "test_reconstruction": test["reconstruction"],
-               "test_kl": test["kl"], **({"test_bits_per_dim": test["bits_per_dim"]} if "bits_per_dim" in test else {}),
-               "seconds": self.seconds, "steps": self.step, "lr": lr, **({"skipped_steps": skipped} if skipped else {})}
-        self.history.append(row)
-        self.epoch_step, self.images, self.seconds, self.skipped = 0, 0, 0.0, None
-        self.loss_sum = torch.zeros_like(self.loss_sum)
-        return row
-
-    def save(self, path: Path | None, config: Config, vae, optimizer, device: torch.device,
-             world: World = World()) -> None:
-        """Write the checkpoint (rank 0; the others hand it their noise generators and their sums)."""
-        if path is None:
-            return
-        self.noise_rng = {"torch": torch.get_rng_state(),
-                          "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        noise = world.gather(self.noise_rng)
-        saved = dataclasses.replace(self.summed(world), rank_noise_rng=noise if world.size > 1 else None)
-        if world.main:
-            save_checkpoint(path, vae=vae, optimizer=optimizer, config=config, state=saved.to_dict())
-        world.barrier()  # no process goes on before the checkpoint is in place
-
-    def resumed_by(self, world: World) -> "TrainState":
-        """A state loaded from a checkpoint, as this process resumes it: rank 0 carries the epoch's sums
-        (the checkpoint holds the totals of all processes), and each process its own noise generators
-        when the number of processes is the one that saved them."""
-        if not world.main:
-            self.loss_sum, self.images, self.skipped = torch.zeros_like(self.loss_sum), 0, None
-        if self.rank_noise_rng is not None and len(self.rank_noise_rng) == world.size:
-            self.noise_rng = self.rank_noise_rng[world.rank]
-        elif not world.main:
-            self.noise_rng = None  # a different number of processes: a fresh stream (not bit-exact)
-        return self
-
-    def restore_noise(self, device: torch.device) -> None:
-        """Resuming: the reparameterization noise goes on from where it stopped."""
-        if self.noise_rng is not None:
-            torch.set_rng_state(self.noise_rng["torch"])
-            if device.type == "cuda" and self.noise_rng["cuda"] is not None:
-                torch.cuda.set_rng_state(self.noise_rng["cuda"], device)
-
-
 @contextlib.contextmanager
 def _stop_on_signals():
     """Turn SIGINT/SIGTERM into a list the loop looks at after each step (main thread only)."""
@@ -271,27 +148,28 @@ def _stop_on_signals():
 
 # --- the loop ------------------------------------------------------------------------------------
 def fit(config: Config, vae, loss_fn, optimizer, data: Prepared, state: TrainState | None = None, *,
-        checkpoint: Path | None = None, quiet: bool = False, log=print, board=None,
+        checkpoint: Path | Checkpointer | None = None, quiet: bool = False, log=print, board=None,
         world: World = World()) -> TrainState:
-    """Train ``vae`` through ``loss_fn`` to ``config.train``'s budget; checkpoint to ``checkpoint``;
-    log to ``board`` (a :class:`pyrovae.board.Board`) when given. Under torchrun every process runs
-    this loop on its part of each batch (``loss_fn`` wrapped by :func:`pyrovae.distributed.wrap`)."""
+    """Train ``vae`` through ``loss_fn`` to ``config.train``'s budget; checkpoint to ``checkpoint`` (a
+    path, or a :class:`Checkpointer`); log to ``board`` (a :class:`pyrovae.board.Board`) when given.
+    Under torchrun every process runs this loop on its part of each batch (``loss_fn`` wrapped by
+    :func:`pyrovae.distributed.wrap`)."""
     t, device = config.train, data.train.device
+    saver = checkpoint if isinstance(checkpoint, Checkpointer) else Checkpointer(checkpoint, world)
     state = state or TrainState.start(t.seed, device)
-    state.restore_noise(device)
-    quiet = quiet or not world.main
+    restore_noise(state, device)
+    quiet, log = quiet or not world.main, log if world.main else (lambda *_: None)
     watch = NonFiniteWatch(parameter_names(loss_fn, optimizer), device)
-    n, per_step = data.train.shape[0], t.batch_size
-    steps_per_epoch = n // per_step + (n % per_step >= world.size)  # a last batch too small for the world is dropped
+    per_epoch = steps_per_epoch(data.train.shape[0], t.batch_size, world)
     vae.check_data(next(batches(data.train[: t.batch_size], t.batch_size, torch.Generator(device), data.per_batch)))
     step = _Stepper(t, loss_fn, optimizer, -(-t.batch_size // world.size), device, log)
-    stops = _Stops(t, world, device, steps_per_epoch)
+    stops = _Stops(t, world, device, per_epoch)
     with pyro.validation_enabled(False), _stop_on_signals() as signals, _progress(quiet) as bar:  # data checked
         while state.epoch < t.epochs and not _budget_spent(t, state) and not stops.now:
             _set_learning_rate(optimizer, learning_rate(t, state.epoch))
             vae.train()
             checked, start = state.epoch_step, time.perf_counter()
-            for x in state.epoch_batches(data, t.batch_size, world):
+            for x in epoch_batches(data, t.batch_size, state.seed, state.epoch, state.epoch_step, world):
                 result = step(x, kl_weight_at(t, state.step))
                 watch.add(result)
                 state.record(result, x.shape[0])
@@ -299,25 +177,25 @@ def fit(config: Config, vae, loss_fn, optimizer, data: Prepared, state: TrainSta
                 stop = stops.agree(state, signals) or _budget_spent(t, state)
                 save = stop or (t.checkpoint_every_steps is not None and state.step % t.checkpoint_every_steps == 0)
                 if save or state.step % t.log_every_steps == 0:
-                    checked = _check(watch, checked, state, checkpoint)
+                    checked = _check(watch, checked, state, saver)
                     if board is not None and world.main:
                         board.step(state.step, result.loss, x.shape[0], learning_rate(t, state.epoch),
                                    kl_weight_at(t, state.step - 1))
                 if save:
                     state.seconds, start = state.seconds + time.perf_counter() - start, time.perf_counter()
-                    state.save(checkpoint, config, vae, optimizer, device, world)
-                if stop and state.epoch_step < steps_per_epoch:  # at the last batch, let the epoch end
+                    saver.save(state, vae=vae, optimizer=optimizer, config=config, device=device)
+                if stop and state.epoch_step < per_epoch:  # at the last batch, let the epoch end
                     break
-            if state.epoch_step < steps_per_epoch:  # stopped inside the epoch (checkpoint written)
-                loss, images, _ = state.totals(world)
+            if state.epoch_step < per_epoch:  # stopped inside the epoch (checkpoint written)
+                loss, images, _ = epoch_totals(state, world)
                 if not quiet:
-                    log(f"stopped in epoch {state.epoch + 1} after {state.epoch_step} of its {steps_per_epoch} "
-                        f"steps ({state.step} in all)  train -ELBO so far {loss / max(images, 1):8.2f}")
+                    log(f"stopped in epoch {state.epoch + 1} after {state.epoch_step} of its {per_epoch} steps "
+                        f"({state.step} in all)  train -ELBO so far {loss / max(images, 1):8.2f}")
                 break
-            _check(watch, checked, state, checkpoint)
+            _check(watch, checked, state, saver)
             state.seconds += time.perf_counter() - start
-            _end_epoch(config, vae, optimizer, data, state, checkpoint, board, log if not quiet else None, world)
-    stops.report(state, checkpoint, log if not quiet else None)
+            _end_epoch(config, vae, optimizer, data, state, saver, board, log if not quiet else None, world)
+    stops.report(state, saver.path, log if not quiet else None)
     return state
 
 
@@ -397,14 +275,14 @@ class _Stops:
             log(f"stopped: train.max_seconds ({self.t.max_seconds:g} s) spent after {state.step} steps; {kept}")
 
 
-def _end_epoch(config: Config, vae, optimizer, data: Prepared, state: TrainState, checkpoint, board, log,
+def _end_epoch(config: Config, vae, optimizer, data: Prepared, state: TrainState, saver: Checkpointer, board, log,
                world: World) -> None:
     """The test figures of the epoch just trained (evaluation mode), its row, its checkpoint."""
     t = config.train
     vae.eval()  # the test figures in evaluation mode (batch-norm statistics untouched)
-    row = state.end_epoch(evaluate(vae, data.test, seed=config.data.test_binarization_seed, world=world),
-                          learning_rate(t, state.epoch), world)
-    state.save(checkpoint, config, vae, optimizer, data.train.device, world)
+    test = evaluate(vae, data.test, seed=config.data.test_binarization_seed, world=world)
+    row = state.end_epoch(epoch_totals(state, world), test, learning_rate(t, state.epoch))
+    saver.save(state, vae=vae, optimizer=optimizer, config=config, device=data.train.device)
     if board is not None and world.main:
         board.epoch(row, vae, data.test, seed=t.seed)
     if log is not None:
@@ -427,15 +305,12 @@ def _set_learning_rate(optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def _check(watch: NonFiniteWatch, checked: int, state: TrainState, checkpoint: Path | None) -> int:
+def _check(watch: NonFiniteWatch, checked: int, state: TrainState, saver: Checkpointer) -> int:
     """Read the non-finite flags of the steps after step ``checked`` of the epoch (one host read); on a
     bad one say where and which checkpoint is still good. Returns the step checked up to."""
     try:
         watch.check(checked + 1, f"epoch {state.epoch + 1}, ")
     except NonFiniteLossError as e:
-        kept = "No checkpoint had been written yet"
-        if checkpoint is not None and Path(checkpoint).is_file():
-            saved = load_checkpoint(checkpoint)["state"]
-            kept = f"The last good checkpoint (epoch {saved['epoch']}, step {saved['step']}) is kept in {checkpoint}"
-        raise NonFiniteLossError(f"{e}; training stopped. {kept}. Try a lower --lr, or set train.grad_clip") from None
+        raise NonFiniteLossError(f"{e}; training stopped. {saver.last_good()}. Try a lower --lr, or set "
+                                 "train.grad_clip") from None
     return state.epoch_step

@@ -30,16 +30,17 @@ import torch
 
 from pyrovae.atomic import atomic_write, make_folder, remove_temporaries, storage_error
 from pyrovae.board import Board
-from pyrovae.checkpoint import CheckpointError, load_checkpoint, vae_from_checkpoint
+from pyrovae.checkpoint import Checkpointer, CheckpointError, load_checkpoint, vae_from_checkpoint
 from pyrovae.config import Config, ConfigError
 from pyrovae.data import Prepared, expected_image_shape, fingerprint, prepare_data, prepare_test
-from pyrovae.distributed import World, wrap
-from pyrovae.engine import Interrupted, TrainState, fit, make_optimizer, resolve_device
+from pyrovae.distributed import World, on_main, wrap
+from pyrovae.engine import Interrupted, fit, make_optimizer, resolve_device
 from pyrovae.evaluate import active_units, evaluate, importance_log_likelihood, seeded_noise
 from pyrovae.folders import LOCK_NAME, claimed
 from pyrovae.build import build_vae, check_names
 from pyrovae.model import VAE
 from pyrovae.objectives import build_objective
+from pyrovae.state import TrainState, summed
 
 __all__ = ["RunFolderError", "TrainedRun", "train_run", "evaluate_run", "provenance", "machine", "write_json",
            "write_figures", "run_metrics"]
@@ -90,7 +91,7 @@ def write_json(path, obj) -> None:
 
 def run_metrics(config: Config, state: TrainState, data: Prepared, device: torch.device, world_size: int = 1) -> dict:
     """``metrics.json``: the config, provenance, what the data are, and one row per finished epoch.
-    ``state`` holds the sums of all processes (as a checkpoint does, or :meth:`TrainState.summed`)."""
+    ``state`` holds the sums of all processes (as a checkpoint does, or :func:`pyrovae.state.summed`)."""
     metrics = {"config": config.to_dict(), "seed": config.train.seed, **provenance(device),
                "world_size": world_size,
                "batch_size": {"global": config.train.batch_size,
@@ -142,13 +143,13 @@ def train_run(config: Config | None, out_dir, *, quiet: bool = False, overwrite:
     out = out.parent if resume and out.is_file() else out  # the run's checkpoint.pt names the run too
     if config is not None and not resume:
         check_names(config)  # before the folder is claimed: an unknown name leaves nothing behind
-    world.from_main(lambda: check_destination(out, resume))
+    check_destination(out, resume, world=world)
     advice = "a resumed run writes into its folder: copy the folder somewhere writable and resume the copy"
     with pyro.settings.context(module_local_params=True), \
             claimed(out, create=not resume, world=world, log=log, advice=advice if resume else None):
         try:
             if not resume:  # with the folder claimed: it holds no other run (unless --overwrite)
-                world.from_main(lambda: _check_out_dir(out, overwrite, log))
+                _check_out_dir(out, overwrite, log, world=world)
             return _train_run(config, out, quiet=quiet, overwrite=overwrite, download=download, resume=resume,
                               data=data, data_dir=data_dir, log=log, world=world)
         except BaseException:
@@ -159,7 +160,7 @@ def train_run(config: Config | None, out_dir, *, quiet: bool = False, overwrite:
 
 def _train_run(config, out: Path, *, quiet, overwrite, download, resume, data, data_dir, log, world) -> TrainedRun:
     quiet, log = quiet or not world.main, log if world.main else (lambda *_: None)
-    saved = world.from_main(lambda: _saved_run(out)) if resume else None
+    saved = _saved_run(out, world=world) if resume else None
     config = _resumable_config(out, config, saved) if resume else config
     if resume:
         check_names(config)  # a plugin the saved run names, say, may be missing here
@@ -170,11 +171,7 @@ def _train_run(config, out: Path, *, quiet, overwrite, download, resume, data, d
     if data_dir is not None:
         config = config.replace(data={"data_dir": str(data_dir)})
     device = _device(config, world)
-    shape = tuple(data.train.shape[1:]) if data is not None else expected_image_shape(config.data)
-    vae = _build(config, shape, device) if shape is not None else None  # option values checked before the data
-    data = data if data is not None else prepare_data(config, device, download)
-    if vae is None or vae.image_shape != tuple(data.train.shape[1:]):
-        vae = _build(config, tuple(data.train.shape[1:]), device)
+    vae, data = _model_and_data(config, data, device, download)
     world.seed_noise(config.train.seed)
     _check_batch_size(config, data, log, world)
     identity = fingerprint(data)
@@ -182,40 +179,69 @@ def _train_run(config, out: Path, *, quiet, overwrite, download, resume, data, d
         _check_same_data(out, saved["state"].get("data"), identity)
     loss_fn = _loss_module(config, vae, data, device, world, log)
     optimizer = make_optimizer(vae.parameters(), config.train.lr, device)
+    saver = Checkpointer(out / "checkpoint.pt", world)
     if saved is not None:
-        vae.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        for group in optimizer.param_groups:  # a run whose steps were CUDA graphs may go on elsewhere
-            group["capturable"] = group.get("capturable", False) and device.type == "cuda"
-        state = TrainState.from_dict(saved["state"], device).resumed_by(world)
-        state.data = identity
+        state = _resumed(saved, identity, vae, optimizer, saver, device)
     else:
         state = TrainState.start(config.train.seed, device, identity)
-        world.from_main(lambda: _start_folder(out, config, overwrite))
-    world.from_main(lambda: remove_temporaries(out))  # left by a write that was killed
+        _start_folder(out, config, overwrite, world=world)
+    _remove_temporaries(out, world=world)  # left by a write that was killed
     board = Board(out / "tensorboard", start_step=state.step) if config.train.tensorboard and world.main else None
     try:
-        state = fit(config, vae, loss_fn, optimizer, data, state, checkpoint=out / "checkpoint.pt", quiet=quiet,
-                    log=log, board=board, world=world)
+        state = fit(config, vae, loss_fn, optimizer, data, state, checkpoint=saver, quiet=quiet, log=log, board=board,
+                    world=world)
     except Interrupted as e:
-        def stopped():  # the checkpoint holds the sums of all processes
-            resumed = TrainState.from_dict(load_checkpoint(out / "checkpoint.pt")["state"], device)
-            write_json(out / "metrics.json", run_metrics(config, resumed, data, device, world.size))
-        world.from_main(stopped)
+        _write_stopped_metrics(out, config, data, device, world.size, world=world)
         raise Interrupted(e.signum, f"{e}. Resume with: {_launcher(world)} train --resume {out} "
                                     f"--epochs {config.train.epochs}") from None
     finally:
         if board is not None:
             board.close()
-    metrics = {**run_metrics(config, state.summed(world), data, device, world.size),
+    metrics = {**run_metrics(config, summed(state, world), data, device, world.size),
                "compile_seconds": _compile_seconds(loss_fn)}
-
-    def finish():
-        write_json(out / "metrics.json", metrics)
-        write_figures(vae, out, state.history, data.test, data.test_labels, seed=config.train.seed)
-    world.from_main(finish)
+    _write_outputs(out, metrics, vae, state, data, config.train.seed, world=world)
     vae.config = config
     return TrainedRun(vae.eval(), metrics, config, data)
+
+
+def _model_and_data(config: Config, data: Prepared | None, device: torch.device, download: bool):
+    """The VAE (built, and its option values checked, before the data are read where the image shape
+    is known beforehand) and the prepared data."""
+    shape = tuple(data.train.shape[1:]) if data is not None else expected_image_shape(config.data)
+    vae = _build(config, shape, device) if shape is not None else None
+    data = data if data is not None else prepare_data(config, device, download)
+    if vae is None or vae.image_shape != tuple(data.train.shape[1:]):
+        vae = _build(config, tuple(data.train.shape[1:]), device)
+    return vae, data
+
+
+def _resumed(saved: dict, identity: dict, vae, optimizer, saver: Checkpointer, device: torch.device) -> TrainState:
+    """The module, optimizer and state of a checkpoint, loaded to go on with the data found now."""
+    vae.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    for group in optimizer.param_groups:  # a run whose steps were CUDA graphs may go on elsewhere
+        group["capturable"] = group.get("capturable", False) and device.type == "cuda"
+    state = saver.resume(saved["state"], device)
+    state.data = identity
+    return state
+
+
+@on_main
+def _remove_temporaries(out: Path) -> None:
+    remove_temporaries(out)
+
+
+@on_main
+def _write_stopped_metrics(out: Path, config: Config, data: Prepared, device: torch.device, world_size: int) -> None:
+    """metrics.json of a run stopped by a signal, from its checkpoint (which holds the sums of all processes)."""
+    saved = TrainState.from_dict(load_checkpoint(out / "checkpoint.pt")["state"], device)
+    write_json(out / "metrics.json", run_metrics(config, saved, data, device, world_size))
+
+
+@on_main
+def _write_outputs(out: Path, metrics: dict, vae, state: TrainState, data: Prepared, seed: int) -> None:
+    write_json(out / "metrics.json", metrics)
+    write_figures(vae, out, state.history, data.test, data.test_labels, seed=seed)
 
 
 def _loss_module(config: Config, vae: VAE, data: Prepared, device: torch.device, world: World, log):
@@ -253,6 +279,7 @@ def _device(config: Config, world: World) -> torch.device:
     return torch.device("cuda", world.local_rank) if device.type == "cuda" and world.active else device
 
 
+@on_main
 def _start_folder(out: Path, config: Config, overwrite: bool) -> None:
     if overwrite:
         _clear_run(out)
@@ -338,6 +365,7 @@ def _run_outputs(out: Path) -> tuple[list[Path], list[Path]]:
     return sorted(ours), sorted(p for p in out.iterdir() if p not in ours and p.name != LOCK_NAME)
 
 
+@on_main
 def check_destination(out: Path, resume: bool) -> None:
     """Before the folder is claimed: a run to resume has a checkpoint; a new run's --out can be a folder."""
     if resume:
@@ -354,6 +382,7 @@ def check_destination(out: Path, resume: bool) -> None:
         raise storage_error(out, OSError(errno.ENOTDIR, f"{blocking} is a file"))
 
 
+@on_main
 def _check_out_dir(out: Path, overwrite: bool, log=print) -> None:
     """With the folder claimed: it holds no other run (unless --overwrite), nor, then, files of the user's."""
     markers = [p for p in ("config.json", "metrics.json", "checkpoint.pt") if (out / p).exists()]
@@ -385,6 +414,7 @@ def _forget_unsaved_run(out: Path) -> None:
     remove_temporaries(out)
 
 
+@on_main
 def _saved_run(out: Path) -> dict:
     """The checkpoint of the run to resume, once its config.json is known to be the checkpoint's config."""
     saved = load_checkpoint(out / "checkpoint.pt")

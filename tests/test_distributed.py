@@ -15,7 +15,8 @@ from pyrovae import Config, build_vae
 from pyrovae.checkpoint import load_checkpoint
 from pyrovae.data import Prepared
 from pyrovae.distributed import World, shard
-from pyrovae.engine import TrainState, make_optimizer, train_step
+from pyrovae.engine import make_optimizer, train_step
+from pyrovae.stream import epoch_batches, steps_per_epoch
 from pyrovae.evaluate import importance_log_likelihood
 from pyrovae.objectives import build_objective
 
@@ -40,30 +41,25 @@ def _worker(case, out, *args):
 def test_shards_are_disjoint_cover_the_data_and_change_between_epochs():
     n, batch = 103, 10  # the last batch of 3 is split 2 + 1
     data = Prepared(torch.arange(n).float().view(n, 1, 1, 1), None, torch.zeros(1, 1, 1, 1), torch.zeros(1), "unit")
-    one = TrainState.start(0, torch.device("cpu"))
-    states = [TrainState.start(0, torch.device("cpu")) for _ in range(2)]
     epochs = []
-    for _ in range(2):
-        single = [b.flatten().tolist() for b in one.epoch_batches(data, batch)]
-        parts = [[b.flatten().tolist() for b in s.epoch_batches(data, batch, World(rank, 2))]
-                 for rank, s in enumerate(states)]
+    for epoch in range(2):
+        single = [b.flatten().tolist() for b in epoch_batches(data, batch, 0, epoch)]
+        parts = [[b.flatten().tolist() for b in epoch_batches(data, batch, 0, epoch, world=World(rank, 2))]
+                 for rank in range(2)]
         assert len(parts[0]) == len(parts[1]) == len(single) == 11  # every process takes the same number of steps
         for step, whole in enumerate(single):  # together, each step's batch is the one-process batch
             assert parts[0][step] + parts[1][step] == whole
         mine = [sorted(sum(p, [])) for p in parts]
         assert not set(mine[0]) & set(mine[1]) and sorted(mine[0] + mine[1]) == list(range(n))
         epochs.append(mine[0])
-        for state in (one, *states):  # the epoch ends
-            state.epoch += 1
     assert epochs[0] != epochs[1]  # reshuffled each epoch, from the seed all processes share
 
 
 def test_a_last_batch_smaller_than_the_world_is_dropped_by_every_process():
     assert [shard(3, World(r, 2)) for r in (0, 1)] == [slice(0, 2), slice(2, 3)]
     data = Prepared(torch.arange(21).float().view(21, 1, 1, 1), None, torch.zeros(1, 1, 1, 1), torch.zeros(1), "unit")
-    counts = [len(list(TrainState.start(0, torch.device("cpu")).epoch_batches(data, 10, World(r, 3))))
-              for r in range(3)]
-    assert counts == [2, 2, 2]  # 10 + 10, and the last image alone cannot go to three processes
+    counts = [len(list(epoch_batches(data, 10, 0, 0, world=World(r, 3)))) for r in range(3)]
+    assert counts == [2, 2, 2] == [steps_per_epoch(21, 10, World(r, 3)) for r in range(3)]  # 10 + 10, and the last image alone cannot go to three processes
 
 
 # --- 2 processes under torchrun -------------------------------------------------------------------

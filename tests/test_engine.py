@@ -9,6 +9,7 @@ import torch
 
 from helpers import CountHostReads, binary_images, synthetic_data
 from pyrovae import Config, TrainState, build_vae, fit, train_step
+from pyrovae.stream import epoch_batches
 from pyrovae.checkpoint import load_vae
 from pyrovae.config import ConfigError
 from pyrovae.engine import make_optimizer
@@ -132,18 +133,13 @@ def test_the_on_device_guard_skips_a_non_finite_step_entirely(objective):
     assert all(torch.equal(before[1][i][k], after[i][k]) for i in after for k in after[i])
 
 
-def test_train_state_resumes_the_data_order_part_way():
+def test_the_data_stream_resumes_part_way_through_an_epoch():
     data = synthetic_data(n_train=250)
-    straight = TrainState.start(0, torch.device("cpu"))
-    all_batches = list(straight.epoch_batches(data, 100))
-    resumed = TrainState.start(0, torch.device("cpu"))
-    resumed.epoch_step = 2
-    rest = list(resumed.epoch_batches(data, 100))
+    all_batches = list(epoch_batches(data, 100, seed=0, epoch=0))
+    rest = list(epoch_batches(data, 100, seed=0, epoch=0, first_step=2))
     assert len(all_batches) == 3 and len(rest) == 1 and torch.equal(rest[0], all_batches[2])
-    straight.epoch += 1
-    assert not torch.equal(next(straight.epoch_batches(data, 100)), all_batches[0])  # a new order each epoch
-    other = TrainState.start(1, torch.device("cpu"))
-    assert not torch.equal(next(other.epoch_batches(data, 100)), all_batches[0])  # and for each seed
+    assert not torch.equal(next(epoch_batches(data, 100, 0, 1)), all_batches[0])  # a new order each epoch
+    assert not torch.equal(next(epoch_batches(data, 100, 1, 0)), all_batches[0])  # and for each seed
 
 
 def _order_data(device):
@@ -156,22 +152,17 @@ def _order_data(device):
 
 
 def test_the_data_order_is_a_function_of_seed_epoch_and_step():
-    """Two states of one seed at the same (epoch, step) take the same images, whatever came before."""
+    """One seed at the same (epoch, step) takes the same images, whatever came before."""
     data = _order_data("cpu")
-    a = TrainState.start(3, torch.device("cpu"))
-    first = [b.flatten().tolist() for b in a.epoch_batches(data, 100)]
-    a.epoch = 4
-    b = TrainState.start(3, torch.device("cpu"))
-    b.epoch, b.epoch_step = 4, 1
-    assert [x.flatten().tolist() for x in b.epoch_batches(data, 100)] == \
-        [x.flatten().tolist() for x in a.epoch_batches(data, 100)][1:]
+    first = [b.flatten().tolist() for b in epoch_batches(data, 100, 3, 0)]
+    assert [x.flatten().tolist() for x in epoch_batches(data, 100, 3, 4, first_step=1)] == \
+        [x.flatten().tolist() for x in epoch_batches(data, 100, 3, 4)][1:]
     assert sorted(sum(first, [])) == list(range(250))
 
 
 @pytest.mark.cuda
 def test_the_same_seed_takes_the_same_images_in_the_same_order_on_cuda_and_on_the_cpu():
-    orders = [[b.flatten().cpu().tolist() for b in TrainState.start(7, torch.device(d)).epoch_batches(_order_data(d), 64)]
-              for d in ("cpu", "cuda")]
+    orders = [[b.flatten().cpu().tolist() for b in epoch_batches(_order_data(d), 64, 7, 0)] for d in ("cpu", "cuda")]
     assert orders[0] == orders[1]
 
 

@@ -29,7 +29,8 @@ import torch
 from pyrovae import plots
 from pyrovae.config import Config
 from pyrovae.data import prepare_data
-from pyrovae.engine import TrainState, fit, make_optimizer
+from pyrovae.engine import fit, make_optimizer
+from pyrovae.state import TrainState
 from pyrovae.experiment import add_output_flags, output_folders
 from pyrovae.build import build_vae
 from pyrovae.objectives import build_objective
