@@ -15,7 +15,6 @@ import os
 import sys
 from datetime import datetime
 from pathlib import Path
-from types import SimpleNamespace
 
 from pyrovae.atomic import StorageError
 from pyrovae.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, apply_overrides, read_config_file
@@ -55,87 +54,66 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def _integer(text: str) -> int:
     try:
-        value = float(text)
+        return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number such as 1e-3, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
-    return value
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number such as 1e-3, got {text!r}") from None
 
 
 def _widths(text: str) -> tuple[int, ...]:
     return tuple(_positive_int(part) for part in text.replace(",", " ").split())
 
 
-def _defaults() -> SimpleNamespace:
-    """The config's defaults (``d.train.epochs``) read off its dataclasses, without building (and so
-    checking) a Config, which would load the registries and with them torch."""
-    def plain(cls):
-        return SimpleNamespace(**{f.name: f.default for f in dataclasses.fields(cls)
-                                  if f.default is not dataclasses.MISSING})
-    return SimpleNamespace(model=plain(ModelConfig), data=plain(DataConfig), train=plain(TrainConfig))
+def config_flags() -> list[tuple[str, str, dataclasses.Field]]:
+    """(flag, section, field) for every config field that a ``pyrovae train`` flag sets: read off the
+    fields' metadata (:func:`pyrovae.config.option`), in the sections' order."""
+    flags = []
+    for section, cls in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig)):
+        for f in dataclasses.fields(cls):
+            flag = f.metadata.get("flag")
+            if flag:
+                flags.append((flag if isinstance(flag, str) else "--" + f.name.replace("_", "-"), section, f))
+    return flags
 
 
-def _objectives_help(listed: bool) -> str:
-    """The help of --objective; with ``listed``, the objectives' names (their module loads torch and Pyro)."""
-    if not listed:  # the names come from pyrovae.objectives, which loads torch and Pyro: only for --help
-        return "the loss, by name (see --help)"
-    from pyrovae.objectives import ESTIMATORS
+def _add_config_flag(parser, flag: str, section: str, f: dataclasses.Field) -> None:
+    """One flag for one config field: parsed by the field's type, ranges left to the config's own checks
+    (which name the field). Its help is the field's documentation and default."""
+    default = f.default if f.default is not dataclasses.MISSING else None
+    default = ",".join(map(str, default)) if isinstance(default, tuple) else default
+    shown = f"{section}.{f.name}" + ("" if default in (None, "") else f"; default {default}")
+    kinds = {"bool": dict(action="store_true"), "int": dict(type=_integer, metavar="N"),
+             "float": dict(type=_number, metavar="X"), "str": dict(metavar="NAME"),
+             "tuple[int": dict(type=_widths, metavar="N,N"), "tuple[str": dict(action="append", metavar="NAME")}
+    kind = next(v for k, v in kinds.items() if f.type.split(" |")[0].startswith(k))
+    kind = {**kind, "metavar": "DIR"} if f.name.endswith("_dir") else kind
+    parser.add_argument(flag, dest=f"{section}.{f.name}", default=None, help=f"{f.metadata['doc']} ({shown})", **kind)
 
-    return "the estimator: " + ", ".join(ESTIMATORS)
 
-
-def build_parser(list_objectives: bool = True) -> argparse.ArgumentParser:  # False: parsed without torch
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; ``pyrovae train``'s config flags come from the config's fields (:func:`config_flags`)."""
     parser = _Parser(prog="pyrovae", description="Variational autoencoders as Pyro programs.")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    d = _defaults()
     t = sub.add_parser("train", help="train a VAE with SVI and write a run folder",
-                       description="Flags override --config, and --set overrides both. Defaults: "
-                                   "pyrovae.config.Config.")
+                       description="Flags override --config, and --set overrides both. Every flag sets one field "
+                                   "of pyrovae.config.Config; --set reaches the others.")
     t.add_argument("--config", help="a TOML (or JSON) config file, e.g. experiments/configs/mnist.toml")
     t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value, e.g. --set model.prior=vamp (repeatable)")
-    t.add_argument("--epochs", type=_positive_int, help=f"passes over the training set ({d.train.epochs})")
-    t.add_argument("--z-dim", type=_positive_int, help=f"latent size ({d.model.z_dim})")
-    t.add_argument("--hidden", type=_widths, help="hidden widths, e.g. 400 or 200,200 (decoder mirrors encoder)")
-    t.add_argument("--latents", type=_widths, help="a stack of stochastic layers, bottom first, e.g. 100,50 "
-                                                    "(replaces --z-dim; default: one layer)")
-    t.add_argument("--inference", choices=["top_down", "bottom_up"], help="the guide of a stack (top_down)")
-    t.add_argument("--activation", help=f"hidden nonlinearity ({d.model.activation})")
-    t.add_argument("--prior", help=f"p(z) by name ({d.model.prior})")
-    t.add_argument("--likelihood", help=f"p(x|z) by name ({d.model.likelihood})")
-    t.add_argument("--posterior", help=f"q(z|x), the guide's family, by name ({d.model.posterior})")
-    t.add_argument("--network", help=f"encoder/decoder by name ({d.model.network})")
-    t.add_argument("--batch-size", type=_positive_int, help=f"images per step ({d.train.batch_size})")
-    t.add_argument("--lr", type=_positive_float, help=f"Adam learning rate ({d.train.lr})")
-    t.add_argument("--seed", type=int, help=f"random seed ({d.train.seed})")
-    t.add_argument("--device", choices=["auto", "cpu", "cuda"], help=f"({d.train.device})")
-    t.add_argument("--objective", help=f"{_objectives_help(list_objectives)} ({d.train.objective})")
-    t.add_argument("--implementation", help=f"traced, pyro or manual ({d.train.implementation})")
-    t.add_argument("--binarization", help="dynamic or static (MNIST training images)")
-    t.add_argument("--dataset", help="mnist, fashion_mnist, cifar10, lfw, or folder:PATH")
-    t.add_argument("--image-size", type=_positive_int, help="resize and centre-crop images to NxN")
-    t.add_argument("--data-dir", help="data root (default: $PYROVAE_DATA, else ~/.cache/pyrovae)")
-    t.add_argument("--train-subset", type=_positive_int, help="train on the first N images only")
-    t.add_argument("--test-subset", type=_positive_int, help="evaluate on the first N test images")
-    t.add_argument("--particles", type=_positive_int, help=f"K for the iwae objectives ({d.train.particles})")
-    t.add_argument("--kl-weight", type=float, help="beta, the weight of the KL term (1: the ELBO)")
-    t.add_argument("--kl-warmup-steps", type=int, help="raise the KL weight from 0 over N steps")
-    t.add_argument("--max-steps", type=_positive_int, help="stop after N optimizer steps in all")
-    t.add_argument("--grad-clip", type=_positive_float, help="clip the gradient norm to this value")
-    t.add_argument("--checkpoint-every", type=_positive_int, help="also checkpoint every N steps")
+    for flag, section, f in config_flags():
+        _add_config_flag(t, flag, section, f)
     t.add_argument("--out", default=None, help="run folder (default: runs/mnist-<date>-<time>)")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue this run to --epochs epochs in all")
     t.add_argument("--quiet", action="store_true", help="no progress bar, no per-epoch lines")
-    t.add_argument("--tensorboard", action="store_true", default=None,
-                   help="also log to RUN/tensorboard for `tensorboard --logdir` (needs the tensorboard package)")
-    plugin_help = "import this module first: it adds priors, likelihoods, posteriors or networks by name (repeatable)"
-    t.add_argument("--plugin", action="append", default=None, metavar="MODULE", help=plugin_help)
-
     _add_evaluate_and_sample(sub)
     return parser
 
@@ -156,28 +134,17 @@ def _add_evaluate_and_sample(sub) -> None:
     s.add_argument("--seed", type=int, default=0)
 
 
-#: train flags and the config fields they set
-FLAG_FIELDS = {
-    "epochs": "train.epochs", "z_dim": "model.z_dim", "hidden": "model.hidden", "latents": "model.latents", "inference": "model.inference",
-    "activation": "model.activation", "prior": "model.prior", "likelihood": "model.likelihood",
-    "posterior": "model.posterior", "network": "model.network", "batch_size": "train.batch_size", "lr": "train.lr", "seed": "train.seed",
-    "device": "train.device", "objective": "train.objective", "implementation": "train.implementation", "binarization": "data.binarization",
-    "data_dir": "data.data_dir", "dataset": "data.dataset", "image_size": "data.image_size", "train_subset": "train.train_subset", "test_subset": "train.test_subset",
-    "max_steps": "train.max_steps", "grad_clip": "train.grad_clip", "particles": "train.particles",
-    "kl_weight": "train.kl_weight", "kl_warmup_steps": "train.kl_warmup_steps",
-    "checkpoint_every": "train.checkpoint_every_steps", "tensorboard": "train.tensorboard", "plugin": "model.plugins",
-}
-RESUME_FLAGS = {"epochs", "max_steps", "data_dir"}  # a budget, and where the data are now
+#: the config fields a --resume may set: its budget, and where the data are now
+RESUME_FIELDS = ("train.epochs", "train.max_steps", "train.max_seconds", "data.data_dir")
 
 
 def config_from_args(args) -> Config:
     """--config file, then flags, then --set overrides."""
     d = read_config_file(args.config) if args.config else {}
-    for flag, field in FLAG_FIELDS.items():
-        value = getattr(args, flag)
+    for _, section, f in config_flags():
+        value = getattr(args, f"{section}.{f.name}")
         if value is not None:
-            section, key = field.split(".")
-            d.setdefault(section, {})[key] = list(value) if isinstance(value, tuple) else value
+            d.setdefault(section, {})[f.name] = list(value) if isinstance(value, tuple) else value
     return Config.from_dict(apply_overrides(d, args.set))
 
 
@@ -230,18 +197,22 @@ def _resumed(args) -> tuple[Config | None, Path, str | None]:
     from pyrovae.checkpoint import load_checkpoint
     from pyrovae.runs import check_destination
 
-    changed = [f"--{f.replace('_', '-')}" for f in FLAG_FIELDS if f not in RESUME_FLAGS
-               and getattr(args, f) is not None] + (["--config"] if args.config else []) + \
-              (["--set"] if args.set else []) + (["--out"] if args.out else [])
+    given = {f"{section}.{f.name}": flag for flag, section, f in config_flags()
+             if getattr(args, f"{section}.{f.name}") is not None}
+    changed = [flag for key, flag in given.items() if key not in RESUME_FIELDS] + \
+              (["--config"] if args.config else []) + (["--set"] if args.set else []) + (["--out"] if args.out else [])
     if changed:
-        raise ConfigError(f"--resume continues a run with its saved config; only --epochs, --max-steps and "
-                          f"--data-dir may be given with it, not {', '.join(changed)}")
+        raise ConfigError(f"--resume continues a run with its saved config; only --epochs, --max-steps, --max-seconds "
+                          f"and --data-dir may be given with it, not {', '.join(changed)}")
+    args.epochs, args.max_steps, args.max_seconds, args.data_dir = (
+        getattr(args, key) for key in RESUME_FIELDS)
     out = Path(args.resume)
     out = out.parent if out.is_file() else out  # the run folder, or its checkpoint.pt
     check_destination(out, resume=True)
     checkpoint = load_checkpoint(out / "checkpoint.pt")
     saved = Config.from_dict(checkpoint["config"])
-    config = saved.replace(train={"epochs": args.epochs or saved.train.epochs, "max_steps": args.max_steps})
+    config = saved.replace(train={"epochs": args.epochs or saved.train.epochs, "max_steps": args.max_steps,
+                                  "max_seconds": args.max_seconds})
     idle = _nothing_to_do(out, checkpoint["state"], config.train)
     if idle:
         if not _rank_prefix():
@@ -356,7 +327,7 @@ def _stop() -> bool:
 
 def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(list_objectives=any(a in ("-h", "--help") for a in argv))
+    parser = build_parser()
     args = parser.parse_args(argv)  # before torch and Pyro are loaded: a mistake is told at once
     from pyrovae.engine import Interrupted
 

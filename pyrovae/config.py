@@ -1,7 +1,8 @@
 """Configuration: frozen dataclasses of plain data, saved as JSON next to every run.
 
-Every field has a one-line comment. ``Config.from_dict`` rejects unknown keys, values of the wrong
-type and values out of range with a :class:`ConfigError` that names the field and says what is valid.
+Every field is an :func:`option`: its default, its documentation and the flag (if any) that sets it.
+``Config.from_dict`` rejects unknown keys, values of the wrong type and values out of range with a
+:class:`ConfigError` that names the field and says what is valid.
 Making or loading a config does nothing else: names (priors, likelihoods, plugins, datasets,
 objectives) are looked up where they become objects (:mod:`pyrovae.parts`, :mod:`pyrovae.data`,
 :mod:`pyrovae.objectives`), before any data are read, and optional features (tensorboard) are checked
@@ -10,6 +11,7 @@ where they are used. So a saved run always loads, whatever is installed.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -25,7 +27,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["ConfigError", "OptionError", "ModelConfig", "DataConfig", "TrainConfig", "Config", "OLD_NAMES",
+__all__ = ["ConfigError", "OptionError", "ModelConfig", "DataConfig", "TrainConfig", "Config", "OLD_NAMES", "option",
            "option_int", "option_number", "option_widths"]
 
 
@@ -44,30 +46,41 @@ OLD_NAMES = {
 }
 
 
-def _names(registry) -> str:
-    return ", ".join(sorted(registry))
+def option(default, doc: str, *, flag: bool | str = False):
+    """A config field: its default, its one-line documentation (also the ``--help`` text), and the
+    ``pyrovae train`` flag that sets it (True: ``--the-field-name``; a string: that flag; False: none,
+    ``--set`` reaches it). :mod:`pyrovae.cli` builds its flags from these."""
+    metadata = {"doc": doc, "flag": flag}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    z_dim: int = 50  # size of the latent code z
-    hidden: tuple[int, ...] = (400,)  # hidden-layer widths of the encoder and of the decoder (mirrored)
-    activation: str = "softplus"  # hidden nonlinearity: see pyrovae.networks.ACTIVATIONS
-    prior: str = "normal"  # p(z): see pyrovae.priors.PRIORS
-    likelihood: str = "bernoulli"  # p(x|z): see pyrovae.likelihoods.LIKELIHOODS
-    posterior: str = "diagonal"  # q(z|x), the guide's family: see pyrovae.posteriors.POSTERIORS
-    network: str = "auto"  # encoder/decoder: see pyrovae.networks.NETWORKS; auto picks by image shape
-    min_scale: float = 1e-4  # lower bound on the encoder's standard deviations
-    prior_options: dict = field(default_factory=dict)  # keyword options of the prior, e.g. {"components": 10}
-    likelihood_options: dict = field(default_factory=dict)  # keyword options of the likelihood
-    posterior_options: dict = field(default_factory=dict)  # keyword options of the posterior, e.g. {"flows": 2}
-    network_options: dict = field(default_factory=dict)  # keyword options of the network builder
-    plugins: tuple[str, ...] = ()  # modules to import first; they add parts by name (see pyrovae.plugins)
-    latents: tuple[int, ...] = ()  # sizes of a stack of stochastic layers z1 (next to x) .. zL, e.g. [100, 50];
-    # replaces z_dim (set to latents[0]); empty: one layer of z_dim (see pyrovae.hierarchy)
-    inference: str = "top_down"  # the stack's guide: top_down (Ladder VAE) or bottom_up (Burda et al.)
-    latent_hidden: tuple[int, ...] | None = None  # hidden widths between two latent layers; None: two layers as
-    # wide as the lower one; empty: affine
+    z_dim: int = option(50, "size of the latent code z", flag=True)
+    hidden: tuple[int, ...] = option((400,), "hidden-layer widths of the encoder and of the decoder (mirrored)",
+                                     flag=True)
+    activation: str = option("softplus", "hidden nonlinearity: see pyrovae.networks.ACTIVATIONS", flag=True)
+    prior: str = option("normal", "p(z): see pyrovae.priors.PRIORS", flag=True)
+    likelihood: str = option("bernoulli", "p(x|z): see pyrovae.likelihoods.LIKELIHOODS", flag=True)
+    posterior: str = option("diagonal", "q(z|x), the guide's family: see pyrovae.posteriors.POSTERIORS", flag=True)
+    network: str = option("auto", "encoder/decoder: see pyrovae.networks.NETWORKS; auto picks by image shape",
+                          flag=True)
+    min_scale: float = option(1e-4, "lower bound on the encoder's standard deviations")
+    prior_options: dict = option({}, "keyword options of the prior, e.g. {\"components\": 10}")
+    likelihood_options: dict = option({}, "keyword options of the likelihood")
+    posterior_options: dict = option({}, "keyword options of the posterior, e.g. {\"flows\": 2}")
+    network_options: dict = option({}, "keyword options of the network builder")
+    plugins: tuple[str, ...] = option((), "modules to import first; they add parts by name (see pyrovae.plugins)",
+                                      flag="--plugin")
+    latents: tuple[int, ...] = option((), "sizes of a stack of stochastic layers z1 (next to x) .. zL, e.g. [100, "
+                                          "50]; replaces z_dim (set to latents[0]); empty: one layer of z_dim (see "
+                                          "pyrovae.hierarchy)", flag=True)
+    inference: str = option("top_down", "the stack's guide: top_down (Ladder VAE) or bottom_up (Burda et al.)",
+                            flag=True)
+    latent_hidden: tuple[int, ...] | None = option(None, "hidden widths between two latent layers; None: two layers "
+                                                         "as wide as the lower one; empty: affine")
 
     def __post_init__(self) -> None:  # types and ranges only: names meet their registries in pyrovae.parts
         if not isinstance(self.plugins, tuple) or not all(isinstance(m, str) and m for m in self.plugins):
@@ -110,11 +123,14 @@ def _check_stack(c: ModelConfig) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "mnist"  # mnist, fashion_mnist, cifar10, lfw, or folder:PATH (any folder of images)
-    data_dir: str | None = None  # data root; None: $PYROVAE_DATA, else the user cache folder
-    binarization: str = "dynamic"  # MNIST training binarization: dynamic (fresh draw per use) or static
-    test_binarization_seed: int = 0  # the one fixed draw of the binarized test set
-    image_size: int | None = None  # resize and centre-crop every image to this square size; None: as stored
+    dataset: str = option("mnist", "mnist, fashion_mnist, cifar10, lfw, or folder:PATH (any folder of images)",
+                          flag=True)
+    data_dir: str | None = option(None, "data root; None: $PYROVAE_DATA, else the user cache folder", flag=True)
+    binarization: str = option("dynamic", "MNIST training binarization: dynamic (fresh draw per use) or static",
+                               flag=True)
+    test_binarization_seed: int = option(0, "the one fixed draw of the binarized test set")
+    image_size: int | None = option(None, "resize and centre-crop every image to this square size; None: as stored",
+                                    flag=True)
 
     def __post_init__(self) -> None:  # the dataset's name meets its loaders in pyrovae.data.check_dataset
         if not isinstance(self.dataset, str) or not self.dataset:
@@ -128,38 +144,49 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 20  # passes over the training set
-    batch_size: int = 256  # images per SVI step
-    lr: float = 1e-3  # Adam learning rate (at the start)
-    lr_decay: float = 1.0  # multiply the learning rate by this after each epoch count in lr_milestones
-    lr_milestones: tuple[int, ...] = ()  # epoch counts at which lr_decay applies, e.g. Burda et al. (2015):
-    # lr_decay = 10^(-1/7) after 1, 4, 13, 40, 121, 364, 1093 epochs (stages of 3^i epochs)
-    seed: int = 0  # seeds initialization, reparameterization noise, data order and binarization
-    device: str = "auto"  # auto (CUDA when present), cpu or cuda
-    objective: str = "meanfield"  # the estimator: meanfield (the ELBO, closed-form KL where one exists), elbo (the
-    # ELBO, one-draw KL), iwae (the IWAE bound, train.particles), iwae_dreg (IWAE, DReG gradients)
-    implementation: str = "traced"  # traced (ours, from Pyro's traces, no host read), pyro (Pyro's own estimator,
-    # the reference) or manual (the hand-coded ELBO in plain PyTorch); see pyrovae.objectives.OBJECTIVES
-    particles: int = 5  # K, importance samples per image for the iwae objectives (ignored by the others)
-    kl_weight: float = 1.0  # beta: weight of the KL term (beta-VAE, Higgins et al. 2017); 1 is the ELBO
-    kl_warmup_steps: int = 0  # raise the KL weight linearly to kl_weight over these steps (k/N at step k); 0: none
-    free_bits: float = 0.0  # nats per image below which a latent layer's KL term (its batch mean) is not pressed
-    # further (Kingma et al. 2016); objective meanfield only; 0: off
-    grad_clip: float | None = None  # clip the gradient norm to this value; None: no clipping
-    skip_grad_norm: float | None = None  # skip the update of a step whose gradient norm exceeds this (VDVAE's guard
-    # for deep latents, Child 2021), counted per epoch in metrics.json; None: never
-    max_steps: int | None = None  # stop after this many optimizer steps in all (quick checks); None: no cap
-    max_seconds: float | None = None  # stop, with a checkpoint, once this much wall-clock time (this command's
-    # training loop) is spent; resumable like any stop. None: no limit
-    checkpoint_every_steps: int | None = None  # also checkpoint every N steps within an epoch; None: per epoch
-    log_every_steps: int = 100  # read the loss and the non-finite flags back from the device every N steps
-    train_subset: int | None = None  # train on the first N images only (quick checks); None: all
-    test_subset: int | None = None  # evaluate on the first N test images only; None: all
-    tensorboard: bool = False  # also log to <run>/tensorboard (pip install 'pyrovae[tensorboard]')
-    compile: bool | str = "auto"  # trace the loss below Python and compile it (pyrovae.compiled.TracedLoss):
-    # auto (on the CPU, for runs long enough to win the compilation back) or true; false: eager
-    cuda_graph: bool | str = "auto"  # on CUDA, capture the whole step once as a CUDA graph and replay it:
-    # auto (wherever the step can be captured) or true; false: eager steps
+    epochs: int = option(20, "passes over the training set", flag=True)
+    batch_size: int = option(256, "images per SVI step", flag=True)
+    lr: float = option(1e-3, "Adam learning rate (at the start)", flag=True)
+    lr_decay: float = option(1.0, "multiply the learning rate by this after each epoch count in lr_milestones")
+    lr_milestones: tuple[int, ...] = option((), "epoch counts at which lr_decay applies, e.g. Burda et al. (2015): "
+                                                "lr_decay = 10^(-1/7) after 1, 4, 13, 40, 121, 364, 1093 epochs "
+                                                "(stages of 3^i epochs)")
+    seed: int = option(0, "seeds initialization, reparameterization noise, data order and binarization", flag=True)
+    device: str = option("auto", "auto (CUDA when present), cpu or cuda", flag=True)
+    objective: str = option("meanfield", "the estimator: meanfield (the ELBO, closed-form KL where one exists), elbo "
+                                         "(the ELBO, one-draw KL), iwae (the IWAE bound, train.particles), iwae_dreg "
+                                         "(IWAE, DReG gradients)", flag=True)
+    implementation: str = option("traced", "traced (ours, from Pyro's traces, no host read), pyro (Pyro's own "
+                                           "estimator, the reference) or manual (the hand-coded ELBO in plain "
+                                           "PyTorch); see pyrovae.objectives.OBJECTIVES", flag=True)
+    particles: int = option(5, "K, importance samples per image for the iwae objectives (ignored by the others)",
+                            flag=True)
+    kl_weight: float = option(1.0, "beta: weight of the KL term (beta-VAE, Higgins et al. 2017); 1 is the ELBO",
+                              flag=True)
+    kl_warmup_steps: int = option(0, "raise the KL weight linearly to kl_weight over these steps (k/N at step k); 0: "
+                                     "none", flag=True)
+    free_bits: float = option(0.0, "nats per image below which a latent layer's KL term (its batch mean) is not "
+                                   "pressed further (Kingma et al. 2016); objective meanfield only; 0: off")
+    grad_clip: float | None = option(None, "clip the gradient norm to this value; None: no clipping", flag=True)
+    skip_grad_norm: float | None = option(None, "skip the update of a step whose gradient norm exceeds this (VDVAE's "
+                                                "guard for deep latents, Child 2021), counted per epoch in "
+                                                "metrics.json; None: never")
+    max_steps: int | None = option(None, "stop after this many optimizer steps in all (quick checks); None: no cap",
+                                   flag=True)
+    max_seconds: float | None = option(None, "stop, with a checkpoint, once this much wall-clock time (this command's "
+                                             "training loop) is spent; resumable like any stop. None: no limit",
+                                       flag=True)
+    checkpoint_every_steps: int | None = option(None, "also checkpoint every N steps within an epoch; None: per "
+                                                      "epoch", flag="--checkpoint-every")
+    log_every_steps: int = option(100, "read the loss and the non-finite flags back from the device every N steps")
+    train_subset: int | None = option(None, "train on the first N images only (quick checks); None: all", flag=True)
+    test_subset: int | None = option(None, "evaluate on the first N test images only; None: all", flag=True)
+    tensorboard: bool = option(False, "also log to <run>/tensorboard (pip install 'pyrovae[tensorboard]')", flag=True)
+    compile: bool | str = option("auto", "trace the loss below Python and compile it (pyrovae.compiled.TracedLoss): "
+                                         "auto (on the CPU, for runs long enough to win the compilation back) or "
+                                         "true; false: eager")
+    cuda_graph: bool | str = option("auto", "on CUDA, capture the whole step once as a CUDA graph and replay it: auto "
+                                            "(wherever the step can be captured) or true; false: eager steps")
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "log_every_steps"):
@@ -202,7 +229,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{key} must be auto, true or false, got {value!r}")
         if self.max_seconds is not None and (isinstance(self.max_seconds, bool) or not isinstance(
                 self.max_seconds, (int, float)) or not 0 < self.max_seconds < float("inf")):
-            raise ConfigError(f"train.max_seconds must be a positive number of seconds or None, got {self.max_seconds!r}")
+            raise ConfigError(f"train.max_seconds must be a positive number of seconds or None, got "
+                              f"{self.max_seconds!r}")
         for key in ("max_steps", "checkpoint_every_steps", "train_subset", "test_subset"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -323,7 +351,7 @@ def _section_from_dict(section_cls, name: str, d: dict[str, Any]):
     if unknown:
         raise ConfigError(f"unknown key(s) {sorted(unknown)} in config section {name!r}; valid: {', '.join(fields)}")
     d = dict(d)
-    for key in ("hidden", "lr_milestones", "plugins", "latents", "latent_hidden"):  # tuples, written as lists (or one value) in TOML/JSON
+    for key in (f.name for f in fields.values() if f.type.startswith("tuple")):  # lists (or one value) in TOML/JSON
         if isinstance(d.get(key), list):
             d[key] = tuple(d[key])
         elif isinstance(d.get(key), (int, str)):

@@ -49,13 +49,14 @@ def test_python_dash_m_runs_the_cli(dataset, tmp_path):
 
 
 @pytest.mark.parametrize("flag,value,needle", [
-    ("--lr", "-1", "--lr: must be a positive finite number, got -1"),
-    ("--lr", "abc", "expected a positive number"),
-    ("--z-dim", "0", "--z-dim: must be a positive integer, got 0"),
-    ("--batch-size", "-5", "--batch-size: must be a positive integer"),
+    ("--lr", "-1", "train.lr must be a positive learning rate such as 1e-3, got -1.0"),
+    ("--lr", "abc", "--lr: expected a number such as 1e-3, got 'abc'"),
+    ("--z-dim", "0", "model.z_dim must be a positive integer (the latent size), got 0"),
+    ("--z-dim", "2.5", "--z-dim: expected an integer, got '2.5'"),
+    ("--batch-size", "-5", "train.batch_size must be a positive integer"),
     ("--hidden", "400,0", "--hidden: must be a positive integer, got 0"),
     ("--activation", "swish", "unknown model.activation 'swish'; valid: elu, gelu, relu, softplus, tanh"),
-    ("--device", "tpu", "invalid choice: 'tpu'"),
+    ("--device", "tpu", "train.device must be one of auto, cpu, cuda; got 'tpu'"),
 ])
 def test_nonsense_flag_values_are_refused_clearly(flag, value, needle, capsys, tmp_path):
     with pytest.raises(SystemExit) as info:
@@ -116,3 +117,24 @@ def test_cuda_without_a_gpu_is_refused(tmp_path, capsys):
     assert main(["train", "--device", "cuda", "--out", str(tmp_path / "r"), *QUICK]) == 1
     assert "no CUDA GPU is available" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_the_train_flags_are_the_config_fields_that_declare_one():
+    """One schema: every flag comes from a config field's metadata and sets that field, and nothing else."""
+    from pyrovae.cli import build_parser, config_flags, config_from_args
+    from pyrovae.config import Config
+
+    samples = {"int": "3", "float": "0.5", "bool": None, "str": "x", "tuple[int": "7,8", "tuple[str": "m"}
+    flags = config_flags()
+    assert len(flags) >= 25 and len({flag for flag, _, _ in flags}) == len(flags)
+    parser = build_parser()
+    for flag, section, f in flags:
+        value = next(v for k, v in samples.items() if f.type.split(" |")[0].startswith(k))
+        args = parser.parse_args(["train", flag] + ([] if value is None else [value]))
+        got = {(s, g.name): getattr(args, f"{s}.{g.name}") for _, s, g in flags}
+        assert [key for key, v in got.items() if v is not None] == [(section, f.name)]
+        if f.name in ("z_dim", "epochs", "batch_size", "hidden", "tensorboard", "lr", "dataset"):
+            config = config_from_args(args)  # values that make a valid config on their own
+            expected = {"3": 3, "0.5": 0.5, None: True, "x": "x", "7,8": (7, 8)}[value]
+            assert getattr(getattr(config, section), f.name) == expected
+            assert config.replace(**{section: {f.name: getattr(getattr(Config(), section), f.name)}}) == Config()

@@ -444,7 +444,7 @@ def test_resume_refuses_a_changed_config_or_a_missing_run(tmp_path, capsys):
     assert "no checkpoint at" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--resume", str(tmp_path / "run"), "--lr", "0.1"])
-    assert "only --epochs, --max-steps and --data-dir" in capsys.readouterr().err
+    assert "only --epochs, --max-steps, --max-seconds and --data-dir" in capsys.readouterr().err
 
 
 
