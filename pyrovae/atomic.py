@@ -8,11 +8,12 @@ the temporary file is removed. Files get the usual mode for new files (0666 less
 from __future__ import annotations
 
 import errno
+import json
 import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["StorageError", "atomic_write", "make_folder", "remove_temporaries", "storage_error"]
+__all__ = ["StorageError", "atomic_write", "make_folder", "remove_temporaries", "storage_error", "write_json"]
 
 _ADVICE = {
     errno.ENOSPC: "the disk is full: free some space or write the run to another disk (--out)",
@@ -92,3 +93,8 @@ def remove_temporaries(folder) -> list[Path]:
     for p in stray:
         p.unlink(missing_ok=True)
     return stray
+
+
+def write_json(path, obj) -> None:
+    """``obj`` as indented JSON in ``path``, written atomically."""
+    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())

@@ -62,9 +62,6 @@ from pyrovae.networks import ACTIVATIONS, MLPDecoder
 
 __all__ = ["INFERENCES", "GaussianNet", "HierarchicalVAE", "StackEncoder", "precision_weighted"]
 
-#: The guide's factorizations, by config name (``model.inference``).
-INFERENCES = ("top_down", "bottom_up")
-
 
 class GaussianNet(nn.Module):
     """h -> (loc, scale, features): an MLP whose last hidden layer also feeds the next layer up.

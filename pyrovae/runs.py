@@ -15,12 +15,7 @@ from __future__ import annotations
 
 import errno
 import json
-import os
-import platform
-import shlex
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -28,7 +23,8 @@ from typing import NamedTuple
 import pyro
 import torch
 
-from pyrovae.atomic import atomic_write, make_folder, remove_temporaries, storage_error
+from pyrovae.atomic import make_folder, remove_temporaries, storage_error, write_json
+from pyrovae.provenance import machine, provenance  # noqa: F401  (part of this module's interface too)
 from pyrovae.board import Board
 from pyrovae.checkpoint import Checkpointer, CheckpointError, load_checkpoint, vae_from_checkpoint
 from pyrovae.config import Config, ConfigError
@@ -48,45 +44,6 @@ __all__ = ["RunFolderError", "TrainedRun", "train_run", "evaluate_run", "provena
 
 class RunFolderError(FileExistsError):
     """The output folder already holds another run."""
-
-
-def provenance(device: torch.device | str | None = None) -> dict:
-    """Versions, device, git commit and command line, saved beside every result."""
-    import torchvision
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "pyro": pyro.__version__, "torchvision": torchvision.__version__},
-        "device": str(device) if device is not None else None,
-        "cpu_threads": torch.get_num_threads(),
-        "machine": machine(),
-        "git_commit": commit,
-        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-    }
-
-
-def machine() -> dict:
-    """The processor (model name, logical cores) and the GPU, if any: what every timing depends on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"cpu": cpu, "logical_cores": os.cpu_count(), "gpu": gpu}
-
-
-def write_json(path, obj) -> None:
-    text = json.dumps(obj, indent=2) + "\n"
-    atomic_write(path, text.encode())
 
 
 def run_metrics(config: Config, state: TrainState, data: Prepared, device: torch.device, world_size: int = 1) -> dict:

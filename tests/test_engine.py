@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import CountHostReads, binary_images, synthetic_data
-from pyrovae import Config, TrainState, build_vae, fit, train_step
+from pyrovae import Config, build_vae, fit, train_step
 from pyrovae.stream import epoch_batches
 from pyrovae.checkpoint import load_vae
 from pyrovae.config import ConfigError

@@ -212,3 +212,67 @@ def test_a_report_keeps_the_figures_of_a_run_whose_checkpoint_is_elsewhere(tmp_p
     rows = reproduce.report(["burda_vae"], tmp_path / "runs", out, 5000, None, readme=tmp_path / "README.md",
                             command="test")
     assert rows == [row] and "**87.30**" in (tmp_path / "README.md").read_text()
+
+
+def test_the_vamp_crosscheck_agrees_with_stock_pyro_in_smoke_form():
+    out = run_smoke("studies/crosscheck_vamp.py", None)
+    ours, stock = (float(out.split(name)[1].split()[0]) for name in ("ours", "stock"))
+    assert abs(ours - stock) < 1e-3 and "IWAE-20" in out
+
+
+def test_benchmark_batch_size_smoke():
+    out = run_smoke("benchmarks/benchmark_batch_size.py", None)
+    assert "batch    8:" in out and "ratio to the cheapest  1.00" in out
+
+
+_PARSE_ONLY = r"""
+import argparse, json, runpy, sys
+class Parsed(BaseException):
+    pass
+original = argparse.ArgumentParser.parse_args
+def parse_only(self, args=None, namespace=None):
+    original(self, args, namespace)
+    raise Parsed
+argparse.ArgumentParser.parse_args = parse_only
+refused = []
+for script, argv in json.loads(sys.argv[1]):
+    sys.argv = [script, *argv]
+    try:
+        runpy.run_path(script, run_name="__main__")
+        refused.append([script, argv, "ran without parsing its command line"])
+    except Parsed:
+        pass
+    except SystemExit as e:
+        refused.append([script, argv, f"exit {e.code}"])
+print(json.dumps(refused))
+"""
+
+
+def _documented_commands():
+    """(script, arguments) of every ``python experiments/...py`` or ``python tools/...py`` command in
+    the project's Markdown: the READMEs, docs/ and every results folder's README."""
+    import re
+    import shlex
+
+    pages = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "results").rglob("*.md"),
+             *(ROOT / "experiments").rglob("*.md"), *(ROOT / "tools").rglob("*.md")]
+    found = set()
+    for page in pages:
+        text = re.sub(r"\\\n\s*", " ", page.read_text())  # continued lines joined
+        for m in re.finditer(r'python3? ((?:experiments|tools)/[\w/]+\.py)((?:[^`&|#<>"\n]|"[^"\n]*")*)', text):
+            argv = shlex.split(m.group(2).replace("$OUT", "/tmp/out").replace(" NAME", " burda_vae"))
+            found.add((m.group(1), tuple(a for a in argv if a not in ('"', "'"))))
+    return sorted(found)
+
+
+def test_every_documented_experiment_command_is_accepted_by_its_script():
+    """The commands the READMEs and results folders give are checked against the scripts' own parsers."""
+    commands = _documented_commands()
+    assert len(commands) >= 30 and any("crosscheck_vamp" in s for s, _ in commands)
+    missing = sorted({s for s, _ in commands if not (ROOT / s).is_file()})
+    assert missing == [], f"documented scripts that do not exist: {missing}"
+    done = subprocess.run([sys.executable, "-c", _PARSE_ONLY, json.dumps(commands)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    refused = json.loads(done.stdout.strip().splitlines()[-1])
+    assert refused == [], refused

@@ -1,7 +1,6 @@
 """A stack of stochastic layers (pyrovae.hierarchy) against its oracles: stock Pyro's estimators under
 the same noise, the exact log-likelihood of a linear-Gaussian two-layer model, and the eager step."""
 
-import itertools
 import math
 
 import pyro

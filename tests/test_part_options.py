@@ -24,7 +24,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyrovae.build import check_names
 from pyrovae.config import Config, ConfigError, ModelConfig, OptionError, apply_overrides
 from pyrovae.parts import part_options, resolve_parts
 from pyrovae.likelihoods import LIKELIHOODS

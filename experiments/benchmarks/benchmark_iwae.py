@@ -39,7 +39,8 @@ from pyrovae.data import prepare_test
 from pyrovae.evaluate import _CPUFastPaths, importance_log_likelihood, seeded_noise
 from pyrovae.experiment import add_output_flags, output_folders
 from pyrovae.build import build_vae
-from pyrovae.runs import provenance, write_json
+from pyrovae.atomic import write_json
+from pyrovae.provenance import provenance
 
 OUT = "results/benchmark_iwae"
 

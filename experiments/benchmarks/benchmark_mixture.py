@@ -26,7 +26,8 @@ import torch
 
 from pyrovae.experiment import add_output_flags, output_folders
 from pyrovae.priors import DiagonalNormalMixture
-from pyrovae.runs import provenance, write_json
+from pyrovae.atomic import write_json
+from pyrovae.provenance import provenance
 
 OUT = "results/benchmark_mixture"
 

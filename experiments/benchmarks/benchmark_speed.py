@@ -57,7 +57,8 @@ from pyrovae.evaluate import importance_log_likelihood
 from pyrovae.experiment import add_output_flags, command, output_folders
 from pyrovae.build import build_vae
 from pyrovae.objectives import build_objective
-from pyrovae.runs import provenance, write_json
+from pyrovae.atomic import write_json
+from pyrovae.provenance import provenance
 
 OUT = "results/benchmark"
 CIFAR_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cifar10.toml"

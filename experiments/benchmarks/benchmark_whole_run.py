@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 from pyrovae.experiment import add_output_flags, command, output_folders
-from pyrovae.runs import provenance, write_json
+from pyrovae.atomic import write_json
+from pyrovae.provenance import provenance
 
 OUT = "results/benchmark/whole_run"
 

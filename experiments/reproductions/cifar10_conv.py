@@ -33,7 +33,9 @@ from pyrovae.data import prepare_test
 from pyrovae.engine import Interrupted
 from pyrovae.evaluate import importance_log_likelihood, seeded_noise
 from pyrovae.experiment import add_output_flags, output_folders
-from pyrovae.runs import provenance, train_run, write_json
+from pyrovae.atomic import write_json
+from pyrovae.provenance import provenance
+from pyrovae.runs import train_run
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cifar10.toml"
 OUT, RUNS = "results/cifar10", "runs"

@@ -19,7 +19,9 @@ import sys
 
 from pyrovae.config import Config
 from pyrovae.experiment import add_output_flags, output_folders
-from pyrovae.runs import provenance, train_run, write_json
+from pyrovae.atomic import write_json
+from pyrovae.provenance import provenance
+from pyrovae.runs import train_run
 
 TARGETS = {20: 101.2, 100: 96.8}  # nats/image reached by the stock Pyro VAE of this shape
 OUT, RUNS = "results/mnist", "runs"

@@ -39,7 +39,9 @@ from pathlib import Path
 from pyrovae.checkpoint import load_checkpoint
 from pyrovae.config import Config, apply_overrides, read_config_file
 from pyrovae.experiment import add_output_flags, command, output_folders
-from pyrovae.runs import TrainedRun, evaluate_run, provenance, train_run, write_json
+from pyrovae.atomic import write_json
+from pyrovae.provenance import provenance
+from pyrovae.runs import TrainedRun, evaluate_run, train_run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 OUT, RUNS = "results/reproduce", "runs/reproduce"

@@ -34,7 +34,8 @@ from pyrovae.state import TrainState
 from pyrovae.experiment import add_output_flags, output_folders
 from pyrovae.build import build_vae
 from pyrovae.objectives import build_objective
-from pyrovae.runs import provenance, write_json
+from pyrovae.atomic import write_json
+from pyrovae.provenance import provenance
 
 #: The objectives compared, by their names in ``pyrovae.objectives.OBJECTIVES``.
 METHODS = ("trace_elbo", "meanfield_elbo", "manual_analytic", "manual_mc")

@@ -19,7 +19,8 @@ import torch
 
 from pyrovae.lecture import figures, theory
 from pyrovae.experiment import add_output_flags, command, output_folders
-from pyrovae.runs import provenance, write_json
+from pyrovae.atomic import write_json
+from pyrovae.provenance import provenance
 
 DTYPE = torch.float64
 OUT = "results/theory"

@@ -37,7 +37,8 @@ from pyrovae.experiment import add_output_flags, command, output_folders
 from pyrovae.lecture import figures
 from pyrovae.build import build_vae
 from pyrovae.objectives import build_objective
-from pyrovae.runs import provenance, write_json
+from pyrovae.atomic import write_json
+from pyrovae.provenance import provenance
 
 ESTIMATORS = ("naive", "importance")
 OUT = "results/theory"

@@ -18,7 +18,9 @@ from pyrovae.config import Config
 from pyrovae.evaluate import importance_log_likelihood
 from pyrovae.experiment import add_output_flags, output_folders
 from pyrovae.priors import PRIORS
-from pyrovae.runs import provenance, train_run, write_json
+from pyrovae.atomic import write_json
+from pyrovae.provenance import provenance
+from pyrovae.runs import train_run
 
 #: small options so that every prior fits the budget (the VampPrior's K is the paper's 500)
 PRIOR_OPTIONS = {"mog": {"components": 10}, "vamp": {"components": 500}, "flow": {"flows": 2}}

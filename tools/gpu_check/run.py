@@ -324,7 +324,7 @@ class Check:
             figures["gpu_memory"] = figure(round(props.total_memory / 2**30, 2), "GiB")
         try:
             import pyro
-            from pyrovae.runs import machine, provenance
+            from pyrovae.provenance import machine, provenance
 
             info["pyro"] = pyro.__version__
             self.summary["machine"] = machine()
@@ -711,7 +711,7 @@ WORKERS = {"iwae": worker_iwae, "mnist": worker_mnist, "cifar10": worker_cifar10
 def worker_main(args) -> int:
     """Run one step in this process; its result (a JSON object) goes to --result."""
     sys.path.insert(0, str(ROOT))
-    from pyrovae.runs import write_json
+    from pyrovae.atomic import write_json
 
     write_json(args.result, WORKERS[args.worker](json.loads(args.params)))
     return 0
