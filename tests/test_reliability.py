@@ -1007,8 +1007,8 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
 def test_a_command_line_error_is_one_line():
     code, _, err = _cli("train", "--lr", "-1")
     assert code == 2
-    assert err.splitlines() == ["pyrovae train: error: argument --lr: must be a positive finite number, got -1 "
-                                "(see pyrovae train --help)"]
+    assert err.splitlines() == ["pyrovae train: error: train.lr must be a positive learning rate such as 1e-3, got "
+                                "-1.0 (see pyrovae train --help)"]
 
 
 @faults("the resume command printed under torchrun keeps --standalone")
