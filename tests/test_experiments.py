@@ -106,6 +106,15 @@ def test_cifar10_smoke(mnist_root, tmp_path):
         assert (tmp_path / "cifar10" / name).is_file(), name
 
 
+def test_cifar10_ladder_smoke_draws_the_layers_figure(mnist_root, tmp_path):
+    if not (mnist_root / "cifar10").is_dir():
+        pytest.skip(f"no CIFAR-10 under {mnist_root}")
+    out = run_smoke("reproductions/cifar10_conv.py", mnist_root, "--config", "experiments/configs/cifar10_ladder.toml",
+                    "--out", str(tmp_path / "ladder"))
+    assert "bits/dim" in out
+    assert all((tmp_path / "ladder" / name).is_file() for name in ("samples.png", "layers.png", "interpolation.png"))
+
+
 @pytest.mark.slow
 def test_benchmark_distributed_smoke(mnist_root, tmp_path):
     printed = run_smoke("benchmarks/benchmark_distributed.py", mnist_root, "--out", str(tmp_path))

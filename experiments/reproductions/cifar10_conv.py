@@ -6,7 +6,8 @@ bits/dim from the ELBO (all test images) and from importance sampling with K sam
 ``--test-images``). Into ``--out`` (``results/cifar10``) go the run's config and metrics, and the
 figures: the loss curve in bits/dim, samples from the prior, reconstructions of test images spread
 over the set and of two images of every class, and latent-space interpolations between test images
-of different classes. ``--figures-only`` makes the figures again from the finished run.
+of different classes; for a stack of latent layers (``cifar10_ladder.toml``) also ``layers.png``,
+each row one draw of the top layer with the lower layers drawn again. ``--figures-only`` makes the figures again from the finished run.
 The run (with its checkpoint) goes to ``RUNS/<name of the --out folder>`` (``runs/cifar10``). Data:
 the image-folder copy of CIFAR-10 (JPEG-encoded, so figures are close to, not equal to, those on the
 original release) or torchvision's download.
@@ -63,6 +64,8 @@ def showcase(vae, test: torch.Tensor, labels: torch.Tensor, history: list[dict],
                              title="E[x|z] along straight lines between the codes of two test images")
     with seeded_noise(seed, test.device):
         plots.image_grid(vae.sample(100), out / "samples.png", nrow=10, title="E[x|z] for z ~ p(z)")
+        if hasattr(vae, "latents"):  # a stack of layers: what the top layer fixes, what the lower ones vary
+            plots.layers_grid(vae, out / "layers.png")
 
 
 def main(argv=None) -> int:
