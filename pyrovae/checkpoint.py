@@ -172,7 +172,10 @@ def vae_from_checkpoint(state: dict, path, map_location="cpu"):
         config = Config.from_dict(state["config"])
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{path} holds a config this pyrovae cannot use: {e}") from None
-    vae = build_vae(config.model, tuple(state["image_shape"]))
+    try:
+        vae = build_vae(config.model, tuple(state["image_shape"]))
+    except ConfigError as e:  # a part or plugin the run names is not available here
+        raise CheckpointError(f"{path} holds a model this installation cannot build: {e}") from None
     try:
         vae.load_state_dict(state["model"])
     except RuntimeError as e:

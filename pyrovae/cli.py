@@ -156,7 +156,10 @@ def _train(args) -> int:
         if config is None:
             return 0  # nothing to do: said so
     else:
+        from pyrovae.build import check_names
+
         config, data_dir = config_from_args(args), None
+        check_names(config)  # before a folder is made or other processes are joined
     world = _join(config.train.device)
     made = []  # folders this command made for the run: removed again if it fails to start
     if not args.resume:
@@ -211,8 +214,9 @@ def _resumed(args) -> tuple[Config | None, Path, str | None]:
     check_destination(out, resume=True)
     checkpoint = load_checkpoint(out / "checkpoint.pt")
     saved = Config.from_dict(checkpoint["config"])
-    config = saved.replace(train={"epochs": args.epochs or saved.train.epochs, "max_steps": args.max_steps,
-                                  "max_seconds": args.max_seconds})
+    config = saved.replace(train={  # --max-steps counts all steps; a time budget is per command, kept unless given
+        "epochs": saved.train.epochs if args.epochs is None else args.epochs, "max_steps": args.max_steps,
+        "max_seconds": saved.train.max_seconds if args.max_seconds is None else args.max_seconds})
     idle = _nothing_to_do(out, checkpoint["state"], config.train)
     if idle:
         if not _rank_prefix():

@@ -193,7 +193,7 @@ class TrainConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"train.{key} must be a positive integer, got {value!r}")
-        if not isinstance(self.lr, (int, float)) or not self.lr > 0 or self.lr != self.lr:
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr < float("inf"):
             raise ConfigError(f"train.lr must be a positive learning rate such as 1e-3, got {self.lr!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device must be one of auto, cpu, cuda; got {self.device!r}")

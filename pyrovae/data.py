@@ -420,9 +420,6 @@ def to_unit(images: torch.Tensor, generator: torch.Generator | None = None) -> t
     return images.float().div_(255)
 
 
-#: Training binarizations: dynamic draws afresh every time an image is used, static draws once.
-
-
 def batches(data: torch.Tensor, batch_size: int, generator: torch.Generator,
             per_batch=binarize) -> Iterator[torch.Tensor]:
     """One epoch of shuffled batches of ``data`` on its device, each passed through ``per_batch``.

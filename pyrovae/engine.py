@@ -156,6 +156,8 @@ def fit(config: Config, vae, loss_fn, optimizer, data: Prepared, state: TrainSta
     :func:`pyrovae.distributed.wrap`)."""
     t, device = config.train, data.train.device
     saver = checkpoint if isinstance(checkpoint, Checkpointer) else Checkpointer(checkpoint, world)
+    if saver.world != world:
+        raise ValueError(f"the checkpointer's world ({saver.world}) is not the loop's ({world}): give it the same one")
     state = state or TrainState.start(t.seed, device)
     restore_noise(state, device)
     quiet, log = quiet or not world.main, log if world.main else (lambda *_: None)

@@ -121,7 +121,7 @@ def _train_run(config, out: Path, *, quiet, overwrite, download, resume, data, d
     config = _resumable_config(out, config, saved) if resume else config
     if resume:
         check_names(config)  # a plugin the saved run names, say, may be missing here
-    if config.train.tensorboard and world.main:  # an optional feature, checked where it is used
+    if config.train.tensorboard:  # an optional feature, checked where it is used (by every process alike)
         from pyrovae.board import require_tensorboard
 
         require_tensorboard()

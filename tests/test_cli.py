@@ -51,6 +51,7 @@ def test_python_dash_m_runs_the_cli(dataset, tmp_path):
 @pytest.mark.parametrize("flag,value,needle", [
     ("--lr", "-1", "train.lr must be a positive learning rate such as 1e-3, got -1.0"),
     ("--lr", "abc", "--lr: expected a number such as 1e-3, got 'abc'"),
+    ("--prior", "cauchy", "unknown model.prior 'cauchy'"),
     ("--z-dim", "0", "model.z_dim must be a positive integer (the latent size), got 0"),
     ("--z-dim", "2.5", "--z-dim: expected an integer, got '2.5'"),
     ("--batch-size", "-5", "train.batch_size must be a positive integer"),

@@ -23,6 +23,7 @@ def test_json_round_trip(tmp_path):
 @pytest.mark.parametrize("section,key,value,needle", [
     ("train", "lr", -1.0, "train.lr must be a positive"),
     ("train", "lr", 0.0, "train.lr must be a positive"),
+    ("train", "lr", float("inf"), "train.lr must be a positive"),
     ("train", "lr_decay", 1.5, "train.lr_decay must be a factor in"),
     ("train", "lr_decay", 0.0, "train.lr_decay must be a factor in"),
     ("train", "lr_milestones", (4, 1), "train.lr_milestones must be increasing positive epoch counts"),

@@ -726,6 +726,19 @@ def test_tensorboard_is_checked_where_it_is_used_not_in_the_config(tmp_path, mon
     assert not (tmp_path / "new" / "config.json").exists()
 
 
+@faults("a saved run naming a plugin that is not installed here: evaluate and sample say so in one line")
+def test_a_run_whose_plugin_is_missing_here_is_one_message(tmp_path, capsys):
+    _run(tmp_path / "run", max_steps=2)
+    path = tmp_path / "run" / "checkpoint.pt"
+    saved = torch.load(path, weights_only=True)
+    saved["config"]["model"]["plugins"] = ["no_such_plugin_module"]  # as if trained where the plugin was installed
+    torch.save(saved, path)
+    with pytest.raises(CheckpointError, match="cannot build: model.plugins: no plugin module 'no_such_plugin_module'"):
+        load_vae(path)
+    assert main(["sample", str(tmp_path / "run"), "--out", str(tmp_path / "s")]) == 1
+    assert "no plugin module 'no_such_plugin_module'" in capsys.readouterr().err
+
+
 @faults("a run naming a part, plugin or objective that does not exist here is refused before its folder is made")
 def test_names_are_resolved_before_the_run_folder_is_claimed(tmp_path):
     for model, train, needle in [({"prior": "cauchy"}, {}, "unknown model.prior 'cauchy'"),
