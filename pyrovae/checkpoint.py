@@ -3,6 +3,8 @@
 A checkpoint is written to a temporary file in the same folder, flushed and fsync'ed, then renamed
 over the old one, so a crash mid-write leaves the previous checkpoint intact. It is read with
 ``torch.load(weights_only=True)``: only tensors and plain containers, never arbitrary objects.
+:class:`Checkpointer` writes a run's checkpoint from every process of the run: it gathers their
+sums and noise generators, rank 0 writes, all wait; ``resume`` hands each process its state.
 """
 
 from __future__ import annotations

@@ -14,9 +14,10 @@ Two ways in, both reaching configs, the command line and saved runs:
   is named in ``model.plugins`` (``--plugin my_module`` on the command line). The name is saved with
   the run's config, so loading the run imports the module again.
 
-A part's options are its constructor's annotated keyword parameters. The config checks each value
-against its annotation and hands an integer given for a ``float`` option (``scale=2``) to the part
-as a float. The part checks ranges itself, in ``__init__``: ``pyrovae.config.option_int``,
+A part's options are its constructor's annotated keyword parameters. ``pyrovae.parts.resolve_parts``
+checks each value against its annotation (when the model is built, and through ``check_names``
+before a run claims its folder) and hands an integer given for a ``float`` option (``scale=2``) to
+the part as a float. The part checks ranges itself, in ``__init__``: ``pyrovae.config.option_int``,
 ``option_number`` and ``option_widths`` raise ``pyrovae.config.OptionError``, which ``build_vae``
 reports naming the field (``model.prior_options.scale must be a positive finite number, got -1.0``);
 any other ``ValueError`` or ``TypeError`` is reported with the part's name and options.

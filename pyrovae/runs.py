@@ -5,8 +5,9 @@ A run folder holds ``config.json``, ``metrics.json`` (per epoch, and provenance)
 ``manifold.png`` and ``latent_scatter.png``.
 
 This module creates, refuses and resumes folders and writes what they hold; the loop itself is
-:func:`pyrovae.engine.fit`, which writes the checkpoint it is given (after every epoch, every
-``train.checkpoint_every_steps`` steps, at the step budget and on SIGINT/SIGTERM), atomically. A run
+:func:`pyrovae.engine.fit`, which hands its state to the :class:`pyrovae.checkpoint.Checkpointer`
+made here (after every epoch, every ``train.checkpoint_every_steps`` steps, at the step budget and
+on SIGINT/SIGTERM); rank 0 writes the file atomically and every process waits for it. A run
 trained in pieces (``train_run(..., resume=True)``) has the same parameters and metrics as one
 trained straight through.
 """
