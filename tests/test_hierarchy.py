@@ -9,7 +9,6 @@ import torch
 from pyro import poutine
 from pyro.infer import Predictive, Trace_ELBO, TraceMeanField_ELBO
 from torch.distributions import MultivariateNormal
-from torch.nn import functional as F
 
 from helpers import small_options
 from pyrovae import Config, ModelConfig, build_vae

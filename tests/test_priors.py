@@ -4,7 +4,6 @@ Driven by ``PRIORS``: a new prior is tested here without editing this file. Prio
 ``components`` are built with three of them to keep the tests quick.
 """
 
-import inspect
 import math
 
 import pytest
