@@ -207,22 +207,20 @@ def _resumed(args) -> tuple[Config | None, Path, str | None]:
     if changed:
         raise ConfigError(f"--resume continues a run with its saved config; only --epochs, --max-steps, --max-seconds "
                           f"and --data-dir may be given with it, not {', '.join(changed)}")
-    args.epochs, args.max_steps, args.max_seconds, args.data_dir = (
-        getattr(args, key) for key in RESUME_FIELDS)
+    epochs, max_steps, max_seconds, data_dir = (getattr(args, key) for key in RESUME_FIELDS)
     out = Path(args.resume)
     out = out.parent if out.is_file() else out  # the run folder, or its checkpoint.pt
     check_destination(out, resume=True)
     checkpoint = load_checkpoint(out / "checkpoint.pt")
     saved = Config.from_dict(checkpoint["config"])
     config = saved.replace(train={  # --max-steps counts all steps; a time budget is per command, kept unless given
-        "epochs": saved.train.epochs if args.epochs is None else args.epochs, "max_steps": args.max_steps,
-        "max_seconds": saved.train.max_seconds if args.max_seconds is None else args.max_seconds})
+        "epochs": saved.train.epochs if epochs is None else epochs, "max_steps": max_steps,
+        "max_seconds": saved.train.max_seconds if max_seconds is None else max_seconds})
     idle = _nothing_to_do(out, checkpoint["state"], config.train)
     if idle:
         if not _rank_prefix():
             print(idle)
         return None, out, None
-    data_dir = args.data_dir
     if data_dir is None and saved.data.data_dir and not Path(saved.data.data_dir).is_dir():
         data_dir = os.environ.get("PYROVAE_DATA")  # the saved location is gone: look where the user says
     return config, out, data_dir
