@@ -32,7 +32,7 @@ __all__ = ["ConfigError", "OptionError", "ModelConfig", "DataConfig", "TrainConf
 
 
 #: The guides of a stack of stochastic layers (``model.inference``): see :mod:`pyrovae.hierarchy`.
-INFERENCES = ("top_down", "bottom_up")
+INFERENCES = ("top_down", "top_down_residual", "bottom_up")
 #: How MNIST's grey levels become the binary training images (``data.binarization``): see :mod:`pyrovae.data`.
 BINARIZATIONS = ("dynamic", "static")
 #: Objective names of earlier versions: name -> (``train.objective``, ``train.implementation``). Read with a
@@ -77,7 +77,8 @@ class ModelConfig:
     latents: tuple[int, ...] = option((), "sizes of a stack of stochastic layers z1 (next to x) .. zL, e.g. [100, "
                                           "50]; replaces z_dim (set to latents[0]); empty: one layer of z_dim (see "
                                           "pyrovae.hierarchy)", flag=True)
-    inference: str = option("top_down", "the stack's guide: top_down (Ladder VAE) or bottom_up (Burda et al.)",
+    inference: str = option("top_down", "the stack's guide: top_down (Ladder VAE, precision-weighted), "
+                                        "top_down_residual (NVAE's residual Gaussians) or bottom_up (Burda et al.)",
                             flag=True)
     latent_hidden: tuple[int, ...] | None = option(None, "hidden widths between two latent layers; None: two layers "
                                                          "as wide as the lower one; empty: affine")

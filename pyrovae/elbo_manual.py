@@ -62,7 +62,7 @@ class ManualELBO(nn.Module):
         layer, in closed form where it exists and where the guide drew the layer's parent before it
         (the top-down guide; under the bottom-up one only the top layer's)."""
         terms = self.vae.stack_terms(x)  # {site: (z, q, p)}, top layer first
-        top_down = self.vae.inference == "top_down"
+        top_down = self.vae.inference != "bottom_up"
         kl = 0.0
         for i, (z, q, p) in enumerate(terms["layers"].values()):
             p = p.expand(q.batch_shape)

@@ -28,14 +28,23 @@ with the generative conditional p(z_l | z_{l+1}) = N(mu_l, sigma_l^2), precision
 
 so inference shares the generative path: where the data say little (large s_l) the guide follows
 the model's conditional and the layer's KL term vanishes, which keeps the upper layers in use
-(the Ladder VAE's argument for it, and the reason it is the default here). The product of two
-Gaussians also keeps q and p(z_l | z_{l+1}) in one family, so the mean-field objectives take
-each layer's KL in closed form. Under it q(z_L | x) is a single Gaussian, the VampPrior's component
+(the Ladder VAE's argument for it, and the reason it is the default here).
+
+``top_down_residual`` (NVAE, Vahdat and Kautz 2020) takes the same estimates as a shift and a
+scaling of the model's conditional instead:
+
+    q(z_l | z_{l+1}, x) = N(mu_l + m_l, (sigma_l s_l)^2)
+
+so each layer's KL, 0.5 * sum(s_l^2 + m_l^2 / sigma_l^2 - 1 - log s_l^2), depends on the
+estimates only through how far they move q from p: the guide cannot make a layer cheap by
+following a conditional that has itself moved to the data, the collapse measured below. Both
+products keep q and p(z_l | z_{l+1}) in one family, so the mean-field objectives take each layer's
+KL in closed form. Under it q(z_L | x) is a single Gaussian, the VampPrior's component
 at a pseudo-input u; under the bottom-up guide the component is q(z_L | z_{L-1}) with the lower
 layers at their means given u (:meth:`StackEncoder.forward`), a Gaussian mixture prior tied to the
 guide all the same.
 
-Measured on MNIST (``results/two_layer``), this top-down guide trained far worse than the
+Measured on MNIST (``results/two_layer``), the precision-weighted top-down guide trained far worse than the
 bottom-up one at an equal budget: most of z_2 and much of z_1 fell inactive, with p(z_1 | z_2)
 closing in on q. The Ladder VAE needed batch normalization and a long KL warm-up (200 epochs)
 to train; neither is here.
@@ -60,7 +69,7 @@ from pyrovae.config import INFERENCES  # noqa: F401  (the guides by config name)
 from pyrovae.model import VAE, _kl_scale
 from pyrovae.networks import ACTIVATIONS, MLPDecoder
 
-__all__ = ["INFERENCES", "GaussianNet", "HierarchicalVAE", "StackEncoder", "precision_weighted"]
+__all__ = ["INFERENCES", "GaussianNet", "HierarchicalVAE", "StackEncoder", "precision_weighted", "residual"]
 
 
 class GaussianNet(nn.Module):
@@ -89,6 +98,15 @@ def precision_weighted(loc_q, scale_q, loc_p, scale_p) -> tuple[torch.Tensor, to
     precision_q, precision_p = scale_q.pow(-2), scale_p.pow(-2)
     variance = 1 / (precision_q + precision_p)
     return (loc_q * precision_q + loc_p * precision_p) * variance, variance.sqrt()
+
+
+def residual(loc_q, scale_q, loc_p, scale_p) -> tuple[torch.Tensor, torch.Tensor]:
+    """N(loc_p + loc_q, (scale_p * scale_q)^2): the data's estimate as a shift and scaling of p (NVAE)."""
+    return loc_p + loc_q, scale_p * scale_q
+
+
+#: How a top-down guide merges the data's estimate of a layer with the model's conditional of it.
+MERGES = {"top_down": precision_weighted, "top_down_residual": residual}
 
 
 def _normal(loc, scale) -> dist.Distribution:
@@ -120,7 +138,7 @@ class StackEncoder(nn.Module):
         """A Gaussian over the top layer for each image: q(z_L | x) under the top-down guide; under the
         bottom-up one, whose q(z_L | x) mixes over the lower layers' draws, q(z_L | z_{L-1}) with every
         lower layer at its mean given the one below (the path of the guide's means)."""
-        if self.inference == "top_down":
+        if self.inference != "bottom_up":  # the top layer has no parent to merge with
             return _normal(*self.estimates(x)[-1])
         h = x.flatten(-self.image_dims)
         for net in self.nets[:-1]:
@@ -195,7 +213,7 @@ class HierarchicalVAE(VAE):
         layers[self.site(len(self.latents))] = (z, q)
         for layer in range(len(self.latents) - 1, 0, -1):
             loc_p, scale_p, _ = self.conditionals[layer - 1](z)
-            q = _normal(*precision_weighted(*estimates[layer - 1], loc_p, scale_p))
+            q = _normal(*MERGES[self.inference](*estimates[layer - 1], loc_p, scale_p))
             z = draw(self.site(layer), q)
             layers[self.site(layer)] = (z, q)
         return layers
@@ -273,7 +291,7 @@ def build_hierarchical(c, image_shape: tuple[int, ...], likelihood: nn.Module, m
     # hidden widths between latent layers l and l + 1, l = 1..L-1
     between = [(lower, lower) if c.latent_hidden is None else tuple(c.latent_hidden) for lower in latents[:-1]]
     ins = [math.prod(image_shape), *latents[:-1]]  # each inference network's input: the layer below...
-    if c.inference == "top_down":  # ...or the features of the network below
+    if c.inference != "bottom_up":  # ...or the features of the network below
         width = ins[0]
         for layer, widths in enumerate([c.hidden, *between[:-1]], start=1):
             width = widths[-1] if widths else width

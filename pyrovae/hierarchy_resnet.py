@@ -11,7 +11,7 @@ Networks, all residual:
 
 - generative, top-down: p(z_l | z_{l+1}) upsamples z_{l+1} to the finer grid, a 3x3 convolution
   and a residual block give each position's Gaussian; p(x | z_1) is the residual decoder;
-- inference, top-down only (the Ladder VAE's, see :mod:`pyrovae.hierarchy`): the residual encoder's
+- inference, top-down only (``top_down`` or ``top_down_residual``, see :mod:`pyrovae.hierarchy`): the residual encoder's
   features at z_1's resolution give the data's estimate of z_1, and each layer above halves those
   features (a stride-2 unit and a residual block) for its own estimate. A global arrangement (the
   digit, the scene layout) can then sit in the coarse layers, the texture in the fine one.
@@ -118,6 +118,6 @@ def build_resnet_stack(c, image_shape: tuple[int, ...], likelihood: nn.Module, m
         (low_c, low_size), (up_c, up_size) = grids[layer - 1], grids[layer]
         nets.append(SpatialGaussianNet(width, low_size, width, up_c, up_size, flat_input=False, **common))
         conditionals.append(SpatialGaussianNet(up_c, up_size, width, low_c, low_size, flat_input=True, **common))
-    posterior = StackEncoder(nets, "top_down", len(image_shape), flatten=False)
+    posterior = StackEncoder(nets, c.inference, len(image_shape), flatten=False)
     prior = make_prior(c.latents[-1], posterior)
     return HierarchicalVAE(prior, conditionals, decoder, likelihood, posterior, image_shape, tuple(c.latents))

@@ -62,7 +62,7 @@ def _check_stack_parts(c) -> None:
     refused = [f"model.{key} = {value!r}" for key, value, allowed in [
         ("network", c.network, ("auto", "mlp", "resnet")), ("posterior", c.posterior, ("diagonal",))]
         if value not in allowed]
-    if c.network == "resnet" and c.inference != "top_down":
+    if c.network == "resnet" and c.inference == "bottom_up":
         refused.append("model.network = 'resnet' with model.inference = 'bottom_up' (the residual stack's guide is "
                        "top-down)")
     if refused:

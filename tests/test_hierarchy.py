@@ -17,13 +17,14 @@ from pyrovae.config import ConfigError
 from pyrovae.objectives import check_objective
 from pyrovae.parts import resolve_parts
 from pyrovae.evaluate import active_units, elbo_terms, importance_log_likelihood
-from pyrovae.hierarchy import HierarchicalVAE, precision_weighted
+from pyrovae.hierarchy import HierarchicalVAE, precision_weighted, residual
 from pyrovae.likelihoods import LIKELIHOODS
 from pyrovae.objectives import PyroELBO, TracedELBO, build_objective
 from pyrovae.priors import PRIORS
 
 SHAPE = (1, 4, 4)
-INFERENCES = ("top_down", "bottom_up")
+INFERENCES = ("top_down", "top_down_residual", "bottom_up")
+EXACT = ("top_down", "bottom_up")  # the guides whose family holds the linear-Gaussian model's posterior
 
 
 def _stack(inference="top_down", prior="normal", likelihood="bernoulli", latents=(3, 2), seed=0):
@@ -62,7 +63,7 @@ def test_each_layer_is_one_named_site_and_the_model_runs_top_down(inference):
     latent = [n for n, s in model.nodes.items() if s["type"] == "sample" and not s["is_observed"] and n != "data"]
     assert latent == ["z3", "z2", "z1"]  # generative order
     drawn = [n for n, s in guide.nodes.items() if s["type"] == "sample" and n != "data"]
-    assert drawn == (["z3", "z2", "z1"] if inference == "top_down" else ["z1", "z2", "z3"])
+    assert drawn == (["z3", "z2", "z1"] if inference != "bottom_up" else ["z1", "z2", "z3"])
     assert [guide.nodes[f"z{i}"]["value"].shape[-1] for i in (1, 2, 3)] == [3, 2, 2]
     # the guide's draws reach the model: p(z1 | z2) is evaluated at the guide's z2
     expected = vae.conditional(1, guide.nodes["z2"]["value"]).log_prob(guide.nodes["z1"]["value"])
@@ -89,8 +90,21 @@ def test_the_top_down_guide_is_the_precision_weighted_product():
     torch.testing.assert_close(scale, torch.tensor([(4 / 5) ** 0.5]))
 
 
+def test_the_residual_top_down_guide_shifts_and_scales_the_model_conditional():
+    loc, scale = residual(torch.tensor([1.0]), torch.tensor([0.5]), torch.tensor([-1.0]), torch.tensor([3.0]))
+    torch.testing.assert_close(loc, torch.tensor([0.0]))
+    torch.testing.assert_close(scale, torch.tensor([1.5]))
+    vae, x = _stack("top_down_residual"), _images()
+    (m1, s1), _ = vae.posterior.estimates(x)
+    layers = vae.walk_guide(x, lambda _, q: q.mean)
+    p = vae.conditional(1, layers["z2"][0])
+    torch.testing.assert_close(layers["z1"][1].mean, p.mean + m1)
+    torch.testing.assert_close(layers["z1"][1].stddev, p.stddev * s1)
+
+
 # --- the objectives against stock Pyro ---------------------------------------------------------------
-@pytest.mark.parametrize("inference, prior", [("top_down", "normal"), ("top_down", "vamp"), ("bottom_up", "normal"),
+@pytest.mark.parametrize("inference, prior", [("top_down", "normal"), ("top_down", "vamp"), ("top_down_residual", "normal"),
+                                              ("top_down_residual", "vamp"), ("bottom_up", "normal"),
                                               ("bottom_up", "mog"), ("bottom_up", "vamp")])
 def test_traced_and_hand_coded_objectives_equal_trace_elbo_under_the_same_noise(inference, prior):
     vae, x = _stack(inference, prior), _images()
@@ -100,8 +114,9 @@ def test_traced_and_hand_coded_objectives_equal_trace_elbo_under_the_same_noise(
     _assert_same(_loss_and_grads(build_objective("manual_mc", vae), vae, x), stock)
 
 
-def test_top_down_closed_form_kl_equals_trace_mean_field_elbo_and_the_hand_coded_one():
-    vae, x = _stack("top_down"), _images()
+@pytest.mark.parametrize("inference", ["top_down", "top_down_residual"])
+def test_top_down_closed_form_kl_equals_trace_mean_field_elbo_and_the_hand_coded_one(inference):
+    vae, x = _stack(inference), _images()
     stock = _loss_and_grads(lambda x, kl_weight: TraceMeanField_ELBO().differentiable_loss(
         vae.model, vae.guide, x, kl_weight=kl_weight), vae, x)
     _assert_same(_loss_and_grads(TracedELBO(vae, "analytic"), vae, x), stock)
@@ -210,7 +225,7 @@ def _linear_gaussian(inference):
     return vae, exact
 
 
-@pytest.mark.parametrize("inference", INFERENCES)
+@pytest.mark.parametrize("inference", EXACT)
 def test_at_the_exact_posterior_every_estimator_is_the_exact_log_likelihood(inference):
     """log p(x, z) - log q(z|x) = log p(x) for every z when q is the posterior: the one-draw ELBO of
     every objective, IWAE-K and the evaluation's figures equal the closed form, draw by draw."""
@@ -228,7 +243,7 @@ def test_at_the_exact_posterior_every_estimator_is_the_exact_log_likelihood(infe
     assert figures["neg_log_likelihood"] == pytest.approx(-log_px.mean().item(), rel=1e-10)
 
 
-@pytest.mark.parametrize("inference", INFERENCES)
+@pytest.mark.parametrize("inference", EXACT)
 def test_closed_form_kl_objectives_are_unbiased_at_the_exact_posterior(inference):
     """The mean-field estimators are not zero-variance (log p(x|z1) varies with the draw), but their
     mean is log p(x): 4,000 draws, within 5 standard errors."""
@@ -246,7 +261,7 @@ def test_closed_form_kl_objectives_are_unbiased_at_the_exact_posterior(inference
         assert abs(mean - log_px) < 5 * spread / math.sqrt(4000) + 1e-9, (name, mean, log_px, spread)
 
 
-@pytest.mark.parametrize("inference", INFERENCES)
+@pytest.mark.parametrize("inference", EXACT)
 def test_away_from_the_posterior_the_bounds_sit_below_and_tighten_with_k(inference):
     vae, exact = _linear_gaussian(inference)
     with torch.no_grad():
@@ -268,7 +283,7 @@ def test_one_layer_stays_the_default_and_a_stack_replaces_z_dim():
 @pytest.mark.parametrize("fields, message", [
     ({"latents": (5,)}, "two or more positive layer sizes"),
     ({"latents": (5, 0)}, "two or more positive layer sizes"),
-    ({"latents": (5, 3), "inference": "sideways"}, "unknown model.inference 'sideways'; valid: top_down, bottom_up"),
+    ({"latents": (5, 3), "inference": "sideways"}, "unknown model.inference 'sideways'; valid: top_down, top_down_residual, bottom_up"),
     ({"latents": (5, 3), "posterior": "iaf"}, "cannot take model.posterior = 'iaf'"),
     ({"latents": (5, 3), "network": "conv"}, "cannot take model.network = 'conv'"),
     ({"latent_hidden": (4, -1)}, "model.latent_hidden must be hidden widths"),
@@ -377,7 +392,7 @@ def test_a_residual_stack_that_does_not_fit_its_grids_is_refused(fields, message
         resolve_parts(ModelConfig(latents=(32, 8), network="resnet", inference="bottom_up"))
 
 
-@pytest.mark.parametrize("name", ["cifar10_ladder.toml", "lfw_ladder.toml"])
+@pytest.mark.parametrize("name", ["cifar10_ladder.toml", "cifar10_ladder_residual.toml", "lfw_ladder.toml"])
 def test_the_shipped_ladder_configs_build_and_score_a_batch(name):
     from pathlib import Path
 

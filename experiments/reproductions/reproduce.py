@@ -12,6 +12,8 @@ Each reproduction is a config in ``experiments/configs/`` and a resumable run in
     two_layer_bottom_up  the same with the bottom-up guide
     two_layer_vamp       two_layer_bottom_up with a VampPrior   to beat: 82.5 (Burda, two layers, IWAE k=50: 82.90)
     two_layer_vamp_top_down  the same with the top-down guide (stopped early)
+    two_layer_iwae5      two_layer_bottom_up with the IWAE bound, K=5   Burda et al. 2015, two layers, IWAE k=5: 83.89
+    two_layer_top_down_residual  two_layer_top_down with NVAE's residual top-down guide
 
 Train (or continue, from the last epoch's checkpoint) one of them, for as long as the budget allows;
 a run stopped by Ctrl-C, SIGTERM or a crash continues from where it was with the same command:
@@ -58,6 +60,8 @@ PUBLISHED = {
     "two_layer_bottom_up": ("Burda et al. 2015, Table 1, two layers, VAE k=1", 85.33),
     "two_layer_vamp": ("Burda et al. 2015, Table 1, two layers, IWAE k=50 (the target: 82.5)", 82.90),
     "two_layer_vamp_top_down": ("Burda et al. 2015, Table 1, two layers, IWAE k=50", 82.90),
+    "two_layer_iwae5": ("Burda et al. 2015, Table 1, two layers, IWAE k=5", 83.89),
+    "two_layer_top_down_residual": ("Burda et al. 2015, Table 1, two layers, VAE k=1", 85.33),
 }
 MARKERS = ("<!-- reproduce:begin -->", "<!-- reproduce:end -->")
 
