@@ -47,7 +47,9 @@ guide all the same.
 Measured on MNIST (``results/two_layer``), the precision-weighted top-down guide trained far worse than the
 bottom-up one at an equal budget: most of z_2 and much of z_1 fell inactive, with p(z_1 | z_2)
 closing in on q. The Ladder VAE needed batch normalization and a long KL warm-up (200 epochs)
-to train; neither is here.
+to train; neither is here. The residual form, with the same networks, did not collapse: at the same
+20 minutes it reached 86.91 nats against the bottom-up guide's 87.24 and the precision-weighted
+guide's 106.62.
 
 The networks are MLPs: ``model.hidden`` between the image and z_1 (the decoder mirrors it), and
 ``model.latent_hidden`` between two latent layers (default: two layers as wide as the lower one,
