@@ -77,8 +77,9 @@ class ModelConfig:
     latents: tuple[int, ...] = option((), "sizes of a stack of stochastic layers z1 (next to x) .. zL, e.g. [100, "
                                           "50]; replaces z_dim (set to latents[0]); empty: one layer of z_dim (see "
                                           "pyrovae.hierarchy)", flag=True)
-    inference: str = option("top_down", "the stack's guide: top_down (Ladder VAE, precision-weighted), "
-                                        "top_down_residual (NVAE's residual Gaussians) or bottom_up (Burda et al.)",
+    inference: str = option("top_down_residual", "the stack's guide: top_down_residual (NVAE's residual "
+                                                 "Gaussians), top_down (Ladder VAE, precision-weighted) or "
+                                                 "bottom_up (Burda et al.)",
                             flag=True)
     latent_hidden: tuple[int, ...] | None = option(None, "hidden widths between two latent layers; None: two layers "
                                                          "as wide as the lower one; empty: affine")

@@ -28,7 +28,7 @@ with the generative conditional p(z_l | z_{l+1}) = N(mu_l, sigma_l^2), precision
 
 so inference shares the generative path: where the data say little (large s_l) the guide follows
 the model's conditional and the layer's KL term vanishes, which keeps the upper layers in use
-(the Ladder VAE's argument for it, and the reason it is the default here).
+(the Ladder VAE's argument for it).
 
 ``top_down_residual`` (NVAE, Vahdat and Kautz 2020) takes the same estimates as a shift and a
 scaling of the model's conditional instead:
@@ -37,7 +37,8 @@ scaling of the model's conditional instead:
 
 so each layer's KL, 0.5 * sum(s_l^2 + m_l^2 / sigma_l^2 - 1 - log s_l^2), depends on the
 estimates only through how far they move q from p: the guide cannot make a layer cheap by
-following a conditional that has itself moved to the data, the collapse measured below. Both
+following a conditional that has itself moved to the data, the collapse measured below. It is the
+default. Both
 products keep q and p(z_l | z_{l+1}) in one family, so the mean-field objectives take each layer's
 KL in closed form. Under it q(z_L | x) is a single Gaussian, the VampPrior's component
 at a pseudo-input u; under the bottom-up guide the component is q(z_L | z_{L-1}) with the lower

@@ -31,8 +31,10 @@ def test_gpu_check_smoke_on_the_cpu(mnist_root, tmp_path):
         archive.extractall(tmp_path / "unpacked", filter="data")
     carry = tmp_path / "unpacked" / "carry"
     assert json.loads((carry / "MANIFEST.json").read_text()) == manifest
+    ladder = "experiments/configs/cifar10_ladder_residual.toml"  # step h trains the stack, as a GPU check may
     done = subprocess.run([sys.executable, "tools/gpu_check/run.py", "--smoke", "--carry", str(carry),
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "--out", str(out), "--cifar-config", ladder], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     steps = {row["name"]: row for row in summary["steps"]}
@@ -52,6 +54,7 @@ def test_gpu_check_smoke_on_the_cpu(mnist_root, tmp_path):
     assert steps["distributed"]["details"]["world_size"] == 1
     if cifar:
         assert 0 < steps["cifar10"]["figures"]["test_bits_per_dim"]["value"] < 16
+        assert steps["cifar10"]["details"]["config"] == str(ROOT / ladder)
 
     # the figures of the MNIST run come back, loose or packed (the device returns at most 8 files)
     files = [p for p in out.rglob("*") if p.is_file()]

@@ -18,7 +18,8 @@ and a step that fails is recorded and the next one runs:
                   for --epochs epochs (20): seconds per epoch, whole wall time, test -ELBO;
                   its figures and metrics.json go to OUT/mnist_run
   g. distributed  ``torchrun --standalone --nproc_per_node 1 -m pyrovae train --max-steps 50`` (NCCL)
-  h. cifar10      ``experiments/configs/cifar10.toml`` trained for a time budget (--cifar-s; the number
+  h. cifar10      ``experiments/configs/cifar10.toml`` (or --cifar-config, such as the stack
+                  ``cifar10_ladder_residual.toml``) trained for a time budget (--cifar-s; the number
                   of steps comes from a measured step time) on the carried subset: test bits/dim (ELBO)
 
 Steps that need a GPU are skipped, with the reason, where there is none. With ``--smoke`` every size
@@ -446,7 +447,7 @@ class Check:
         overrides = ["train.batch_size=16", "train.test_subset=50",
                      "model.likelihood_options.components=1"] if smoke else []
         timeout = min(limit, seconds + CIFAR_OVERHEAD_S * 2)
-        params = {"device": self.device(), "train_seconds": seconds, "timeout_s": timeout, "overrides": overrides,
+        params = {"config": str(Path(self.args.cifar_config).resolve()), "device": self.device(), "train_seconds": seconds, "timeout_s": timeout, "overrides": overrides,
                   "warmup_steps": 1 if smoke else 5, "calibration_steps": 1 if smoke else 20,
                   "max_steps": 3 if smoke else None, "copy_to": str(self.out / "cifar10_run")}
         result = self.worker("cifar10", params, timeout)
@@ -640,7 +641,7 @@ def worker_cifar10(p: dict) -> dict:
     from pyrovae.objectives import build_objective
 
     device = torch.device(p["device"])
-    config = Config.load(CIFAR_CONFIG, [*p["overrides"], f"train.device={p['device']}"])
+    config = Config.load(p["config"], [*p["overrides"], f"train.device={p['device']}"])
     data = prepare_data(config, device)
     batch_size = config.train.batch_size
 
@@ -694,7 +695,7 @@ def worker_cifar10(p: dict) -> dict:
             "test_bits_per_dim": test["bits_per_dim"], "test_neg_elbo": test["neg_elbo"],
             "test_images": int(data.test.shape[0]), "train_images": int(n), "batch_size": batch_size,
             "epoch_rows": metrics["epochs"], "peak_memory_mib": peak_memory_mib(device), "device": str(device),
-            "config": str(CIFAR_CONFIG.relative_to(ROOT)), "overrides": p["overrides"]}
+            "config": p["config"], "overrides": p["overrides"]}
 
 
 def copy_outputs(run: Path, dest: Path) -> None:
@@ -728,6 +729,8 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=20, help="MNIST training epochs (step f; default 20)")
     p.add_argument("--particles", type=int, default=5000, help="K for IWAE (step e; default 5000)")
     p.add_argument("--cifar-s", type=float, default=120.0, help="CIFAR-10 training seconds at most (step h; 120)")
+    p.add_argument("--cifar-config", type=Path, default=CIFAR_CONFIG,
+                   help="the CIFAR-10 config step h trains (default experiments/configs/cifar10.toml)")
     p.add_argument("--benchmark-args", default="", help="more arguments for benchmark_speed.py, in one string")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--params", help=argparse.SUPPRESS)
@@ -739,6 +742,8 @@ def main(argv=None) -> int:
         p.error("--out is required")
     if not Path(args.carry).is_dir():
         p.error(f"no carried folder at {args.carry}: run tools/gpu_check/prepare.py first")
+    if not args.cifar_config.is_file():
+        p.error(f"no config file at --cifar-config {args.cifar_config}")
 
     check = Check(args)
     signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM still ends with the summary and the table
