@@ -8,7 +8,7 @@ import pytest
 import torch
 from pyro import poutine
 from pyro.infer import Predictive, Trace_ELBO, TraceMeanField_ELBO
-from torch.distributions import MultivariateNormal
+from torch.distributions import MultivariateNormal, kl_divergence
 
 from helpers import small_options
 from pyrovae import Config, ModelConfig, build_vae
@@ -100,6 +100,9 @@ def test_the_residual_top_down_guide_shifts_and_scales_the_model_conditional():
     p = vae.conditional(1, layers["z2"][0])
     torch.testing.assert_close(layers["z1"][1].mean, p.mean + m1)
     torch.testing.assert_close(layers["z1"][1].stddev, p.stddev * s1)
+    # its KL depends on the estimates only: 0.5 * sum(s^2 + m^2 / sigma_p^2 - 1 - log s^2)
+    closed = 0.5 * (s1 ** 2 + (m1 / p.stddev) ** 2 - 1 - torch.log(s1 ** 2)).sum(-1)
+    torch.testing.assert_close(kl_divergence(layers["z1"][1], p), closed)
 
 
 # --- the objectives against stock Pyro ---------------------------------------------------------------
