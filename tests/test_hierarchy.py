@@ -419,7 +419,7 @@ def test_the_lfw_ladder_config_trains_end_to_end_on_a_synthetic_tree(tmp_path):
             "model.likelihood_options.components=2", "train.epochs=1", "train.batch_size=4", "train.device=cpu"]
     config = Config.load(Path(__file__).resolve().parents[1] / "experiments" / "configs" / "lfw_ladder.toml", tiny)
     trained = train_run(config, tmp_path / "run", quiet=True)
-    assert math.isfinite(trained.metrics["epochs"][-1]["test_bits_per_dim"])
+    assert math.isfinite(trained.metrics["epochs"][-1]["test_bits_per_dim"]) and trained.vae.inference == "top_down_residual"
     for name in ("checkpoint.pt", "samples.png", "layers.png", "reconstructions.png"):
         assert (tmp_path / "run" / name).is_file(), name
 
