@@ -38,15 +38,15 @@ scaling of the model's conditional instead:
 so each layer's KL, 0.5 * sum(s_l^2 + m_l^2 / sigma_l^2 - 1 - log s_l^2), depends on the
 estimates only through how far they move q from p: the guide cannot make a layer cheap by
 following a conditional that has itself moved to the data, the collapse measured below. It is the
-default. Both
-products keep q and p(z_l | z_{l+1}) in one family, so the mean-field objectives take each layer's
-KL in closed form. Under it q(z_L | x) is a single Gaussian, the VampPrior's component
+default. Both merges keep q and p(z_l | z_{l+1}) in one family, so the mean-field objectives take
+each layer's KL in closed form. Under either top-down guide q(z_L | x) is a single Gaussian, the
+VampPrior's component
 at a pseudo-input u; under the bottom-up guide the component is q(z_L | z_{L-1}) with the lower
 layers at their means given u (:meth:`StackEncoder.forward`), a Gaussian mixture prior tied to the
 guide all the same.
 
-Measured on MNIST (``results/two_layer``), the precision-weighted top-down guide trained far worse than the
-bottom-up one at an equal budget: most of z_2 and much of z_1 fell inactive, with p(z_1 | z_2)
+Measured on MNIST (``results/two_layer``), the precision-weighted top-down guide trained far worse
+than the bottom-up one at an equal budget: most of z_2 and much of z_1 fell inactive, with p(z_1 | z_2)
 closing in on q. The Ladder VAE needed batch normalization and a long KL warm-up (200 epochs)
 to train; neither is here. The residual form, with the same networks, did not collapse: at the same
 20 minutes it reached 86.91 nats against the bottom-up guide's 87.24 and the precision-weighted
