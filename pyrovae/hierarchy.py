@@ -40,10 +40,9 @@ estimates only through how far they move q from p: the guide cannot make a layer
 following a conditional that has itself moved to the data, the collapse measured below. It is the
 default. Both merges keep q and p(z_l | z_{l+1}) in one family, so the mean-field objectives take
 each layer's KL in closed form. Under either top-down guide q(z_L | x) is a single Gaussian, the
-VampPrior's component
-at a pseudo-input u; under the bottom-up guide the component is q(z_L | z_{L-1}) with the lower
-layers at their means given u (:meth:`StackEncoder.forward`), a Gaussian mixture prior tied to the
-guide all the same.
+VampPrior's component at a pseudo-input u; under the bottom-up guide the component is
+q(z_L | z_{L-1}) with the lower layers at their means given u (:meth:`StackEncoder.forward`), a
+Gaussian mixture prior tied to the guide all the same.
 
 Measured on MNIST (``results/two_layer``), the precision-weighted top-down guide trained far worse
 than the bottom-up one at an equal budget: most of z_2 and much of z_1 fell inactive, with p(z_1 | z_2)
