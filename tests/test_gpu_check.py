@@ -71,3 +71,11 @@ def test_gpu_check_smoke_on_the_cpu(mnist_root, tmp_path):
     rows = [line for line in lines[header + 1:] if line[:2] in {f"{c}." for c in "abcdefgh"}]
     assert [line[3:].split("  ")[0].strip() for line in rows] == STEPS
     assert lines[-1].startswith("total ") and lines[-2].startswith("---")
+
+
+def test_a_missing_cifar_config_is_refused_before_anything_runs(tmp_path):
+    done = subprocess.run([sys.executable, "tools/gpu_check/run.py", "--carry", str(tmp_path), "--out",
+                           str(tmp_path / "out"), "--cifar-config", "experiments/configs/no_such.toml"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "no config file at --cifar-config experiments/configs/no_such.toml" in done.stderr
+    assert not (tmp_path / "out").exists()
