@@ -187,6 +187,9 @@ class TrainConfig:
     compile: bool | str = option("auto", "trace the loss below Python and compile it (pyrovae.compiled.TracedLoss): "
                                          "auto (on the CPU, for runs long enough to win the compilation back) or "
                                          "true; false: eager")
+    matmul: str = option("auto", "the CPU's library for the linear layers' products, forward and backward: auto "
+                                 "(measured on the run's own step at start-up, for runs of 2,000 steps or more; "
+                                 "see pyrovae.matmul), blas (torch's default) or onednn")
     cuda_graph: bool | str = option("auto", "on CUDA, capture the whole step once as a CUDA graph and replay it: auto "
                                             "(wherever the step can be captured) or true; false: eager steps")
 
@@ -225,6 +228,8 @@ class TrainConfig:
             raise ConfigError(f"train.seed must be an integer from 0 to 2**63 - 2, got {self.seed!r}")
         if not isinstance(self.tensorboard, bool):
             raise ConfigError(f"train.tensorboard must be true or false, got {self.tensorboard!r}")
+        if self.matmul not in ("auto", "blas", "onednn"):
+            raise ConfigError(f"train.matmul must be one of auto, blas, onednn; got {self.matmul!r}")
         for key in ("compile", "cuda_graph"):
             value = getattr(self, key)
             if not (isinstance(value, bool) or value == "auto"):

@@ -38,6 +38,7 @@ from pyrovae.build import build_vae, check_names
 from pyrovae.model import VAE
 from pyrovae.objectives import build_objective
 from pyrovae.state import TrainState, summed
+from pyrovae.stream import epoch_batches
 
 __all__ = ["RunFolderError", "TrainedRun", "train_run", "evaluate_run", "provenance", "machine", "write_json",
            "write_figures", "run_metrics"]
@@ -135,13 +136,15 @@ def _train_run(config, out: Path, *, quiet, overwrite, download, resume, data, d
     identity = fingerprint(data)
     if saved is not None:
         _check_same_data(out, saved["state"].get("data"), identity)
-    loss_fn = _loss_module(config, vae, data, device, world, log)
+    resumed = saved["state"].get("matmul") if saved is not None else None
+    loss_fn, matmul = _loss_module(config, vae, data, device, world, log, resumed_matmul=resumed)
     optimizer = make_optimizer(vae.parameters(), config.train.lr, device)
     saver = Checkpointer(out / "checkpoint.pt", world)
     if saved is not None:
         state = _resumed(saved, identity, vae, optimizer, saver, device)
+        state.matmul = matmul.backend
     else:
-        state = TrainState.start(config.train.seed, device, identity)
+        state = TrainState.start(config.train.seed, device, identity, matmul=matmul.backend)
         _start_folder(out, config, overwrite, world=world)
     _remove_temporaries(out, world=world)  # left by a write that was killed
     board = Board(out / "tensorboard", start_step=state.step) if config.train.tensorboard and world.main else None
@@ -156,7 +159,7 @@ def _train_run(config, out: Path, *, quiet, overwrite, download, resume, data, d
         if board is not None:
             board.close()
     metrics = {**run_metrics(config, summed(state, world), data, device, world.size),
-               "compile_seconds": _compile_seconds(loss_fn)}
+               "compile_seconds": _compile_seconds(loss_fn), "matmul": dict(matmul)}
     _write_outputs(out, metrics, vae, state, data, config.train.seed, world=world)
     vae.config = config
     return TrainedRun(vae.eval(), metrics, config, data)
@@ -202,19 +205,26 @@ def _write_outputs(out: Path, metrics: dict, vae, state: TrainState, data: Prepa
     write_figures(vae, out, state.history, data.test, data.test_labels, seed=seed)
 
 
-def _loss_module(config: Config, vae: VAE, data: Prepared, device: torch.device, world: World, log):
-    """The objective the run trains through: built, compiled where ``train.compile`` says so (for
-    the run's planned number of steps), and wrapped for data parallelism under torchrun."""
+def _loss_module(config: Config, vae: VAE, data: Prepared, device: torch.device, world: World, log,
+                 resumed_matmul: str | None = None):
+    """The objective the run trains through, and the matrix-product backend it uses: built, its
+    linear layers sent to the backend ``train.matmul`` chooses (the checkpoint's, on resume),
+    compiled where ``train.compile`` says so (both for the run's planned number of steps), and
+    wrapped for data parallelism under torchrun."""
     from pyrovae.compiled import faster_loss
+    from pyrovae.matmul import choose
 
     t = config.train
     if getattr(t, "old_name_note", None):
         log(t.old_name_note)
     loss_fn = build_objective(t.objective, vae, t.particles, t.free_bits, implementation=t.implementation)
-    loss_fn = faster_loss(config.train, loss_fn, device, _planned_steps(config, data), log)
+    steps = _planned_steps(config, data)
+    matmul = choose(t.matmul, loss_fn, device, lambda: next(epoch_batches(data, t.batch_size, t.seed, 0, world=world)),
+                    steps=steps, resumed=resumed_matmul, log=log)
+    loss_fn = faster_loss(config.train, matmul.wrap(loss_fn), device, steps, log)
     if config.train.cuda_graph is True and device.type != "cuda":
         log("note: train.cuda_graph applies on CUDA only; this run is on the CPU and takes eager steps")
-    return wrap(loss_fn, world, device)
+    return wrap(loss_fn, world, device), matmul
 
 
 def _compile_seconds(loss_fn) -> float | None:

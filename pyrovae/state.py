@@ -38,10 +38,11 @@ class TrainState:
     data: dict | None = None  # what the run trains on: pyrovae.data.fingerprint, checked on resume
     world_size: int = 1  # processes that trained the run (torchrun); loss_sum and images are their totals
     rank_noise_rng: list | None = None  # every process's noise generators, in rank order (several processes)
+    matmul: str | None = None  # the linear layers' backend the run trains with (pyrovae.matmul); None: not recorded
 
     @classmethod
-    def start(cls, seed: int, device: torch.device, data: dict | None = None) -> "TrainState":
-        return cls(seed=seed, loss_sum=torch.zeros((), dtype=torch.float64, device=device), data=data)
+    def start(cls, seed: int, device: torch.device, data: dict | None = None, matmul: str | None = None) -> "TrainState":
+        return cls(seed=seed, loss_sum=torch.zeros((), dtype=torch.float64, device=device), data=data, matmul=matmul)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

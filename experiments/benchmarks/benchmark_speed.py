@@ -12,6 +12,9 @@
      graph and replayed, for the default objective and the hand-coded one; its capture time apart;
    - ``loop/meanfield compiled``: the default objective traced below Python and compiled by inductor
      (``train.compile``, ``pyrovae.compiled.TracedLoss``), its trace and compilation time apart;
+   - ``loop/meanfield onednn`` and ``loop/meanfield compiled onednn`` (CPU): the same, with the
+     linear layers' products, forward and backward, through oneDNN (``train.matmul = onednn``,
+     ``pyrovae.matmul``); ``train.matmul = auto`` takes this route where it measures faster;
    - ``hand/...``: the hand-coded ELBO (``manual_analytic``), eager and compiled the same way, and a
      plain PyTorch step written out (no module, no distributions);
    - ``numpyro jitted epoch`` (CPU, when jax and numpyro are importable): the same model in NumPyro
@@ -50,6 +53,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pyrovae.compiled import StaticStep, compile_loss
+from pyrovae.matmul import OneDNNLoss, onednn_available
 from pyrovae.config import Config
 from pyrovae.data import batches, prepare_train
 from pyrovae.engine import make_optimizer, resolve_device, train_step
@@ -71,12 +75,15 @@ def sync(device: torch.device) -> None:
 
 
 # --- the variants: each returns a function that runs one step on a batch --------------------------
-def loop_step(objective: str, device: torch.device, compiled: bool = False, hidden=(400,)):
+def loop_step(objective: str, device: torch.device, compiled: bool = False, hidden=(400,), onednn: bool = False):
     """Our loop's step; ``compiled``: the loss module traced below Python and compiled
-    (``train.compile``, :class:`pyrovae.compiled.TracedLoss`)."""
+    (``train.compile``, :class:`pyrovae.compiled.TracedLoss`); ``onednn``: the linear layers'
+    products, forward and backward, through oneDNN (``train.matmul = onednn``)."""
     torch.manual_seed(0)
     vae = build_vae(Config().replace(model={"hidden": hidden}).model).to(device)
     loss_fn = build_objective(objective, vae)
+    if onednn:
+        loss_fn = OneDNNLoss(loss_fn)
     if compiled:
         loss_fn = compile_loss(loss_fn, log=lambda line: print(f"  {line}"))
     optimizer = make_optimizer(vae.parameters(), 1e-3, device)
@@ -200,12 +207,19 @@ def epoch_section(args, device, log) -> dict:
     for objective in PYRO_OBJECTIVES:
         variants[f"loop/{objective}"] = loop_step(objective, device)
     variants["hand/manual_analytic"] = loop_step("manual_analytic", device)
+    cpu_onednn = device.type == "cpu" and onednn_available()
+    if cpu_onednn:  # the products through oneDNN (train.matmul), which train.matmul = auto chooses by measuring
+        variants["loop/meanfield onednn"] = loop_step("meanfield", device, onednn=True)
     compile_seconds = {}
     if not (args.smoke or args.no_compiled):  # (compiling takes seconds; tests/test_compiled.py checks it)
-        for objective, name in (("meanfield", "loop/meanfield compiled"),
-                                ("manual_analytic", "hand/manual_analytic compiled")):
+        for objective, name, onednn in (("meanfield", "loop/meanfield compiled", False),
+                                        ("manual_analytic", "hand/manual_analytic compiled", False),
+                                        ("meanfield", "loop/meanfield compiled onednn", True)):
+            if onednn and not cpu_onednn:
+                continue
             began = time.perf_counter()
-            variants[name] = compiled_or_none(lambda: loop_step(objective, device, compiled=True), make_batches()[:2], log)
+            variants[name] = compiled_or_none(lambda: loop_step(objective, device, compiled=True, onednn=onednn),
+                                              make_batches()[:2], log)
             compile_seconds[name] = time.perf_counter() - began  # the trace, the compilation and two steps
     capture_seconds = {}
     if device.type == "cuda":  # the default there: the step replayed as a CUDA graph
@@ -242,6 +256,11 @@ def epoch_section(args, device, log) -> dict:
         ratios["loop/meanfield (eager) / captured/meanfield"] = median["loop/meanfield"] / median["captured/meanfield"]
         for objective, seconds in capture_seconds.items():
             log(f"  capture of captured/{objective} (3 warm-up steps and the capture): {seconds:.3f} s")
+    if "loop/meanfield onednn" in median:
+        ratios["loop/meanfield (BLAS) / loop/meanfield onednn"] = median["loop/meanfield"] / median["loop/meanfield onednn"]
+    if "loop/meanfield compiled onednn" in median:
+        ratios["loop/meanfield compiled (BLAS) / loop/meanfield compiled onednn"] = \
+            median["loop/meanfield compiled"] / median["loop/meanfield compiled onednn"]
     if "loop/meanfield compiled" in median:
         ratios["loop/meanfield compiled / floor"] = median["loop/meanfield compiled"] / median["floor"]
         ratios["loop/meanfield (eager) / loop/meanfield compiled"] = \
@@ -252,7 +271,7 @@ def epoch_section(args, device, log) -> dict:
         {"skipped": "CPU only, not under --smoke"}
     if "seconds_per_epoch" in numpyro:
         median["numpyro jitted epoch"] = numpyro["seconds_per_epoch"]
-        for ours in ("loop/meanfield", "loop/meanfield compiled"):
+        for ours in ("loop/meanfield", "loop/meanfield compiled", "loop/meanfield compiled onednn"):
             if ours in median:
                 ratios[f"{ours} / numpyro jitted epoch"] = median[ours] / numpyro["seconds_per_epoch"]
     for name, seconds in sorted(median.items(), key=lambda kv: kv[1]):
