@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyro
 import torch
 
 from pyrovae.data import Prepared, binarize
@@ -232,3 +233,19 @@ def assert_same_run(metrics_a: dict, metrics_b: dict, folder_a: Path, folder_b: 
     assert moments_a.keys() == moments_b.keys()
     assert all(torch.equal(moments_a[i][k], moments_b[i][k]) for i in moments_a for k in moments_a[i]), \
         "the optimizer states differ"
+
+
+def assert_traced_equals_eager(loss_fn, traced, module, x, seed=11, kl_weight=0.7):
+    """``traced`` (a :class:`pyrovae.compiled.TracedLoss` of ``loss_fn``) gives ``loss_fn``'s loss and
+    gradients for ``module``'s parameters on ``x`` bit for bit, under the same noise."""
+    results = []
+    for fn in (loss_fn, traced):
+        module.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)
+        with pyro.validation_enabled(False):
+            loss = fn(x, kl_weight=kl_weight)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in module.parameters() if p.grad is not None]))
+    (eager, eager_grads), (replayed, replayed_grads) = results
+    assert torch.equal(eager, replayed)
+    assert len(eager_grads) == len(replayed_grads) and all(map(torch.equal, eager_grads, replayed_grads))

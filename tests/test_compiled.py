@@ -6,7 +6,7 @@ import pyro
 import pytest
 import torch
 
-from helpers import synthetic_data
+from helpers import assert_traced_equals_eager, synthetic_data
 from pyrovae import Config, build_vae
 from pyrovae.config import ConfigError
 from pyrovae.compiled import StaticStep, TracedLoss, compile_loss
@@ -94,16 +94,7 @@ def test_the_trace_computes_the_eager_loss_and_gradients_bit_for_bit(objective):
     vae, loss_fn, _ = _setup(objective)
     traced = TracedLoss(loss_fn, compiler=_graph_only)
     for x in (*_batches(2), _batches(1, batch=7)[0]):
-        grads = []
-        for fn in (loss_fn, traced):
-            vae.zero_grad(set_to_none=True)
-            torch.manual_seed(11)
-            with pyro.validation_enabled(False):
-                loss = fn(x, kl_weight=0.7)
-            loss.backward()
-            grads.append((loss.detach(), [p.grad.clone() for p in vae.parameters() if p.grad is not None]))
-        assert torch.equal(grads[0][0], grads[1][0])
-        assert len(grads[0][1]) == len(grads[1][1]) and all(torch.equal(a, b) for a, b in zip(*[g[1] for g in grads]))
+        assert_traced_equals_eager(loss_fn, traced, vae, x)
     assert traced.key[0] == (16, 1, 28, 28)
 
 

@@ -10,7 +10,7 @@ from pyro import poutine
 from pyro.infer import Predictive, Trace_ELBO, TraceMeanField_ELBO
 from torch.distributions import MultivariateNormal, kl_divergence
 
-from helpers import small_options
+from helpers import assert_traced_equals_eager, small_options
 from pyrovae import Config, ModelConfig, build_vae
 from pyrovae.compiled import TracedLoss
 from pyrovae.config import ConfigError
@@ -165,17 +165,7 @@ def test_every_prior_sits_on_top_and_every_likelihood_on_the_data(prior, likelih
 def test_the_traced_graph_gives_the_eager_loss_bit_for_bit(inference):
     vae, x = _stack(inference), _images(8)
     loss_fn = build_objective("meanfield", vae)
-    traced = TracedLoss(loss_fn, compiler=lambda graph: graph)
-    results = []
-    for fn in (loss_fn, traced):
-        vae.zero_grad(set_to_none=True)
-        torch.manual_seed(11)
-        with pyro.validation_enabled(False):
-            loss = fn(x, kl_weight=0.7)
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in vae.parameters()]))
-    assert torch.equal(results[0][0], results[1][0])
-    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+    assert_traced_equals_eager(loss_fn, TracedLoss(loss_fn, compiler=lambda graph: graph), vae, x)
 
 
 # --- the exact oracle: a linear-Gaussian two-layer model ---------------------------------------------
