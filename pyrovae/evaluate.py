@@ -47,11 +47,13 @@ def _my_batches(n: int, batch_size: int, world: World) -> range:
 
 
 def elbo_terms(vae, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-image ELBO terms, each of shape (batch,), from one reparameterized z ~ q(z|x)."""
-    if hasattr(vae, "stack_terms"):  # a stack of layers: the KL estimate summed over them
+    """Per-image ELBO terms, each of shape (batch,), from one reparameterized z ~ q(z|x); for a stack
+    of layers also each layer's KL estimate, ``kl_z1``, ``kl_z2``, ... (``kl`` is their sum)."""
+    if hasattr(vae, "stack_terms"):
         terms = vae.stack_terms(x)
-        kl = sum(q.log_prob(z) - p.log_prob(z) for z, q, p in terms["layers"].values())
-        return {"reconstruction": terms["reconstruction"], "kl": kl, "elbo": terms["reconstruction"] - kl}
+        layers = {f"kl_{name}": q.log_prob(z) - p.log_prob(z) for name, (z, q, p) in terms["layers"].items()}
+        kl = sum(layers.values())
+        return {"reconstruction": terms["reconstruction"], "kl": kl, "elbo": terms["reconstruction"] - kl, **layers}
     q = vae.posterior(x)
     z = q.rsample()  # (batch, z_dim)
     log_px_z = vae.likelihood.log_prob(vae.decoder(z), x)  # (batch,)
@@ -62,26 +64,26 @@ def elbo_terms(vae, x: torch.Tensor) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def evaluate(vae, images: torch.Tensor, batch_size: int = 1000, seed: int = 0, world: World = World()
              ) -> dict[str, float]:
-    """Mean -ELBO, reconstruction log-likelihood and KL per image (nats) on model-ready ``images``.
+    """Mean -ELBO, reconstruction log-likelihood and KL per image (nats) on model-ready ``images``;
+    for a stack of layers also each layer's KL, ``kl_layers`` ({"z1": ..., "z2": ...}).
 
     For 8-bit likelihoods also ``bits_per_dim`` = -ELBO / (C * H * W * ln 2), an upper bound on the
     model's bits/dim. The draws belong to the batches (:func:`batch_noise`), so under torchrun the
     processes share the batches out and the figures are those of one process.
     """
     vae.check_data(images[:batch_size])
-    sums = torch.zeros(3, dtype=torch.float64, device=images.device)  # elbo, reconstruction, kl
+    keys = ["elbo", "reconstruction", "kl", *(f"kl_{vae.site(layer)}" for layer in range(1, len(
+        getattr(vae, "latents", ())) + 1))]
+    sums = torch.zeros(len(keys), dtype=torch.float64, device=images.device)
     for start in _my_batches(images.shape[0], batch_size, world):
         with batch_noise(seed, start, images.device):
             terms = elbo_terms(vae, images[start:start + batch_size])
-        sums += torch.stack([terms[key].double().sum() for key in ("elbo", "reconstruction", "kl")])
-    elbo, reconstruction, kl = world.sum_(sums).tolist()
+        sums += torch.stack([terms[key].double().sum() for key in keys])
     n = images.shape[0]
-    result = {
-        "neg_elbo": -elbo / n,
-        "reconstruction": reconstruction / n,
-        "kl": kl / n,
-        "images": n,
-    }
+    means = dict(zip(keys, (total / n for total in world.sum_(sums).tolist())))
+    result = {"neg_elbo": -means["elbo"], "reconstruction": means["reconstruction"], "kl": means["kl"], "images": n}
+    if len(keys) > 3:
+        result["kl_layers"] = {key[3:]: means[key] for key in keys[3:]}
     if getattr(vae.likelihood, "data_kind", None) == "8bit":  # a discrete likelihood: bits per dimension
         result["bits_per_dim"] = result["neg_elbo"] / (math.prod(vae.image_shape) * math.log(2))
     return result

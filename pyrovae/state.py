@@ -68,7 +68,8 @@ class TrainState:
         self.epoch += 1
         row = {"epoch": self.epoch, "train_neg_elbo": loss / max(images, 1),
                "test_neg_elbo": test["neg_elbo"], "test_reconstruction": test["reconstruction"],
-               "test_kl": test["kl"], **({"test_bits_per_dim": test["bits_per_dim"]} if "bits_per_dim" in test else {}),
+               "test_kl": test["kl"], **({"test_kl_layers": test["kl_layers"]} if "kl_layers" in test else {}),
+               **({"test_bits_per_dim": test["bits_per_dim"]} if "bits_per_dim" in test else {}),
                "seconds": self.seconds, "steps": self.step, "lr": lr, **({"skipped_steps": skipped} if skipped else {})}
         self.history.append(row)
         self.epoch_step, self.images, self.seconds, self.skipped = 0, 0, 0.0, None

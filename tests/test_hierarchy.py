@@ -16,7 +16,7 @@ from pyrovae.compiled import TracedLoss
 from pyrovae.config import ConfigError
 from pyrovae.objectives import check_objective
 from pyrovae.parts import resolve_parts
-from pyrovae.evaluate import active_units, elbo_terms, importance_log_likelihood
+from pyrovae.evaluate import active_units, elbo_terms, evaluate, importance_log_likelihood, seeded_noise
 from pyrovae.hierarchy import HierarchicalVAE, precision_weighted, residual
 from pyrovae.likelihoods import LIKELIHOODS
 from pyrovae.objectives import PyroELBO, TracedELBO, build_objective
@@ -291,6 +291,19 @@ def test_active_units_are_counted_per_layer():
     units = active_units(vae, _images(40), threshold=0.0)
     assert set(units["layers"]) == {"z1", "z2"} and units["z_dim"] == 5
     assert units["active_units"] == sum(layer["active_units"] for layer in units["layers"].values())
+
+
+def test_evaluate_gives_each_layers_kl_and_they_add_up_to_the_kl():
+    """Per-layer KL estimates, from the same draws as the total: their sum is the total, per image
+    and as evaluate's means."""
+    vae, x = _stack(latents=(3, 2, 2)), _images(30)
+    result = evaluate(vae, x, batch_size=7, seed=3)
+    assert list(result["kl_layers"]) == ["z1", "z2", "z3"]
+    assert math.isclose(sum(result["kl_layers"].values()), result["kl"], rel_tol=1e-6, abs_tol=1e-5)  # float32 per image
+    with torch.no_grad(), seeded_noise(5, torch.device("cpu")):
+        terms = elbo_terms(vae, x)
+    assert set(terms) >= {"kl_z1", "kl_z2", "kl_z3"}
+    torch.testing.assert_close(terms["kl_z1"] + terms["kl_z2"] + terms["kl_z3"], terms["kl"])
 
 
 def test_a_stack_trains_resumes_and_evaluates_from_the_command_line(tmp_path, mnist_root):
