@@ -398,7 +398,8 @@ def test_a_residual_stack_that_does_not_fit_its_grids_is_refused(fields, message
         resolve_parts(ModelConfig(latents=(32, 8), network="resnet", inference="bottom_up"))
 
 
-@pytest.mark.parametrize("name", ["cifar10_ladder.toml", "cifar10_ladder_residual.toml", "lfw_ladder.toml"])
+@pytest.mark.parametrize("name", ["cifar10_ladder.toml", "cifar10_ladder_residual.toml", "cifar10_ladder_free_bits.toml",
+                                  "lfw_ladder.toml"])
 def test_the_shipped_ladder_configs_build_and_score_a_batch(name):
     from pathlib import Path
 
@@ -407,7 +408,7 @@ def test_the_shipped_ladder_configs_build_and_score_a_batch(name):
     vae = build_vae(config.model, shape)
     x = torch.randint(0, 256, (2, *shape), generator=torch.Generator().manual_seed(0)).float() / 255
     assert isinstance(vae, HierarchicalVAE) and vae.latents == (4096, 1024, 256)
-    assert torch.isfinite(build_objective(config.train.objective, vae)(x))
+    assert torch.isfinite(build_objective(config.train.objective, vae, free_bits=config.train.free_bits)(x))
 
 
 def test_the_lfw_ladder_config_trains_end_to_end_on_a_synthetic_tree(tmp_path):

@@ -71,8 +71,8 @@ def showcase(vae, test: torch.Tensor, labels: torch.Tensor, history: list[dict],
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", type=Path, default=CONFIG,
-                   help="the run's config (default: experiments/configs/cifar10.toml; cifar10_ladder_residual.toml "
-                        "and cifar10_ladder.toml are the stacks)")
+                   help="the run's config (default: experiments/configs/cifar10.toml; cifar10_ladder_residual.toml, "
+                        "cifar10_ladder_free_bits.toml and cifar10_ladder.toml are the stacks)")
     p.add_argument("--epochs", type=int, default=None, help="override train.epochs of the config")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--particles", dest="k", type=int, default=100, help="importance samples per image")
