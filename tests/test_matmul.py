@@ -79,9 +79,11 @@ def test_a_loss_through_onednn_is_the_loss_through_blas(objective):
 
 def test_a_stack_of_latents_trains_through_onednn_and_compiles_as_one_graph():
     """A two-layer stack under IWAE, traced and compiled with its products through oneDNN: the graph
-    holds the operator (no eager fallback), and several steps agree with the eager BLAS steps."""
+    holds the operator (no eager fallback), and steps under a KL warm-up, a non-finite batch (which
+    both skip) included, agree with the eager BLAS steps."""
     model = ModelConfig(latents=(6, 3), hidden=(24,), latent_hidden=(12,))
     xs = [_batch(16, seed) for seed in range(4)]
+    xs[2][0, 0, 0, 0] = float("nan")
     runs = []
     for onednn in (False, True):
         vae, loss_fn = _setup("iwae", model)
@@ -89,8 +91,9 @@ def test_a_stack_of_latents_trains_through_onednn_and_compiles_as_one_graph():
         fn = compile_loss(OneDNNLoss(loss_fn), lines.append) if onednn else loss_fn
         torch.manual_seed(5)
         with pyro.validation_enabled(False):
-            losses = [train_step(fn, optimizer, x).loss for x in xs]
-        assert not lines
+            steps = [train_step(fn, optimizer, x, kl_weight=w) for x, w in zip(xs, (0.25, 0.5, 0.75, 1.0))]
+        assert [bool(s.loss_finite) for s in steps] == [True, True, False, True] and not lines
+        losses = [s.loss for s in steps if s.loss_finite]
         if onednn:
             assert any("onednn_linear" in str(n.target) for n in _traced_graph(fn).graph.nodes)
         runs.append((losses, vae.state_dict()))
