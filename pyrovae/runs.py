@@ -219,8 +219,10 @@ def _loss_module(config: Config, vae: VAE, data: Prepared, device: torch.device,
         log(t.old_name_note)
     loss_fn = build_objective(t.objective, vae, t.particles, t.free_bits, implementation=t.implementation)
     steps = _planned_steps(config, data)
-    matmul = choose(t.matmul, loss_fn, device, lambda: next(epoch_batches(data, t.batch_size, t.seed, 0, world=world)),
-                    steps=steps, resumed=resumed_matmul, log=log)
+    first = lambda: next(epoch_batches(data, t.batch_size, t.seed, 0, world=world))  # noqa: E731
+    # rank 0 chooses (measuring alone, if it measures), and every process multiplies the same way
+    matmul = world.from_main(lambda: choose(t.matmul, loss_fn, device, first, steps=steps, resumed=resumed_matmul,
+                                            log=log))
     loss_fn = faster_loss(config.train, matmul.wrap(loss_fn), device, steps, log)
     if config.train.cuda_graph is True and device.type != "cuda":
         log("note: train.cuda_graph applies on CUDA only; this run is on the CPU and takes eager steps")
