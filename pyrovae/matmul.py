@@ -52,7 +52,7 @@ def float32_on_cpu(*tensors) -> bool:
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x @ weight.T + bias through oneDNN: ``F.linear`` for float32 CPU tensors, x of any leading
     shape; the same product, rounded differently in the last bits. Differentiable."""
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 @onednn_linear.register_fake
@@ -72,9 +72,9 @@ def _onednn_linear_backward(ctx, grad):
     x, weight = ctx.saved_tensors
     grad = grad.contiguous()
     rows = grad.reshape(-1, grad.shape[-1])
-    grad_x = onednn_linear(grad, weight.t().contiguous()) if ctx.needs_input_grad[0] else None
-    grad_w = (onednn_linear(rows.t().contiguous(), x.reshape(-1, x.shape[-1]).t().contiguous())
-              if ctx.needs_input_grad[1] else None)
+    # oneDNN takes the transposed operands as strided views: copying them first cost as much as a product
+    grad_x = onednn_linear(grad, weight.t()) if ctx.needs_input_grad[0] else None
+    grad_w = onednn_linear(rows.t(), x.reshape(-1, x.shape[-1]).t()) if ctx.needs_input_grad[1] else None
     grad_b = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
     return grad_x, grad_w, grad_b
 
