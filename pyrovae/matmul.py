@@ -29,6 +29,8 @@ import pyro
 import torch
 from torch.overrides import TorchFunctionMode
 
+from pyrovae.compiled import AUTO_COMPILE_MIN_STEPS  # a run long enough to compile is long enough to measure
+
 __all__ = ["BACKENDS", "onednn_linear", "OneDNNLinear", "OneDNNLoss", "measure", "choose", "Choice"]
 
 #: The values of ``train.matmul``.
@@ -167,7 +169,7 @@ class Choice(dict):
 
 
 def choose(setting: str, loss_fn: torch.nn.Module, device: torch.device, batch, *, steps: int,
-           resumed: str | None = None, min_steps: int = 2000, log=print) -> Choice:
+           resumed: str | None = None, min_steps: int = AUTO_COMPILE_MIN_STEPS, log=print) -> Choice:
     """The backend for a run of ``steps`` steps on ``device`` that trains ``loss_fn``, by
     ``train.matmul`` (``setting``); ``batch()`` gives a batch to time it on (called only to measure),
     and ``resumed`` is the backend the run's checkpoint trained with (None: a new run)."""
