@@ -160,6 +160,17 @@ def test_reproduce_train_continues_a_run_from_its_checkpoint(mnist_root, tmp_pat
     assert second.config.train.train_subset == 200
 
 
+def test_reproduce_scales_the_files_schedule_but_not_milestones_given_on_the_command_line(tmp_path, monkeypatch):
+    """``--epochs 280 --set train.lr_milestones=[140, 190]`` decays after epochs 140 and 190, not 19 and 27."""
+    reproduce = _experiment("reproductions/reproduce")
+    monkeypatch.setattr(reproduce, "train_run", lambda config, out, **kw: config)
+    given = reproduce.train("two_layer_vamp", tmp_path, epochs=280, quiet=True,
+                            overrides=["train.lr_milestones=[140, 190]", "train.lr_decay=0.5"])
+    assert given.train.epochs == 280 and given.train.lr_milestones == (140, 190) and given.train.lr_decay == 0.5
+    scaled = reproduce.train("burda_vae", tmp_path, epochs=1400, quiet=True, overrides=["train.lr=0.002"])
+    assert scaled.train.lr_milestones == (1, 2, 6, 17, 52, 155, 467) and scaled.train.lr == 0.002
+
+
 def test_reproduce_table_replaces_only_its_own_block(tmp_path):
     reproduce = _experiment("reproductions/reproduce")
     readme = tmp_path / "README.md"
