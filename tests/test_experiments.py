@@ -2,11 +2,14 @@
 
 import importlib.util
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from helpers import ROOT, run_smoke
 
@@ -69,6 +72,22 @@ def test_benchmark_speed_smoke(mnist_root, tmp_path):
     per_step = results["epoch"]["per_step"]  # from the profiler: Pyro's objectives run more operators
     assert per_step["stock"]["operators"] > per_step["hand/plain"]["operators"] > 0
     assert "numpyro" in results["epoch"]
+
+
+def test_numpyro_epochs_take_turns_with_ours_in_a_process_kept_running():
+    """The NumPyro row of the speed benchmark: compiled once, then one epoch per call (jax and numpyro are
+    an optional extra, so this runs only where they are installed)."""
+    pytest.importorskip("numpyro")
+    speed = _experiment("benchmarks/benchmark_speed")
+    images = torch.randint(0, 256, (512, 1, 28, 28), dtype=torch.uint8)
+    lines = []
+    epochs = speed.NumPyroEpochs.start(images, 256, lines.append)
+    epochs(None)
+    epochs(None)
+    row = epochs.close()
+    assert len(row["seconds"]) == 3 and row["interleaved"] and epochs.process.returncode == 0
+    assert row["seconds_per_epoch"] == statistics.median(row["seconds"][1:])
+    assert all(math.isfinite(v) for v in row["neg_elbo"]) and row["steps"] == 2 and "first epoch" in lines[0]
 
 
 def test_benchmark_whole_run_smoke(mnist_root, tmp_path):

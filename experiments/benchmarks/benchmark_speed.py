@@ -18,7 +18,8 @@
    - ``hand/...``: the hand-coded ELBO (``manual_analytic``), eager and compiled the same way, and a
      plain PyTorch step written out (no module, no distributions);
    - ``numpyro jitted epoch`` (CPU, when jax and numpyro are importable): the same model in NumPyro
-     with the whole epoch jitted, as its VAE example trains (``numpyro_vae.py``, its own process);
+     with the whole epoch jitted, as its VAE example trains (``numpyro_vae.py``, a process of its own
+     kept running, whose epochs take their turn in each round);
    - ``floor``: the step's matrix products alone (forward and backward of every linear layer),
      through torch's default BLAS (``torch.mm``) and through oneDNN (``mkldnn._linear_pointwise``
      and ``torch.mm`` on a oneDNN-packed weight where available); the faster of the two is the floor.
@@ -176,15 +177,16 @@ def floor_step(device: torch.device, batch: int, hidden: int, route: str):
 
 # --- timing ---------------------------------------------------------------------------------------
 def time_rounds(variants: dict, make_batches, rounds: int, device: torch.device,
-                lazy: set = frozenset()) -> dict[str, list[float]]:
+                lazy: set = frozenset(), whole: set = frozenset()) -> dict[str, list[float]]:
     """Seconds of one pass over ``make_batches()`` for each variant, rounds interleaved. The batches
     are made before the clock starts, except for the variants in ``lazy``, which are timed as a
-    training loop runs: each batch gathered and binarized when its step needs it."""
+    training loop runs: each batch gathered and binarized when its step needs it. A variant in
+    ``whole`` runs a whole epoch in one call, with data of its own (NumPyro's jitted epoch)."""
     times = {name: [] for name in variants}
     with pyro.validation_enabled(False):
         for _ in range(rounds):
             for name, step in variants.items():
-                data = make_batches(lazy=True) if name in lazy else make_batches()
+                data = [None] if name in whole else make_batches(lazy=True) if name in lazy else make_batches()
                 sync(device)
                 start = time.perf_counter()
                 for x in data:
@@ -229,6 +231,7 @@ def epoch_section(args, device, log) -> dict:
     for route in ("blas", "onednn"):
         variants[f"floor/{route}"] = floor_step(device, args.batch_size, 400, route)
     variants = {k: v for k, v in variants.items() if v is not None}
+    numpyro = NumPyroEpochs.start(images, args.batch_size, log) if device.type == "cpu" and not args.smoke else None
     for step in variants.values():  # warm up: allocator, oneDNN primitives, first-call costs
         with pyro.validation_enabled(False):
             for x in make_batches()[:3]:
@@ -239,7 +242,15 @@ def epoch_section(args, device, log) -> dict:
                  if not name.startswith("floor/")}
     # every training variant pays for its batches (the gather and the binarization) as a loop does, and
     # as NumPyro's jitted epoch does inside it; the floors do not
-    times = time_rounds(variants, make_batches, args.rounds, device, lazy={k for k in variants if "floor" not in k})
+    lazy = {k for k in variants if "floor" not in k}
+    if numpyro is not None:  # its epochs take turns with ours, round by round
+        variants["numpyro jitted epoch"] = numpyro
+    try:
+        times = time_rounds(variants, make_batches, args.rounds, device, lazy=lazy, whole={"numpyro jitted epoch"})
+    finally:
+        numpyro = numpyro.close() if numpyro is not None else {"skipped": "CPU only, not under --smoke, needs jax and numpyro"}
+    if "seconds" in numpyro:
+        times["numpyro jitted epoch"] = numpyro["seconds"][1:]  # as NumPyro's process timed them
     median = {k: statistics.median(v) for k, v in times.items()}
     median["floor"] = min(median["floor/blas"], median["floor/onednn"])
     hand = min((k for k in median if k.startswith("hand/")), key=median.get)
@@ -267,10 +278,7 @@ def epoch_section(args, device, log) -> dict:
             median["loop/meanfield"] / median["loop/meanfield compiled"]
         for name, seconds in compile_seconds.items():
             log(f"  trace and compilation of {name} (with its first two steps): {seconds:.1f} s")
-    numpyro = numpyro_row(images, args, log) if device.type == "cpu" and not args.smoke else \
-        {"skipped": "CPU only, not under --smoke"}
     if "seconds_per_epoch" in numpyro:
-        median["numpyro jitted epoch"] = numpyro["seconds_per_epoch"]
         for ours in ("loop/meanfield", "loop/meanfield compiled", "loop/meanfield compiled onednn"):
             if ours in median:
                 ratios[f"{ours} / numpyro jitted epoch"] = median[ours] / numpyro["seconds_per_epoch"]
@@ -304,36 +312,69 @@ def operators_per_step(step, batches: list, device: torch.device) -> dict:
     return {"operators": operators / len(batches), "kernels": kernels / len(batches) if device.type == "cuda" else None}
 
 
-def numpyro_row(images: torch.Tensor, args, log) -> dict:
-    """NumPyro's jitted epoch of the same model on the same images (``numpyro_vae.py``, a process of
-    its own), when jax and numpyro are importable: the median of its epochs after the first (which
-    compiles). Its epochs take full batches only (234 steps of 256 for 60,000 images, ours 235)."""
-    import importlib.util
-    import json
-    import subprocess
-    import sys
-    import tempfile
+class NumPyroEpochs:
+    """NumPyro's jitted epoch of the same model on the same images, in a process of its own kept
+    running (``numpyro_vae.py --serve``): each call runs one more epoch there, so its epochs take
+    turns with ours in the same rounds. The time of an epoch is the one NumPyro's process measures
+    (the pipe's round trip is left out). Its epochs take full batches only (234 steps of 256 for
+    60,000 images, ours 235). ``start`` returns None, with one line saying why, where jax or
+    numpyro is not importable or the process fails."""
 
-    missing = [m for m in ("jax", "numpyro") if importlib.util.find_spec(m) is None]
-    if missing:
-        log(f"  numpyro row skipped: {', '.join(missing)} not importable (pip install jax numpyro)")
-        return {"skipped": f"{', '.join(missing)} not importable"}
-    with tempfile.TemporaryDirectory() as scratch:
-        path = Path(scratch) / "images.npy"
+    def __init__(self, process, errors, first: dict):
+        self.process, self.errors, self.first, self.epochs = process, errors, first, []
+
+    @classmethod
+    def start(cls, images: torch.Tensor, batch_size: int, log) -> NumPyroEpochs | None:
+        import importlib.util
+        import json
+        import subprocess
+        import sys
+        import tempfile
+
         import numpy as np
 
-        np.save(path, images.reshape(images.shape[0], -1).cpu().numpy())
-        done = subprocess.run([sys.executable, str(Path(__file__).with_name("numpyro_vae.py")), str(path),
-                               "--epochs", str(args.rounds + 1), "--batch-size", str(args.batch_size)],
-                              capture_output=True, text=True, timeout=1800)
-    if done.returncode != 0:
-        log(f"  numpyro row failed: {done.stderr.strip().splitlines()[-1:]}")
-        return {"skipped": f"numpyro_vae.py exit code {done.returncode}"}
-    row = json.loads(done.stdout.strip().splitlines()[-1])
-    row["seconds_per_epoch"] = statistics.median(row["seconds"][1:])
-    log(f"  numpyro jitted epoch: {row['seconds_per_epoch']:.3f} s (first epoch, with XLA's compilation, "
-        f"{row['seconds'][0]:.1f} s); jax {row['versions']['jax']}, numpyro {row['versions']['numpyro']}")
-    return row
+        missing = [m for m in ("jax", "numpyro") if importlib.util.find_spec(m) is None]
+        if missing:
+            log(f"  numpyro row skipped: {', '.join(missing)} not importable (pip install jax numpyro)")
+            return None
+        errors = tempfile.TemporaryFile()  # its warnings: a pipe nobody reads could fill and stall it
+        with tempfile.TemporaryDirectory() as scratch:  # read by the process before its first line
+            path = Path(scratch) / "images.npy"
+            np.save(path, images.reshape(images.shape[0], -1).cpu().numpy())
+            process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("numpyro_vae.py")), str(path),
+                                        "--serve", "--batch-size", str(batch_size)],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True)
+            line = process.stdout.readline()
+        if not line:
+            process.kill()
+            process.wait()
+            process.stdin.close()
+            process.stdout.close()
+            errors.seek(0)
+            log(f"  numpyro row failed: {errors.read().decode(errors='replace').strip().splitlines()[-1:]}")
+            errors.close()
+            return None
+        first = json.loads(line)
+        log(f"  numpyro: first epoch, with XLA's compilation, {first['seconds'][0]:.1f} s; "
+            f"jax {first['versions']['jax']}, numpyro {first['versions']['numpyro']}")
+        return cls(process, errors, first)
+
+    def __call__(self, _batch=None) -> None:
+        import json
+
+        self.process.stdin.write("epoch\n")
+        self.process.stdin.flush()
+        self.epochs.append(json.loads(self.process.stdout.readline()))
+
+    def close(self) -> dict:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+        self.process.stdout.close()
+        self.errors.close()
+        seconds = [e["seconds"] for e in self.epochs]
+        return {**self.first, "seconds": self.first["seconds"] + seconds,
+                "neg_elbo": self.first["neg_elbo"] + [e["neg_elbo"] for e in self.epochs],
+                "seconds_per_epoch": statistics.median(seconds), "interleaved": True}
 
 
 def compiled_or_none(make, example, log):

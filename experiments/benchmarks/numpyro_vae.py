@@ -12,12 +12,18 @@ dynamic binarization drawn inside it, one host read per epoch.
 
 ``IMAGES.npy``: uint8 training images, (N, 784). Prints one JSON line: the seconds of each epoch
 (the first includes XLA's compilation), the mean -ELBO per image of each, and the versions.
+
+With ``--serve`` it compiles (one epoch), prints that line, then runs one more epoch for each line it
+reads on its standard input and answers each with a JSON line of that epoch, until the input ends.
+``benchmark_speed.py`` interleaves these epochs with its own rounds, so both libraries are timed
+on the machine as it is at that moment.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import jax
@@ -58,6 +64,7 @@ def main(argv=None) -> None:
     p.add_argument("images", help="uint8 training images, (N, 784), as .npy")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--serve", action="store_true", help="after the first epoch, one epoch per line read on stdin")
     args = p.parse_args(argv)
     images = jnp.asarray(np.load(args.images).reshape(-1, 784))
     n, batch = images.shape[0], args.batch_size
@@ -78,14 +85,23 @@ def main(argv=None) -> None:
         return jax.lax.fori_loop(0, steps, body, (state, 0.0))
 
     seconds, losses = [], []
-    for e in range(args.epochs):
+
+    def timed(e):
+        nonlocal state
         began = time.perf_counter()
         state, total = epoch(state, jax.random.PRNGKey(e + 1))
         total = float(total)  # the one host read: waits for the epoch
         seconds.append(time.perf_counter() - began)
         losses.append(total / (steps * batch))
+        return {"seconds": seconds[-1], "neg_elbo": losses[-1]}
+
+    for e in range(1 if args.serve else args.epochs):
+        timed(e)
     print(json.dumps({"seconds": seconds, "neg_elbo": losses, "steps": steps, "batch_size": batch,
-                      "versions": {"jax": jax.__version__, "numpyro": numpyro.__version__}}))
+                      "versions": {"jax": jax.__version__, "numpyro": numpyro.__version__}}), flush=True)
+    if args.serve:
+        for e, _ in enumerate(sys.stdin, start=1):
+            print(json.dumps(timed(e)), flush=True)
 
 
 if __name__ == "__main__":
