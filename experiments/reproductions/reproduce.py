@@ -70,8 +70,8 @@ PUBLISHED = {
 MARKERS = ("<!-- reproduce:begin -->", "<!-- reproduce:end -->")
 
 
-def config_for(name: str, overrides: list[str] = ()) -> Config:
-    return Config.from_dict(apply_overrides(read_config_file(CONFIGS / f"{name}.toml"), list(overrides)))
+def config_for(name: str) -> Config:
+    return Config.from_dict(read_config_file(CONFIGS / f"{name}.toml"))
 
 
 def compress_schedule(config: Config, epochs: int) -> Config:
