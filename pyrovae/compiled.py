@@ -4,7 +4,9 @@ Both are ``auto`` by default:
 
 - ``train.compile`` traces the loss module below Python and compiles the trace
   (:class:`TracedLoss`): Pyro's handlers run once, while tracing, and inductor fuses the graph's
-  elementwise work. (Dynamo itself does not capture Pyro's effect handlers in one graph: its
+  elementwise work. A run in one process traces the whole step (:meth:`TracedLoss.step`): the
+  loss, its gradients and the non-finite guard are one graph, and torch's fused Adam kernel is
+  called on its output directly, so no autograd engine and no optimizer Python run per step. (Dynamo itself does not capture Pyro's effect handlers in one graph: its
   ``Message`` is a TypedDict with optional keys, and every parameter site has its own name; a trace
   made at the dispatcher level never sees them.) ``auto`` compiles on the CPU for runs of at least
   :data:`AUTO_COMPILE_MIN_STEPS` steps; ``true`` always. If tracing or compiling fails, the step
@@ -27,8 +29,9 @@ import warnings
 
 import pyro
 import torch
+from torch.optim.adam import adam
 
-from pyrovae.step import StepResult, train_step
+from pyrovae.step import StepResult, guard, train_step
 
 __all__ = ["compile_loss", "faster_loss", "TracedLoss", "StaticStep", "CaptureUnsupported", "AUTO_COMPILE_MIN_STEPS"]
 
@@ -59,11 +62,13 @@ class TracedLoss(torch.nn.Module):
         self.compiler = compiler or (lambda graph: torch.compile(graph, dynamic=False))  # the traced graph's
         self.key, self.failed, self.seconds, self._first = None, False, None, False  # seconds: trace and compile
         object.__setattr__(self, "graph", None)
+        self.whole: _WholeStep | None = None  # the whole step's graph (:meth:`step`), once traced
+        self.whole_failed = False
         self._weights: dict[tuple, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor, kl_weight=1.0) -> torch.Tensor:
         key = (tuple(x.shape), x.dtype, x.device, self.module.training)
-        if not self.failed and self.key is None:
+        if not self.failed and self.key is None and self.whole is None:  # the whole step's batches need no loss graph
             self._trace(x, kl_weight, key)
         if not self.failed and key == self.key:
             try:
@@ -110,12 +115,117 @@ class TracedLoss(torch.nn.Module):
             self._first, self.seconds = False, self.seconds + time.perf_counter() - began
         return loss
 
+    def step(self, optimizer: torch.optim.Optimizer, x: torch.Tensor, kl_weight=1.0, *, grad_clip: float | None = None,
+             skip_norm: float | None = None) -> StepResult:
+        """One whole training step on ``x``, as :func:`pyrovae.step.train_step` takes it through this
+        loss, from one graph traced at the first full step: the loss, its gradients and the
+        non-finite guard, compiled together; then torch's fused Adam kernel on the graph's
+        gradients, skipping the update on the device where the guard says so. The first step of a
+        fresh optimizer is eager (Adam makes its state there), and so are batches of another shape.
+        Where the whole step cannot be a graph (an optimizer other than a fused Adam, or a failed
+        trace, with one line saying why) the step is :func:`train_step` through the compiled loss."""
+        weight = self._weight(kl_weight, x.device)
+        whole = self._whole_step(optimizer, x, weight, grad_clip, skip_norm)
+        if whole is not None:
+            try:
+                return whole(x, weight, optimizer)
+            except Exception as e:  # inductor compiles at the first call
+                self._no_whole("compiling the whole step", e)
+        eager = self.whole is not None or (not optimizer.state and not self.whole_failed)
+        return train_step(self.module if eager else self, optimizer, x, kl_weight=kl_weight, grad_clip=grad_clip,
+                          skip_norm=skip_norm)
+
+    def _whole_step(self, optimizer, x, weight, grad_clip, skip_norm) -> _WholeStep | None:
+        """The whole step's graph for this batch, traced now if it is the first full step after
+        Adam has made its state; None where this step is not taken by the graph."""
+        if self.failed or self.whole_failed:
+            return None
+        if self.whole is None:
+            why = _WholeStep.unsupported(optimizer)
+            if why:
+                self.whole_failed = True
+                self.log(f"note: train.compile: {why}; training with the compiled loss")
+                return None
+            if not optimizer.state:
+                return None
+            began = time.perf_counter()
+            try:
+                self.whole = _WholeStep(self, optimizer, x, weight, grad_clip, skip_norm)
+            except Exception as e:
+                self._no_whole("tracing the whole step", e)
+                return None
+            self.seconds = (self.seconds or 0.0) + time.perf_counter() - began
+        return self.whole if self.whole.fits(x, optimizer, grad_clip, skip_norm, self.module.training) else None
+
+    def _no_whole(self, stage: str, error: Exception) -> None:
+        self.whole, self.whole_failed = None, True
+        self.log(f"note: train.compile: {stage} failed ({_why(error)}); training with the compiled loss")
+
     def _give_up(self, stage: str, error: Exception) -> None:
         self.failed = True
-        text = str(error).splitlines()[0][:160] if str(error) else ""
-        why = ("the loss reads a value back to the host (.item() or a branch on a tensor's value), which a "
-               "graph cannot hold" if "_local_scalar_dense" in str(error) else f"{type(error).__name__}: {text}")
-        self.log(f"note: train.compile: {stage} failed ({why}); training in eager mode")
+        self.log(f"note: train.compile: {stage} failed ({_why(error)}); training in eager mode")
+
+
+def _why(error: Exception) -> str:
+    text = str(error).splitlines()[0][:160] if str(error) else ""
+    return ("the loss reads a value back to the host (.item() or a branch on a tensor's value), which a "
+            "graph cannot hold" if "_local_scalar_dense" in str(error) else f"{type(error).__name__}: {text}")
+
+
+class _WholeStep:
+    """The loss, its gradients and the non-finite guard of one step as one compiled graph, for one
+    batch shape and one setting of ``grad_clip``/``skip_norm``; Adam's update is torch's fused kernel
+    (``torch.optim.adam.adam(..., fused=True)``, what ``Adam(fused=True).step()`` calls) on the
+    graph's gradients, with the guard's flag as its ``found_inf``. The optimizer keeps its state
+    and its learning rate (read at every step, so a schedule needs no new graph)."""
+
+    def __init__(self, traced: TracedLoss, optimizer, x, weight, grad_clip, skip_norm):
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        module, inputs = traced.module, traced._inputs()
+        groups = [[p for p in group["params"] if p.requires_grad] for group in optimizer.param_groups]
+        self.key = (tuple(x.shape), x.dtype, x.device, module.training, grad_clip, skip_norm, id(optimizer))
+        self.inputs, self.groups = inputs, groups
+        everything = [p for group in groups for p in group]
+
+        def step(*values):
+            loss = module(values[-2], kl_weight=values[-1])
+            grads = torch.autograd.grad(loss, everything, allow_unused=True)
+            grads = list(grads)  # clipped in place by the guard
+            return (loss.detach(), *guard(loss, grads, grad_clip, skip_norm), *grads)
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), \
+                pyro.validation_enabled(False):  # the trace's own draws leave the run's streams alone
+            graph = make_fx(step)(*inputs, x, weight)
+        self.graph = traced.compiler(graph)
+
+    @staticmethod
+    def unsupported(optimizer) -> str | None:
+        """Why the whole step cannot take this optimizer (None: it can)."""
+        if type(optimizer) is not torch.optim.Adam or not optimizer.defaults.get("fused"):
+            return f"the whole step is traced for a fused Adam, not {type(optimizer).__name__}"
+        if any(group["amsgrad"] or group.get("decoupled_weight_decay") for group in optimizer.param_groups):
+            return "the whole step is traced for Adam without amsgrad and coupled weight decay"
+        return None
+
+    def fits(self, x, optimizer, grad_clip, skip_norm, training: bool) -> bool:
+        return self.key == (tuple(x.shape), x.dtype, x.device, training, grad_clip, skip_norm, id(optimizer))
+
+    def __call__(self, x, weight, optimizer) -> StepResult:
+        with torch.no_grad():
+            loss, loss_finite, grads_finite, too_large, skip, *grads = self.graph(*self.inputs, x, weight)
+            found_inf, i = skip.float(), 0
+            for params, group in zip(self.groups, optimizer.param_groups):
+                pairs = [(p, g) for p, g in zip(params, grads[i:i + len(params)]) if g is not None]
+                i += len(params)
+                for p, g in pairs:
+                    p.grad = g  # as after train_step: the step's gradients stay on the parameters
+                state = [optimizer.state[p] for p, _ in pairs]
+                adam(
+                    [p for p, _ in pairs], [g for _, g in pairs], [s["exp_avg"] for s in state],
+                    [s["exp_avg_sq"] for s in state], [], [s["step"] for s in state], fused=True, found_inf=found_inf,
+                    amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"],
+                    weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
+        return StepResult(loss, loss_finite, grads_finite, too_large)
 
 
 def compile_loss(loss_fn: torch.nn.Module, log=print) -> TracedLoss:

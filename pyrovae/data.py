@@ -412,7 +412,7 @@ def binarize_fast(images: torch.Tensor, generator: torch.Generator | None = None
     probabilities (0.23 s against 0.75 s for an MNIST epoch of 256-image batches on two CPU cores).
     """
     u = torch.randint(0, 255, images.shape, generator=generator, dtype=torch.uint8, device=images.device)
-    return (u < images).float()
+    return torch.lt(u, images).view(torch.uint8).float()  # bytes to floats: faster than from bool
 
 
 def to_unit(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -429,7 +429,7 @@ def batches(data: torch.Tensor, batch_size: int, generator: torch.Generator,
     """
     perm = torch.randperm(data.shape[0], generator=generator, device=data.device)
     for start in range(0, data.shape[0], batch_size):
-        batch = data[perm[start:start + batch_size]]
+        batch = torch.index_select(data, 0, perm[start:start + batch_size])
         yield per_batch(batch, generator) if per_batch is not None else batch
 
 

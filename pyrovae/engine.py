@@ -203,7 +203,8 @@ def fit(config: Config, vae, loss_fn, optimizer, data: Prepared, state: TrainSta
 
 class _Stepper:
     """One optimizer step on a batch: the step replayed as a CUDA graph where ``train.cuda_graph``
-    allows it and the batch has the full size, else the eager :func:`train_step`."""
+    allows it and the batch has the full size; the whole step as one compiled graph where the loss
+    is compiled (:meth:`pyrovae.compiled.TracedLoss.step`, one process); else :func:`train_step`."""
 
     def __init__(self, t: TrainConfig, loss_fn, optimizer, full: int, device: torch.device, log):
         self.t, self.loss_fn, self.optimizer, self.full, self.log = t, loss_fn, optimizer, full, log
@@ -213,12 +214,17 @@ class _Stepper:
             log(f"note: train.cuda_graph: {eager_only}; this run takes eager steps")
             self.graph = False
         self.replayed = None  # captured again when the learning rate (a constant of the graph) changes
+        from pyrovae.compiled import TracedLoss
+        self.whole = isinstance(loss_fn, TracedLoss)
 
     def __call__(self, x: torch.Tensor, kl_weight: float) -> StepResult:
         if self.graph and x.shape[0] == self.full:
             self._capture(x)
             if self.graph:
                 return self.replayed(x, kl_weight)
+        if self.whole:  # the loss compiled, in one process: the whole step is one graph
+            return self.loss_fn.step(self.optimizer, x, kl_weight, grad_clip=self.t.grad_clip,
+                                     skip_norm=self.t.skip_grad_norm)
         return train_step(self.loss_fn, self.optimizer, x, kl_weight=kl_weight, grad_clip=self.t.grad_clip,
                           skip_norm=self.t.skip_grad_norm)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["StepResult", "train_step"]
+__all__ = ["StepResult", "train_step", "guard"]
 
 
 @dataclass
@@ -44,17 +44,7 @@ def train_step(loss_fn, optimizer: torch.optim.Optimizer, x: torch.Tensor, *, kl
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     everything = _parameters(optimizer)
-    params = [p for p in everything if p.grad is not None]
-    norms = torch._foreach_norm([p.grad for p in params])  # one kernel for all parameters
-    loss_finite = torch.isfinite(loss.detach())
-    finite = iter(torch.isfinite(torch.stack(norms)).unbind() if norms else ())
-    grads_finite = torch.stack([next(finite) if p.grad is not None else loss_finite.new_ones(()) for p in everything])
-    skip = ~(loss_finite & grads_finite.all())
-    total = torch.linalg.vector_norm(torch.stack(norms)) if norms and (grad_clip or skip_norm) else None
-    too_large = total > skip_norm if skip_norm is not None and total is not None else torch.zeros_like(skip)
-    skip = skip | too_large
-    if grad_clip is not None and total is not None:
-        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, total, foreach=True)
+    loss_finite, grads_finite, too_large, skip = guard(loss, [p.grad for p in everything], grad_clip, skip_norm)
     if optimizer.defaults.get("fused"):
         optimizer.found_inf = skip.float()  # read by the fused kernel on the device
         try:
@@ -64,3 +54,23 @@ def train_step(loss_fn, optimizer: torch.optim.Optimizer, x: torch.Tensor, *, kl
     elif not skip:  # a host read: the price of an optimizer without an on-device guard
         optimizer.step()
     return StepResult(loss.detach(), loss_finite, grads_finite, too_large)
+
+
+def guard(loss: torch.Tensor, grads: list[torch.Tensor | None], grad_clip: float | None = None,
+          skip_norm: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The step's flags, as device tensors: whether the loss is finite, whether each gradient is
+    (True where there is none), whether the gradients' total norm passed ``skip_norm``, and whether
+    to skip the update (any of these). Where ``grad_clip`` is set, ``grads`` are scaled in place to
+    that total norm at most (``torch.nn.utils.clip_grad_norm_``'s rule). Pure tensor arithmetic, so
+    a traced step (:mod:`pyrovae.compiled`) holds it in its graph."""
+    present = [g for g in grads if g is not None]
+    norms = torch._foreach_norm(present) if present else []  # one kernel for all parameters
+    loss_finite = torch.isfinite(loss.detach())
+    finite = iter(torch.isfinite(torch.stack(norms)).unbind() if norms else ())
+    grads_finite = torch.stack([next(finite) if g is not None else loss_finite.new_ones(()) for g in grads])
+    skip = ~(loss_finite & grads_finite.all())
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms and (grad_clip or skip_norm) else None
+    too_large = total > skip_norm if skip_norm is not None and total is not None else torch.zeros_like(skip)
+    if grad_clip is not None and total is not None:
+        torch._foreach_mul_(present, torch.clamp(grad_clip / (total + 1e-6), max=1.0))
+    return loss_finite, grads_finite, too_large, skip | too_large

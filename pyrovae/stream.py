@@ -41,7 +41,7 @@ def epoch_batches(data: Prepared, batch_size: int, seed: int, epoch: int, first_
     order = torch.randperm(n, generator=torch.Generator().manual_seed(stream_seed(seed, epoch)))
     order, draws = order.to(device), torch.Generator(device=device)
     for step in range(first_step, -(-n // batch_size)):
-        batch = data.train[order[step * batch_size:(step + 1) * batch_size]]
+        batch = torch.index_select(data.train, 0, order[step * batch_size:(step + 1) * batch_size])  # whole rows
         if data.per_batch is not None:
             batch = data.per_batch(batch, draws.manual_seed(stream_seed(seed, epoch, step)))
         if batch.shape[0] >= world.size:  # a last batch too small to give every process an image is dropped

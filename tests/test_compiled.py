@@ -347,3 +347,88 @@ def test_a_run_plans_its_steps_from_its_budget():
     data = synthetic_data(610, 50)  # 7 batches of 100 an epoch
     assert _planned_steps(TINY.replace(train={"batch_size": 100, "epochs": 20}), data) == 140
     assert _planned_steps(TINY.replace(train={"batch_size": 100, "epochs": 20, "max_steps": 9}), data) == 9
+
+
+@pytest.mark.parametrize("objective,clip", [("meanfield", {}), ("manual_analytic", {}), ("iwae", {}),
+                                            ("meanfield", {"grad_clip": 50.0, "skip_norm": 400.0})])
+def test_the_whole_step_as_one_graph_trains_like_the_eager_step(objective, clip):
+    """The whole step traced and compiled (the loss, its gradients, the guard; then torch's fused Adam
+    on the graph's output) against the eager step from the same start, with the same noise: KL
+    warm-up, a non-finite batch (skipped by both), clipping and the norm guard where set, a last
+    batch of another size (eager) included. Losses, gradients, flags, parameters and Adam's state
+    agree to float32 rounding; the first step of the fresh optimizer is eager and the rest are the graph's."""
+    xs = _batches(6)
+    xs[2] = xs[2].clone()
+    xs[2][0, 0, 0, 0] = float("nan")
+    xs[5] = xs[5][:7]
+    weights = [0.2, 0.6, 1.0, 1.0, 1.0, 1.0]
+    runs = []
+    for whole in (False, True):
+        vae, loss_fn, optimizer = _setup(objective)
+        lines = []
+        traced = compile_loss(loss_fn, lines.append) if whole else None
+        torch.manual_seed(5)
+        steps = []
+        with pyro.validation_enabled(False):
+            for x, w in zip(xs, weights):
+                result = traced.step(optimizer, x, w, **clip) if whole else train_step(loss_fn, optimizer, x,
+                                                                                       kl_weight=w, **clip)
+                steps.append((result, [p.grad.clone() for p in vae.parameters()]))
+        assert not lines and (not whole or (traced.whole is not None and traced.graph is None))
+        runs.append((steps, vae.state_dict(), optimizer.state_dict()["state"]))
+    (eager, eager_params, eager_adam), (graph, graph_params, graph_adam) = runs
+    assert [bool(r.loss_finite) for r, _ in eager] == [bool(r.loss_finite) for r, _ in graph] == \
+        [True, True, False, True, True, True]
+    for (a, grads_a), (b, grads_b) in zip(eager, graph):
+        assert torch.equal(a.grads_finite, b.grads_finite) and torch.equal(a.too_large, b.too_large)
+        if bool(a.loss_finite):
+            torch.testing.assert_close(b.loss, a.loss, rtol=1e-5, atol=1e-3)
+            for ga, gb in zip(grads_a, grads_b):  # rounding relative to the gradient's own scale
+                torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-4 * float(ga.abs().max()) + 1e-6)
+    for name, value in eager_params.items():
+        torch.testing.assert_close(graph_params[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    for i, moments in eager_adam.items():
+        for key, value in moments.items():
+            torch.testing.assert_close(graph_adam[i][key], value, rtol=1e-4, atol=1e-4 * float(value.abs().max()),
+                                       msg=f"{i} {key}")
+
+
+def test_the_whole_step_takes_only_a_fused_adam_and_says_so_once():
+    """Another optimizer: one line, and the step is train_step through the compiled loss."""
+    vae, loss_fn, _ = _setup()
+    optimizer = torch.optim.SGD(vae.parameters(), lr=1e-3)
+    lines = []
+    traced = compile_loss(loss_fn, lines.append)
+    with pyro.validation_enabled(False):
+        for x in _batches(3):
+            assert bool(traced.step(optimizer, x).loss_finite)
+    assert traced.whole is None and traced.graph is not None
+    assert lines == ["note: train.compile: the whole step is traced for a fused Adam, not SGD; training with the "
+                     "compiled loss"]
+
+
+def test_a_compiled_run_resumes_exactly_and_trains_like_the_eager_run(tmp_path, monkeypatch):
+    """``train.compile = true`` on the CPU (the whole step as one graph, as auto gives a long run):
+    stopped inside epoch 2 by its step budget and resumed, it equals the straight compiled run bit
+    for bit (a resumed run traces its graph again, from Adam's saved state); the learning rate
+    halves after epoch 1 without a new graph; and the run is the eager run's to float32 rounding."""
+    from helpers import assert_same_run
+
+    from pyrovae.compiled import _WholeStep
+
+    monkeypatch.setattr("pyrovae.runs.write_figures", lambda *a, **k: None)
+    graph_steps, replay = [], _WholeStep.__call__
+    monkeypatch.setattr(_WholeStep, "__call__", lambda self, *a: graph_steps.append(1) or replay(self, *a))
+    data = synthetic_data(200, 50)  # 4 steps an epoch
+    config = TINY.replace(train={"batch_size": 50, "epochs": 2, "device": "cpu", "compile": True, "lr_decay": 0.5,
+                                 "lr_milestones": (1,), "kl_warmup_steps": 3})
+    straight = train_run(config, tmp_path / "straight", data=data, quiet=True)
+    assert len(graph_steps) == 7  # the first step makes Adam's state, eagerly
+    partial = train_run(config.replace(train={"max_steps": 6}), tmp_path / "pieces", data=data, quiet=True).metrics
+    assert partial["stopped_at_step"] == 6
+    resumed = train_run(config, tmp_path / "pieces", data=data, quiet=True, resume=True).metrics
+    assert_same_run(resumed, straight.metrics, tmp_path / "pieces", tmp_path / "straight")
+    eager = train_run(config.replace(train={"compile": False}), tmp_path / "eager", data=data, quiet=True)
+    for name, value in eager.vae.state_dict().items():
+        torch.testing.assert_close(straight.vae.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert straight.metrics["compile_seconds"] > 0

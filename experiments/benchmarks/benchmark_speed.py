@@ -10,8 +10,10 @@
      host-sync-free ``elbo`` and ``meanfield`` (the default: ``pyrovae train``);
    - ``captured/<objective>`` (CUDA only, the default there): our loop's step captured once as a CUDA
      graph and replayed, for the default objective and the hand-coded one; its capture time apart;
-   - ``loop/meanfield compiled``: the default objective traced below Python and compiled by inductor
-     (``train.compile``, ``pyrovae.compiled.TracedLoss``), its trace and compilation time apart;
+   - ``loop/meanfield compiled``: the default's whole step (the loss, its gradients and the
+     non-finite guard) traced below Python and compiled by inductor, then torch's fused Adam
+     (``train.compile``, ``pyrovae.compiled.TracedLoss.step``), its trace and compilation time apart;
+     ``loop/meanfield compiled loss only``: only the loss compiled, under the eager ``train_step``;
    - ``loop/meanfield onednn`` and ``loop/meanfield compiled onednn`` (CPU): the same, with the
      linear layers' products, forward and backward, through oneDNN (``train.matmul = onednn``,
      ``pyrovae.matmul``); ``train.matmul = auto`` takes this route where it measures faster;
@@ -76,10 +78,13 @@ def sync(device: torch.device) -> None:
 
 
 # --- the variants: each returns a function that runs one step on a batch --------------------------
-def loop_step(objective: str, device: torch.device, compiled: bool = False, hidden=(400,), onednn: bool = False):
-    """Our loop's step; ``compiled``: the loss module traced below Python and compiled
-    (``train.compile``, :class:`pyrovae.compiled.TracedLoss`); ``onednn``: the linear layers'
-    products, forward and backward, through oneDNN (``train.matmul = onednn``)."""
+def loop_step(objective: str, device: torch.device, compiled: bool = False, hidden=(400,), onednn: bool = False,
+              whole: bool = True):
+    """Our loop's step; ``compiled``: the whole step traced below Python and compiled, as ``fit``
+    takes it in one process (``train.compile``, :meth:`pyrovae.compiled.TracedLoss.step`), or with
+    ``whole=False`` only the loss (:class:`pyrovae.compiled.TracedLoss` under :func:`train_step`);
+    ``onednn``: the linear layers' products, forward and backward, through oneDNN
+    (``train.matmul = onednn``)."""
     torch.manual_seed(0)
     vae = build_vae(Config().replace(model={"hidden": hidden}).model).to(device)
     loss_fn = build_objective(objective, vae)
@@ -88,6 +93,8 @@ def loop_step(objective: str, device: torch.device, compiled: bool = False, hidd
     if compiled:
         loss_fn = compile_loss(loss_fn, log=lambda line: print(f"  {line}"))
     optimizer = make_optimizer(vae.parameters(), 1e-3, device)
+    if compiled and whole:
+        return lambda x: loss_fn.step(optimizer, x)
     return lambda x: train_step(loss_fn, optimizer, x)
 
 
@@ -214,14 +221,15 @@ def epoch_section(args, device, log) -> dict:
         variants["loop/meanfield onednn"] = loop_step("meanfield", device, onednn=True)
     compile_seconds = {}
     if not (args.smoke or args.no_compiled):  # (compiling takes seconds; tests/test_compiled.py checks it)
-        for objective, name, onednn in (("meanfield", "loop/meanfield compiled", False),
-                                        ("manual_analytic", "hand/manual_analytic compiled", False),
-                                        ("meanfield", "loop/meanfield compiled onednn", True)):
+        for objective, name, onednn, whole in (("meanfield", "loop/meanfield compiled", False, True),
+                                               ("meanfield", "loop/meanfield compiled loss only", False, False),
+                                               ("manual_analytic", "hand/manual_analytic compiled", False, True),
+                                               ("meanfield", "loop/meanfield compiled onednn", True, True)):
             if onednn and not cpu_onednn:
                 continue
             began = time.perf_counter()
-            variants[name] = compiled_or_none(lambda: loop_step(objective, device, compiled=True, onednn=onednn),
-                                              make_batches()[:2], log)
+            variants[name] = compiled_or_none(
+                lambda: loop_step(objective, device, compiled=True, onednn=onednn, whole=whole), make_batches()[:3], log)
             compile_seconds[name] = time.perf_counter() - began  # the trace, the compilation and two steps
     capture_seconds = {}
     if device.type == "cuda":  # the default there: the step replayed as a CUDA graph
@@ -276,6 +284,9 @@ def epoch_section(args, device, log) -> dict:
         ratios["loop/meanfield compiled / floor"] = median["loop/meanfield compiled"] / median["floor"]
         ratios["loop/meanfield (eager) / loop/meanfield compiled"] = \
             median["loop/meanfield"] / median["loop/meanfield compiled"]
+        if "loop/meanfield compiled loss only" in median:
+            ratios["the loss alone compiled / the whole step compiled"] = \
+                median["loop/meanfield compiled loss only"] / median["loop/meanfield compiled"]
         for name, seconds in compile_seconds.items():
             log(f"  trace and compilation of {name} (with its first two steps): {seconds:.1f} s")
     if "seconds_per_epoch" in numpyro:
