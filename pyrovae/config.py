@@ -184,7 +184,8 @@ class TrainConfig:
     train_subset: int | None = option(None, "train on the first N images only (quick checks); None: all", flag=True)
     test_subset: int | None = option(None, "evaluate on the first N test images only; None: all", flag=True)
     tensorboard: bool = option(False, "also log to <run>/tensorboard (pip install 'pyrovae[tensorboard]')", flag=True)
-    compile: bool | str = option("auto", "trace the loss below Python and compile it (pyrovae.compiled.TracedLoss): "
+    compile: bool | str = option("auto", "trace the step (loss, gradients, guard) below Python and compile it "
+                                         "(pyrovae.compiled.TracedLoss): "
                                          "auto (on the CPU, for runs long enough to win the compilation back) or "
                                          "true; false: eager")
     matmul: str = option("auto", "the CPU's library for the linear layers' products, forward and backward: auto "
