@@ -215,7 +215,7 @@ class _Stepper:
             self.graph = False
         self.replayed = None  # captured again when the learning rate (a constant of the graph) changes
         from pyrovae.compiled import TracedLoss
-        self.whole = isinstance(loss_fn, TracedLoss)
+        self.whole = isinstance(loss_fn, TracedLoss) and not self.graph  # a CUDA graph captures the step itself
 
     def __call__(self, x: torch.Tensor, kl_weight: float) -> StepResult:
         if self.graph and x.shape[0] == self.full:

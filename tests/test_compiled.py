@@ -18,8 +18,13 @@ TINY = Config().replace(model={"z_dim": 4, "hidden": (32,)})
 
 
 def _setup(objective="meanfield"):
+    """The tiny VAE, its objective and Adam; "<objective> stack": two stochastic layers (4 and 2),
+    bottom-up, with a VampPrior on the top one."""
     torch.manual_seed(0)
-    vae = build_vae(TINY.model)
+    objective, _, stack = objective.partition(" ")
+    model = TINY.model if not stack else dataclasses.replace(TINY.model, latents=(4, 2), inference="bottom_up",
+                                                             prior="vamp", prior_options={"components": 3})
+    vae = build_vae(model)
     return vae, build_objective(objective, vae, 3), make_optimizer(vae.parameters(), 1e-3, torch.device("cpu"))
 
 
@@ -350,7 +355,8 @@ def test_a_run_plans_its_steps_from_its_budget():
 
 
 @pytest.mark.parametrize("objective,clip", [("meanfield", {}), ("manual_analytic", {}), ("iwae", {}),
-                                            ("meanfield", {"grad_clip": 50.0, "skip_norm": 400.0})])
+                                            ("meanfield", {"grad_clip": 50.0, "skip_norm": 400.0}),
+                                            ("meanfield stack", {})])
 def test_the_whole_step_as_one_graph_trains_like_the_eager_step(objective, clip):
     """The whole step traced and compiled (the loss, its gradients, the guard; then torch's fused Adam
     on the graph's output) against the eager step from the same start, with the same noise: KL
