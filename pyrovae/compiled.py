@@ -127,10 +127,15 @@ class TracedLoss(torch.nn.Module):
         weight = self._weight(kl_weight, x.device)
         whole = self._whole_step(optimizer, x, weight, grad_clip, skip_norm)
         if whole is not None:
+            began = time.perf_counter()
             try:
-                return whole(x, weight, optimizer)
+                result = whole(x, weight, optimizer)
             except Exception as e:  # inductor compiles at the first call
                 self._no_whole("compiling the whole step", e)
+            else:
+                if whole.first:  # the compilation counts in the trace-and-compile time
+                    whole.first, self.seconds = False, self.seconds + time.perf_counter() - began
+                return result
         eager = self.whole is not None or (not optimizer.state and not self.whole_failed)
         return train_step(self.module if eager else self, optimizer, x, kl_weight=kl_weight, grad_clip=grad_clip,
                           skip_norm=skip_norm)
@@ -185,7 +190,7 @@ class _WholeStep:
         module, inputs = traced.module, traced._inputs()
         groups = [[p for p in group["params"] if p.requires_grad] for group in optimizer.param_groups]
         self.key = (tuple(x.shape), x.dtype, x.device, module.training, grad_clip, skip_norm, id(optimizer))
-        self.inputs, self.groups = inputs, groups
+        self.inputs, self.groups, self.first = inputs, groups, True
         everything = [p for group in groups for p in group]
 
         def step(*values):
