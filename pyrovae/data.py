@@ -406,13 +406,32 @@ def binarize(images: torch.Tensor, generator: torch.Generator | None = None) -> 
 def binarize_fast(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """The same distribution as :func:`binarize`, drawn for each training batch (dynamic binarization).
 
-    A pixel of grey level g in 0..255 is 1 when a uniform integer u in 0..254 is below g, which
-    happens with probability g/255 (exactly, as far as torch's integer draws are uniform). Integer
-    draws and one comparison take about a third of the time of ``torch.bernoulli`` on float
-    probabilities (0.23 s against 0.75 s for an MNIST epoch of 256-image batches on two CPU cores).
+    A pixel of grey level g in 0..255 is 1 with probability g/255, exactly. On the CPU: in base 256,
+    g/255 = 0.ggg... (the digit g repeated), so for a uniform U = 0.b1 b2 b3... (uniform random
+    bytes), U < g/255 exactly when, at the first digit b_k that differs from g, b_k < g. The first
+    digits come eight to a 64-bit draw and settle all but a 256th of the pixels; the tied ones draw
+    again until they differ. About 0.4 ms for a batch of 256 MNIST images on two cores, against
+    0.7 ms for a uniform integer in 0..254 drawn for each pixel (what other devices do: finding the
+    tied pixels there would read a count back to the host).
     """
-    u = torch.randint(0, 255, images.shape, generator=generator, dtype=torch.uint8, device=images.device)
-    return torch.lt(u, images).view(torch.uint8).float()  # bytes to floats: faster than from bool
+    if images.device.type != "cpu":
+        u = torch.randint(0, 255, images.shape, generator=generator, dtype=torch.uint8, device=images.device)
+        return torch.lt(u, images).view(torch.uint8).float()  # bytes to floats: faster than from bool
+    flat = images.reshape(-1)
+    first = _random_bytes(flat.numel(), generator)
+    x = torch.lt(first, flat)
+    tied = torch.nonzero(torch.eq(first, flat)).squeeze(1)
+    while tied.numel():
+        grey, digit = flat[tied], torch.randint(0, 256, tied.shape, generator=generator, dtype=torch.uint8)
+        x[tied] = torch.lt(digit, grey)
+        tied = tied[torch.eq(digit, grey)]
+    return x.view(torch.uint8).float().view(images.shape)  # bytes to floats: faster than from bool
+
+
+def _random_bytes(n: int, generator: torch.Generator | None) -> torch.Tensor:
+    """``n`` independent uniform bytes: the bytes of 64-bit draws over the whole range."""
+    words = torch.empty(-(-n // 8), dtype=torch.int64).random_(-2 ** 63, None, generator=generator)
+    return words.view(torch.uint8)[:n]
 
 
 def to_unit(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -45,22 +45,31 @@ def test_binarize_is_a_bernoulli_draw_of_the_grey_level():
 
 
 def test_the_fast_binarization_is_a_bernoulli_draw_of_every_grey_level(monkeypatch):
-    """Exactly: of the 255 integers u in 0..254 the draw can take, g are below grey level g, so a pixel
-    is 1 with probability g/255 (checked by handing it each u in turn); and in distribution, for
-    every level, over 4,000 draws each."""
-    from pyrovae.data import binarize_fast
+    """Exactly: a pixel of level g is 1 when the first random byte (the first base-256 digit of a
+    uniform U) is below g, 0 when it is above, and on a tie the next digit decides the same way; so
+    over the 256 first digits, g give 1 and one ties, and P(1) = (g + P(1)) / 256, whose solution is
+    g/255 (checked by handing it each first digit in turn, and each second digit after a tie). And in
+    distribution, for every level, over 4,000 draws each; the bytes themselves are uniform."""
+    import pyrovae.data as data
 
     levels = torch.arange(256, dtype=torch.uint8)
-    ones = torch.zeros(256)
-    for u in range(255):
-        monkeypatch.setattr(torch, "randint", lambda low, high, size, **kw: torch.full(size, u, dtype=torch.uint8))
-        ones += binarize_fast(levels)
-    monkeypatch.undo()
-    assert torch.equal(ones, levels.float())  # g of the 255 draws give 1
-    x = binarize_fast(levels.repeat(4000, 1), torch.Generator().manual_seed(0))
+    for second in (0, 77, 255):  # the digit after a tie; after a second tie, another digit
+        ones = torch.zeros(256)
+        for first in range(256):
+            later = iter([second, second ^ 1])
+            monkeypatch.setattr(data, "_random_bytes", lambda n, gen, d=first: torch.full((n,), d, dtype=torch.uint8))
+            monkeypatch.setattr(torch, "randint", lambda low, high, size, **kw: torch.full(size, next(later),
+                                                                                          dtype=torch.uint8))
+            ones += data.binarize_fast(levels)
+        monkeypatch.undo()
+        settles = torch.where(levels == second, second ^ 1, second)  # the digit that settles the tie at level g
+        assert torch.equal(ones, levels.float() + (settles < levels).float())  # g of the 256 below, and the tie
+    x = data.binarize_fast(levels.repeat(4000, 1), torch.Generator().manual_seed(0))
     p = levels.double() / 255
     assert set(x.unique().tolist()) <= {0.0, 1.0}
     assert ((x.double().mean(0) - p).abs() <= 5 * (p * (1 - p) / 4000).sqrt() + 1e-12).all()
+    counts = torch.bincount(data._random_bytes(256 * 4000, torch.Generator().manual_seed(1)).long(), minlength=256)
+    assert ((counts - 4000).abs() <= 5 * 4000 ** 0.5).all()  # every byte value, as often as the others
 
 
 def test_batches_shuffle_cover_everything_and_redraw_each_epoch():
