@@ -6,9 +6,10 @@ Both are ``auto`` by default:
   (:class:`TracedLoss`): Pyro's handlers run once, while tracing, and inductor fuses the graph's
   elementwise work. A run in one process traces the whole step (:meth:`TracedLoss.step`): the
   loss, its gradients and the non-finite guard are one graph, and torch's fused Adam kernel is
-  called on its output directly, so no autograd engine and no optimizer Python run per step. (Dynamo itself does not capture Pyro's effect handlers in one graph: its
-  ``Message`` is a TypedDict with optional keys, and every parameter site has its own name; a trace
-  made at the dispatcher level never sees them.) ``auto`` compiles on the CPU for runs of at least
+  called on its output directly, so no autograd engine and no optimizer Python run per step.
+  (Dynamo itself does not capture Pyro's effect handlers in one graph: its ``Message`` is a
+  TypedDict with optional keys, and every parameter site has its own name; a trace made at the
+  dispatcher level never sees them.) ``auto`` compiles on the CPU for runs of at least
   :data:`AUTO_COMPILE_MIN_STEPS` steps; ``true`` always. If tracing or compiling fails, the step
   falls back to eager with one line saying why.
 - ``train.cuda_graph`` (CUDA only; ``auto`` or ``true``) records one whole step (Pyro's traces, the
