@@ -28,18 +28,20 @@ def _setup(objective="meanfield"):
     return vae, build_objective(objective, vae, 3), make_optimizer(vae.parameters(), 1e-3, torch.device("cpu"))
 
 
-def _batches(n=5, batch=16):
+def _batches(n=5, batch=16, bad=None):
+    """``n`` binary batches; batch ``bad`` (if given) with a NaN pixel, which the guard must skip."""
     g = torch.Generator().manual_seed(1)
-    return [torch.bernoulli(torch.full((batch, 1, 28, 28), 0.3), generator=g) for _ in range(n)]
+    xs = [torch.bernoulli(torch.full((batch, 1, 28, 28), 0.3), generator=g) for _ in range(n)]
+    if bad is not None:
+        xs[bad][0, 0, 0, 0] = float("nan")
+    return xs
 
 
 @pytest.mark.parametrize("objective", ["meanfield", "elbo", "manual_analytic", "iwae"])
 def test_a_replayed_static_step_is_the_eager_step(objective):
     """The step a CUDA graph replays (static input and kl-weight buffers, the same function), run on
     the CPU: every step, KL warm-up and a non-finite batch included, equals the eager step bit for bit."""
-    xs = _batches()
-    xs[2] = xs[2].clone()
-    xs[2][0, 0, 0, 0] = float("nan")  # a bad batch: the guard must skip it on both paths
+    xs = _batches(bad=2)  # a bad batch: the guard must skip it on both paths
     weights = [0.1, 0.4, 0.7, 1.0, 1.0]
     runs = []
     for replay in (False, True):
@@ -65,9 +67,7 @@ def test_the_compiled_loss_trains_like_the_eager_one(objective):
     """The loss traced below Python and compiled by inductor against the eager loss, step by step
     from the same start with the same noise: KL warm-up and a skipped non-finite batch included, the
     losses and parameters agree to float32 rounding (the compiler fuses and reorders arithmetic)."""
-    xs = _batches(5)
-    xs[2] = xs[2].clone()
-    xs[2][0, 0, 0, 0] = float("nan")
+    xs = _batches(5, bad=2)
     results = []
     for compiled in (False, True):
         vae, loss_fn, optimizer = _setup(objective)
@@ -262,9 +262,7 @@ def test_the_captured_cuda_graph_step_equals_the_eager_step_under_the_same_noise
     """The graph against the eager step from the same start, batches and noise: losses, non-finite
     flags and parameters after every step agree to float32 rounding (a non-finite batch included)."""
     device = torch.device("cuda")
-    xs = [x.to(device) for x in _batches(8, 64)]
-    xs[5] = xs[5].clone()
-    xs[5][0, 0, 0, 0] = float("nan")
+    xs = [x.to(device) for x in _batches(8, 64, bad=5)]
     runs = []
     for graph in (False, True):
         noise = _FixedNoise(monkeypatch, 3 * 64 * 4, device)
@@ -363,9 +361,7 @@ def test_the_whole_step_as_one_graph_trains_like_the_eager_step(objective, clip)
     warm-up, a non-finite batch (skipped by both), clipping and the norm guard where set, a last
     batch of another size (eager) included. Losses, gradients, flags, parameters and Adam's state
     agree to float32 rounding; the first step of the fresh optimizer is eager and the rest are the graph's."""
-    xs = _batches(6)
-    xs[2] = xs[2].clone()
-    xs[2][0, 0, 0, 0] = float("nan")
+    xs = _batches(6, bad=2)
     xs[5] = xs[5][:7]
     weights = [0.2, 0.6, 1.0, 1.0, 1.0, 1.0]
     runs = []
