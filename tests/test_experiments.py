@@ -60,7 +60,7 @@ def test_mnist_baseline_smoke(mnist_root, tmp_path):
 
 def test_benchmark_speed_smoke(mnist_root, tmp_path):
     printed = run_smoke("benchmarks/benchmark_speed.py", mnist_root, "--out", str(tmp_path))
-    assert "ratio default epoch (loop/meanfield) / floor" in printed and "CIFAR-10 model" in printed
+    assert "ratio default epoch (loop/meanfield) / floor" in printed and "the default (pyrovae train)" in printed and "CIFAR-10 model" in printed
     results = json.loads((tmp_path / "results.json").read_text())
     epoch = results["epoch"]["seconds_per_epoch"]
     assert {"stock", "loop/trace_elbo", "loop/meanfield_elbo", "loop/elbo", "loop/meanfield", "hand/plain",
