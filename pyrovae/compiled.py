@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 import time
 import warnings
 
@@ -37,7 +38,7 @@ from torch.optim.adam import adam
 from pyrovae.step import StepResult, guard, train_step
 
 __all__ = ["compile_loss", "faster_loss", "TracedLoss", "StaticStep", "CaptureUnsupported", "AUTO_COMPILE_MIN_STEPS",
-           "inductor", "log1p_by_log"]
+           "inductor", "log1p_by_log", "may_compile", "probe_compiler"]
 
 
 class CaptureUnsupported(RuntimeError):
@@ -209,11 +210,37 @@ def _cpu_decompositions() -> dict:
     return table
 
 
+#: The background search for the CPU's vector instructions (:func:`probe_compiler`), once started.
+_PROBES: list[threading.Thread] = []
+
+
+def probe_compiler() -> None:
+    """Start, in the background, inductor's search for the vector instructions its CPU code can use.
+
+    Before its first CPU kernel inductor compiles and runs a test program for each instruction set
+    the processor lists (AVX-512, AVX2, ...): about 5 s on two cores with an empty compile cache,
+    nothing once the cache holds them. A run that will compile starts this at once, so that the
+    compiler works while the data load and the first steps run; :func:`inductor` waits for it.
+    Where torch has no such search, this does nothing."""
+    if _PROBES:
+        return
+
+    def search():
+        with contextlib.suppress(Exception):  # the compilation itself will search, and say what fails
+            from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+            valid_vec_isa_list()
+    _PROBES.append(threading.Thread(target=search, name="inductor-vector-isa", daemon=True))
+    _PROBES[0].start()
+
+
 def inductor(graph: torch.fx.GraphModule, example_inputs) -> object:
     """``torch.compile``'s backend for the traced steps: inductor, with :func:`_cpu_decompositions`
     where every input lives on the CPU (on a GPU ``log1p`` is as fast as ``log``)."""
     from torch._inductor.compile_fx import compile_fx
 
+    for probe in _PROBES:
+        probe.join()
     if not all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor)):
         return compile_fx(graph, example_inputs)
     # AOTAutograd's cache keys a graph before decomposition and without the table, so it could hand
@@ -300,11 +327,16 @@ def compile_loss(loss_fn: torch.nn.Module, log=print) -> TracedLoss:
 AUTO_COMPILE_MIN_STEPS = 2000
 
 
+def may_compile(t, device: torch.device) -> bool:
+    """Whether ``train.compile`` (``t``) compiles a run on ``device`` that is long enough."""
+    return t.compile is True or (t.compile == "auto" and device.type == "cpu")
+
+
 def faster_loss(t, loss_fn: torch.nn.Module, device: torch.device, steps: int, log=print) -> torch.nn.Module:
     """The loss module a run of ``steps`` steps trains through, by ``train.compile`` (``t``): compiled
     (:func:`compile_loss`) where it is asked for (true, or auto on the CPU for a long enough run),
     else ``loss_fn`` itself."""
-    if t.compile is True or (t.compile == "auto" and device.type == "cpu" and steps >= AUTO_COMPILE_MIN_STEPS):
+    if may_compile(t, device) and (t.compile is True or steps >= AUTO_COMPILE_MIN_STEPS):
         if getattr(loss_fn, "eager_only", None):
             log(f"note: train.compile: {loss_fn.eager_only}; training in eager mode")
             return loss_fn

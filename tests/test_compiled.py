@@ -469,3 +469,27 @@ def test_the_compiled_cpu_step_calls_no_scalar_log1p(whole):
     code = "\n".join(code)
     assert (traced.whole is not None) == whole
     assert "log1p" not in code and ".log()" in code
+
+
+def test_the_compiler_probe_runs_once_in_the_background_and_compiling_waits_for_it(monkeypatch):
+    """probe_compiler starts inductor's search of the CPU's vector instructions on a thread, once per
+    process however often it is called; the backend joins that thread before it compiles."""
+    import threading
+    import torch._inductor.cpu_vec_isa as isa
+    from pyrovae import compiled
+
+    calls, release = [], threading.Event()
+
+    def search():
+        calls.append(threading.current_thread().name)
+        release.wait(10)
+        return []
+    monkeypatch.setattr(compiled, "_PROBES", [])
+    monkeypatch.setattr(isa, "valid_vec_isa_list", search)
+    compiled.probe_compiler()
+    compiled.probe_compiler()
+    assert len(compiled._PROBES) == 1 and compiled._PROBES[0].is_alive()
+    monkeypatch.setattr("torch._inductor.compile_fx.compile_fx", lambda graph, inputs, **kw: "compiled")
+    threading.Timer(0.2, release.set).start()
+    assert compiled.inductor(None, [torch.zeros(1)]) == "compiled"
+    assert not compiled._PROBES[0].is_alive() and calls == ["inductor-vector-isa"]
