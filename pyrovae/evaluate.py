@@ -46,18 +46,25 @@ def _my_batches(n: int, batch_size: int, world: World) -> range:
     return starts[shard(len(starts), world)]
 
 
-def elbo_terms(vae, x: torch.Tensor) -> dict[str, torch.Tensor]:
+def elbo_terms(vae, x: torch.Tensor, fast=None) -> dict[str, torch.Tensor]:
     """Per-image ELBO terms, each of shape (batch,), from one reparameterized z ~ q(z|x); for a stack
-    of layers also each layer's KL estimate, ``kl_z1``, ``kl_z2``, ... (``kl`` is their sum)."""
+    of layers also each layer's KL estimate, ``kl_z1``, ``kl_z2``, ... (``kl`` is their sum).
+    ``fast``: the context the networks run in (:func:`_fast_paths_for`, as :func:`evaluate` passes
+    it without gradients), with a Bernoulli likelihood scored by :func:`_log_px_z`."""
+    fast = fast or contextlib.nullcontext()
     if hasattr(vae, "stack_terms"):
-        terms = vae.stack_terms(x)
+        with fast:
+            terms = vae.stack_terms(x)
         layers = {f"kl_{name}": q.log_prob(z) - p.log_prob(z) for name, (z, q, p) in terms["layers"].items()}
         kl = sum(layers.values())
         return {"reconstruction": terms["reconstruction"], "kl": kl, "elbo": terms["reconstruction"] - kl, **layers}
-    q = vae.posterior(x)
+    with fast:
+        q = vae.posterior(x)
     z = q.rsample()  # (batch, z_dim)
-    log_px_z = vae.likelihood.log_prob(vae.decoder(z), x)  # (batch,)
-    kl = q.log_prob(z) - vae.prior().log_prob(z)  # (batch,) single-sample KL estimate
+    with fast:
+        outputs, prior = vae.decoder(z), vae.prior()
+    log_px_z = _log_px_z(vae.likelihood, outputs, x)  # (batch,)
+    kl = q.log_prob(z) - prior.log_prob(z)  # (batch,) single-sample KL estimate
     return {"reconstruction": log_px_z, "kl": kl, "elbo": log_px_z - kl}
 
 
@@ -69,15 +76,18 @@ def evaluate(vae, images: torch.Tensor, batch_size: int = 1000, seed: int = 0, w
 
     For 8-bit likelihoods also ``bits_per_dim`` = -ELBO / (C * H * W * ln 2), an upper bound on the
     model's bits/dim. The draws belong to the batches (:func:`batch_noise`), so under torchrun the
-    processes share the batches out and the figures are those of one process.
+    processes share the batches out and the figures are those of one process. On the CPU in float32
+    the networks and a Bernoulli likelihood take the estimator's fast routes, as in
+    :func:`importance_log_likelihood`.
     """
     vae.check_data(images[:batch_size])
     keys = ["elbo", "reconstruction", "kl", *(f"kl_{vae.site(layer)}" for layer in range(1, len(
         getattr(vae, "latents", ())) + 1))]
     sums = torch.zeros(len(keys), dtype=torch.float64, device=images.device)
+    fast = _fast_paths_for(images)
     for start in _my_batches(images.shape[0], batch_size, world):
         with batch_noise(seed, start, images.device):
-            terms = elbo_terms(vae, images[start:start + batch_size])
+            terms = elbo_terms(vae, images[start:start + batch_size], fast)
         sums += torch.stack([terms[key].double().sum() for key in keys])
     n = images.shape[0]
     means = dict(zip(keys, (total / n for total in world.sum_(sums).tolist())))

@@ -304,6 +304,29 @@ def test_fast_estimator_agrees_with_float64_and_with_the_stock_ops(network, like
     assert fast["neg_elbo"] == pytest.approx(stock["neg_elbo"], rel=2e-6, abs=2e-4)
 
 
+@pytest.mark.parametrize("likelihood", ["bernoulli", "normal"])
+@pytest.mark.parametrize("stack", [False, True])
+def test_evaluate_takes_the_fast_routes_and_agrees_with_the_stock_ops(likelihood, stack, monkeypatch):
+    """The -ELBO of ``evaluate`` (the figure every epoch prints) through the fast routes (checked:
+    they are taken) against the same draws through the stock modules and the likelihood's own
+    log_prob: equal to float32 rounding, term by term, for one layer and for a stack."""
+    vae = _vae_for("mlp", likelihood)
+    if stack:
+        torch.manual_seed(0)
+        options = {"scale": "learned", "scale_value": 1.0} if likelihood == "normal" else {}
+        vae = build_vae(ModelConfig(hidden=(64,), latents=(5, 3), inference="bottom_up", prior="vamp",
+                                    prior_options={"components": 4}, likelihood=likelihood,
+                                    likelihood_options=options))
+    x = _images_for(likelihood, 12)
+    taken = _counting_routes(monkeypatch)
+    fast = evaluate(vae, x, batch_size=5, seed=3)
+    assert taken["linear"] > 0 and taken["softplus"] > 0
+    _stock_paths_only(monkeypatch)
+    stock = evaluate(vae, x, batch_size=5, seed=3)
+    for key in ("neg_elbo", "reconstruction", "kl"):
+        assert fast[key] == pytest.approx(stock[key], rel=2e-6, abs=2e-5), key
+
+
 def test_fast_paths_only_for_float32_on_the_cpu_without_gradients(monkeypatch):
     """A float64 estimate takes no fast route, and the mode is gone once the estimator returns."""
     from torch import nn
