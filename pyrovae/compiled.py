@@ -11,9 +11,9 @@ Both are ``auto`` by default:
   TypedDict with optional keys, and every parameter site has its own name; a trace made at the
   dispatcher level never sees them.) On the CPU inductor compiles with every ``log1p`` written
   through the vectorized logarithm (:func:`log1p_by_log`): its own ``log1p`` runs one value at a
-  time, and softplus and the Bernoulli log-density spent most of their time there. ``auto`` compiles on the CPU for runs of at least
-  :data:`AUTO_COMPILE_MIN_STEPS` steps; ``true`` always. If tracing or compiling fails, the step
-  falls back to eager with one line saying why.
+  time, and softplus and the Bernoulli log-density spent most of their time there. ``auto``
+  compiles on the CPU for runs of at least :data:`AUTO_COMPILE_MIN_STEPS` steps; ``true`` always.
+  If tracing or compiling fails, the step falls back to eager with one line saying why.
 - ``train.cuda_graph`` (CUDA only; ``auto`` or ``true``) records one whole step (Pyro's traces, the
   loss, the backward pass, the non-finite guard and the fused Adam update) as a CUDA graph on static
   input buffers, once; each later step copies its batch in and replays the kernels, so Pyro's Python
@@ -25,6 +25,7 @@ Both are ``auto`` by default:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import threading
@@ -38,7 +39,7 @@ from torch.optim.adam import adam
 from pyrovae.step import StepResult, guard, train_step
 
 __all__ = ["compile_loss", "faster_loss", "TracedLoss", "StaticStep", "CaptureUnsupported", "AUTO_COMPILE_MIN_STEPS",
-           "inductor", "log1p_by_log", "may_compile", "probe_compiler"]
+           "inductor", "log1p_by_log", "probe_compiler"]
 
 
 class CaptureUnsupported(RuntimeError):
@@ -64,7 +65,8 @@ class TracedLoss(torch.nn.Module):
     def __init__(self, loss_fn: torch.nn.Module, log=print, compiler=None):
         super().__init__()
         self.module, self.log = loss_fn, log  # named like DDP's wrapped module: parameter names stay readable
-        self.compiler = compiler or (lambda graph: torch.compile(graph, dynamic=False, backend=inductor))  # the traced graph's
+        # the traced graph's compiler
+        self.compiler = compiler or (lambda graph: torch.compile(graph, dynamic=False, backend=inductor))
         self.key, self.failed, self.seconds, self._first = None, False, None, False  # seconds: trace and compile
         object.__setattr__(self, "graph", None)
         self.whole: _WholeStep | None = None  # the whole step's graph (:meth:`step`), once traced
@@ -185,10 +187,18 @@ def log1p_by_log(x: torch.Tensor) -> torch.Tensor:
     (Goldberg 1991, "What every computer scientist should know about floating-point arithmetic",
     Theorem 4): exact to a few ulps wherever x > -1. Where u rounds to 1, log1p(x) = x to float
     precision; u = inf gives inf. At x = -1 it gives -inf, below -1 and at NaN NaN, as ``log1p``.
+    Tensors that are not floating-point are left to the stock operator (``NotImplemented``, which
+    ``make_fx`` reads as "no decomposition").
+
+    Meant for forward values: inside a compiled step autograd differentiates ``log1p`` itself, with
+    its own formula. Differentiated directly, the expression gives 1/(1 + x) too, except at x = inf
+    (1 instead of 0) and x = -1 (NaN instead of inf).
     """
+    if not x.is_floating_point():
+        return NotImplemented
     u = x + 1
     gap = u - 1
-    ratio = torch.where(gap == 0, torch.ones_like(x), x / gap)
+    ratio = x / torch.where(gap == 0, torch.ones_like(gap), gap)  # no 0/0 in the branch not taken
     return torch.where(gap == 0, x, torch.where(u == float("inf"), u, torch.log(u) * ratio))
 
 
@@ -219,28 +229,32 @@ def probe_compiler() -> None:
 
     Before its first CPU kernel inductor compiles and runs a test program for each instruction set
     the processor lists (AVX-512, AVX2, ...): about 5 s on two cores with an empty compile cache,
-    nothing once the cache holds them. A run that will compile starts this at once, so that the
-    compiler works while the data load and the first steps run; :func:`inductor` waits for it.
-    Where torch has no such search, this does nothing."""
+    nothing once the cache holds them. A run that is about to compile on the CPU starts it, so that
+    the compiler works while the first steps run and the step is traced; :func:`inductor` waits for
+    it, and so does the interpreter's exit (a test program half-written to the cache would stay
+    there). Where torch has no such search, this does nothing."""
     if _PROBES:
+        return
+    try:  # imported here, on the calling thread: two threads importing the compiler at once may clash
+        from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+    except Exception:
         return
 
     def search():
         with contextlib.suppress(Exception):  # the compilation itself will search, and say what fails
-            from torch._inductor.cpu_vec_isa import valid_vec_isa_list
-
             valid_vec_isa_list()
     _PROBES.append(threading.Thread(target=search, name="inductor-vector-isa", daemon=True))
     _PROBES[0].start()
+    atexit.register(_PROBES[0].join, 60)
 
 
 def inductor(graph: torch.fx.GraphModule, example_inputs) -> object:
     """``torch.compile``'s backend for the traced steps: inductor, with :func:`_cpu_decompositions`
     where every input lives on the CPU (on a GPU ``log1p`` is as fast as ``log``)."""
-    from torch._inductor.compile_fx import compile_fx
-
     for probe in _PROBES:
         probe.join()
+    from torch._inductor.compile_fx import compile_fx
+
     if not all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor)):
         return compile_fx(graph, example_inputs)
     # AOTAutograd's cache keys a graph before decomposition and without the table, so it could hand
@@ -327,19 +341,16 @@ def compile_loss(loss_fn: torch.nn.Module, log=print) -> TracedLoss:
 AUTO_COMPILE_MIN_STEPS = 2000
 
 
-def may_compile(t, device: torch.device) -> bool:
-    """Whether ``train.compile`` (``t``) compiles a run on ``device`` that is long enough."""
-    return t.compile is True or (t.compile == "auto" and device.type == "cpu")
-
-
 def faster_loss(t, loss_fn: torch.nn.Module, device: torch.device, steps: int, log=print) -> torch.nn.Module:
     """The loss module a run of ``steps`` steps trains through, by ``train.compile`` (``t``): compiled
     (:func:`compile_loss`) where it is asked for (true, or auto on the CPU for a long enough run),
     else ``loss_fn`` itself."""
-    if may_compile(t, device) and (t.compile is True or steps >= AUTO_COMPILE_MIN_STEPS):
+    if t.compile is True or (t.compile == "auto" and device.type == "cpu" and steps >= AUTO_COMPILE_MIN_STEPS):
         if getattr(loss_fn, "eager_only", None):
             log(f"note: train.compile: {loss_fn.eager_only}; training in eager mode")
             return loss_fn
+        if device.type == "cpu":
+            probe_compiler()  # inductor's search of the CPU, beside the first steps and the trace
         return compile_loss(loss_fn, log)
     return loss_fn
 

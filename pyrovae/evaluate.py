@@ -50,7 +50,8 @@ def elbo_terms(vae, x: torch.Tensor, fast=None) -> dict[str, torch.Tensor]:
     """Per-image ELBO terms, each of shape (batch,), from one reparameterized z ~ q(z|x); for a stack
     of layers also each layer's KL estimate, ``kl_z1``, ``kl_z2``, ... (``kl`` is their sum).
     ``fast``: the context the networks run in (:func:`_fast_paths_for`, as :func:`evaluate` passes
-    it without gradients), with a Bernoulli likelihood scored by :func:`_log_px_z`."""
+    it without gradients). One layer scores its likelihood through :func:`_log_px_z` (the fast
+    Bernoulli form on binary float32 CPU images without gradients), a stack through its own."""
     fast = fast or contextlib.nullcontext()
     if hasattr(vae, "stack_terms"):
         with fast:
@@ -77,8 +78,8 @@ def evaluate(vae, images: torch.Tensor, batch_size: int = 1000, seed: int = 0, w
     For 8-bit likelihoods also ``bits_per_dim`` = -ELBO / (C * H * W * ln 2), an upper bound on the
     model's bits/dim. The draws belong to the batches (:func:`batch_noise`), so under torchrun the
     processes share the batches out and the figures are those of one process. On the CPU in float32
-    the networks and a Bernoulli likelihood take the estimator's fast routes, as in
-    :func:`importance_log_likelihood`.
+    the networks take the estimator's fast routes, and a one-layer model's Bernoulli likelihood its
+    fast form, as in :func:`importance_log_likelihood`.
     """
     vae.check_data(images[:batch_size])
     keys = ["elbo", "reconstruction", "kl", *(f"kl_{vae.site(layer)}" for layer in range(1, len(
@@ -197,9 +198,11 @@ def _bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _log_px_z(likelihood, outputs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """log p(x|z) per image for the estimator: the fast Bernoulli form on the CPU without gradients,
-    otherwise the likelihood's own. Only the Bernoulli itself: a subclass may score differently."""
-    if type(likelihood) is BernoulliLikelihood and _float32_on_cpu(outputs) and not torch.is_grad_enabled():
+    """log p(x|z) per image for the estimator: the fast Bernoulli form on the CPU without gradients
+    for binary images (the form assumes x in {0, 1}), otherwise the likelihood's own. Only the
+    Bernoulli itself: a subclass may score differently."""
+    if (type(likelihood) is BernoulliLikelihood and _float32_on_cpu(outputs) and not torch.is_grad_enabled()
+            and bool(((x == 0) | (x == 1)).all())):
         return _bernoulli_log_prob(outputs, x)
     return likelihood.log_prob(outputs, x)
 

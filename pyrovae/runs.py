@@ -130,10 +130,6 @@ def _train_run(config, out: Path, *, quiet, overwrite, download, resume, data, d
     if data_dir is not None:
         config = config.replace(data={"data_dir": str(data_dir)})
     device = _device(config, world)
-    from pyrovae.compiled import may_compile, probe_compiler
-
-    if may_compile(config.train, device) and device.type == "cpu":
-        probe_compiler()  # inductor's first search of the CPU, beside the data load
     vae, data = _model_and_data(config, data, device, download)
     world.seed_noise(config.train.seed)
     _check_batch_size(config, data, log, world)

@@ -317,14 +317,32 @@ def test_evaluate_takes_the_fast_routes_and_agrees_with_the_stock_ops(likelihood
         vae = build_vae(ModelConfig(hidden=(64,), latents=(5, 3), inference="bottom_up", prior="vamp",
                                     prior_options={"components": 4}, likelihood=likelihood,
                                     likelihood_options=options))
+    from pyrovae import evaluate as ev
+
     x = _images_for(likelihood, 12)
     taken = _counting_routes(monkeypatch)
+    bernoulli = ev._bernoulli_log_prob
+    monkeypatch.setattr(ev, "_bernoulli_log_prob", lambda *a: taken.update(["bernoulli"]) or bernoulli(*a))
     fast = evaluate(vae, x, batch_size=5, seed=3)
     assert taken["linear"] > 0 and taken["softplus"] > 0
+    assert taken["bernoulli"] == (3 if likelihood == "bernoulli" and not stack else 0)  # one layer: 3 batches
     _stock_paths_only(monkeypatch)
     stock = evaluate(vae, x, batch_size=5, seed=3)
     for key in ("neg_elbo", "reconstruction", "kl"):
         assert fast[key] == pytest.approx(stock[key], rel=2e-6, abs=2e-5), key
+
+
+def test_the_fast_bernoulli_form_is_kept_for_binary_images():
+    """The fast form assumes x in {0, 1}; grey pixels (past a first batch that ``check_data`` saw)
+    are scored by the likelihood's own log_prob, x l - softplus(l)."""
+    from pyrovae.evaluate import _log_px_z
+
+    vae = _vae_for("mlp", "bernoulli")
+    logits = torch.randn(3, 1, 28, 28)
+    grey = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(_log_px_z(vae.likelihood, logits, grey), vae.likelihood.log_prob(logits, grey),
+                                   rtol=0, atol=0)
 
 
 def test_fast_paths_only_for_float32_on_the_cpu_without_gradients(monkeypatch):
