@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib
 import os
+import signal
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -327,11 +329,37 @@ def _stop() -> bool:
     return distributed.stop() if distributed is not None else False
 
 
+@contextlib.contextmanager
+def _interrupts_held():
+    """Hold Ctrl-C while the libraries load, and raise it once they have.
+
+    Loading torch runs C++ start-up code that calls back into Python; a KeyboardInterrupt raised
+    inside such a call cannot unwind through C++, and the process aborts (SIGABRT, "terminate called
+    after throwing an instance of 'pybind11::error_already_set'") instead of ending with one line.
+    The wait is the rest of the import, a second or two. Off the main thread, where no signal
+    handler can be set, nothing is held."""
+    held: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
+
+
 def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)  # before torch and Pyro are loaded: a mistake is told at once
-    from pyrovae.engine import Interrupted
+    with _interrupts_held():
+        from pyrovae.engine import Interrupted
+
+        importlib.import_module("pyrovae.runs")  # with torch and Pyro, torchvision and the rest
 
     command = {"train": _train, "evaluate": _evaluate, "sample": _sample}[args.command]
     try:
