@@ -281,7 +281,7 @@ def epoch_section(args, device, log) -> dict:
     median = {k: statistics.median(v) for k, v in times.items()}
     median["floor"] = min(median["floor/blas"], median["floor/onednn"])
     hand = min((k for k in median if k.startswith("hand/")), key=median.get)
-    if default not in median:  # not compiled (--smoke, --no-compiled): the eager loop stands in
+    if default not in median:  # its compilation failed (compiled_or_none said why): the eager loop stands in
         default = "loop/meanfield"
     log(f"  the default (pyrovae train) here: {default}")
     ratios = {
