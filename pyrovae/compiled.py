@@ -39,7 +39,7 @@ from torch.optim.adam import adam
 from pyrovae.step import StepResult, guard, train_step
 
 __all__ = ["compile_loss", "faster_loss", "TracedLoss", "StaticStep", "CaptureUnsupported", "AUTO_COMPILE_MIN_STEPS",
-           "inductor", "log1p_by_log", "probe_compiler"]
+           "compile_at_first_call", "inductor", "log1p_by_log", "probe_compiler"]
 
 
 class CaptureUnsupported(RuntimeError):
@@ -52,8 +52,8 @@ class TracedLoss(torch.nn.Module):
     ``make_fx`` records the aten operations one call of the loss runs for the first batch shape it
     sees, with the module's parameters and buffers as the graph's inputs (so the graph follows their
     values); Pyro's effect handlers, the distributions' Python and the objective's bookkeeping all
-    run once, while tracing, and never again. ``torch.compile`` (inductor) then compiles that graph,
-    fusing its elementwise work around the matrix products, forward and backward. The compiled
+    run once, while tracing, and never again. Inductor then compiles that graph
+    (:func:`compile_at_first_call`), fusing its elementwise work around the matrix products, forward and backward. The compiled
     code draws its noise from torch's own generators (inductor's ``fallback_random``, set here for
     the process), in the eager order, so runs and resumes are those of the eager step to float
     rounding. Batches of another shape (the last of an epoch), or the module in the other
@@ -66,7 +66,7 @@ class TracedLoss(torch.nn.Module):
         super().__init__()
         self.module, self.log = loss_fn, log  # named like DDP's wrapped module: parameter names stay readable
         # the traced graph's compiler
-        self.compiler = compiler or (lambda graph: torch.compile(graph, dynamic=False, backend=inductor))
+        self.compiler = compiler or compile_at_first_call
         self.key, self.failed, self.seconds, self._first = None, False, None, False  # seconds: trace and compile
         object.__setattr__(self, "graph", None)
         self.whole: _WholeStep | None = None  # the whole step's graph (:meth:`step`), once traced
@@ -81,7 +81,7 @@ class TracedLoss(torch.nn.Module):
             try:
                 return self._run(x, kl_weight)
             except Exception as e:  # compiling happens at the first call: no C++ compiler, ...
-                self._give_up("torch.compile", e)
+                self._give_up("compiling", e)
         return self.module(x, kl_weight=kl_weight)
 
     def _inputs(self) -> list[torch.Tensor]:
@@ -229,7 +229,8 @@ def probe_compiler() -> None:
 
     Before its first CPU kernel inductor compiles and runs a test program for each instruction set
     the processor lists (AVX-512, AVX2, ...): about 5 s on two cores with an empty compile cache,
-    nothing once the cache holds them. A run that is about to compile on the CPU starts it, so that
+    one program after another, nothing once the cache holds them. Here each instruction set is
+    tested on its own thread, so the compilers run side by side. A run that is about to compile on the CPU starts it, so that
     the compiler works while the first steps run and the step is traced; :func:`inductor` waits for
     it, and so does the interpreter's exit (a test program half-written to the cache would stay
     there). Where torch has no such search, this does nothing."""
@@ -242,18 +243,53 @@ def probe_compiler() -> None:
 
     def search():
         with contextlib.suppress(Exception):  # the compilation itself will search, and say what fails
-            valid_vec_isa_list()
+            tests = [threading.Thread(target=bool, args=(isa,), daemon=True) for isa in _listed_isas()]
+            for test in tests:  # each instruction set's test programs at once: g++ runs on every core
+                test.start()
+            for test in tests:
+                test.join()
+            valid_vec_isa_list()  # the answers are cached by now
     _PROBES.append(threading.Thread(target=search, name="inductor-vector-isa", daemon=True))
     _PROBES[0].start()
     atexit.register(_PROBES[0].join, 60)
 
 
+class compile_at_first_call:
+    """``traced`` as a callable that compiles it with :func:`inductor` for the inputs of its first call.
+
+    A graph traced below Python needs no bytecode capture: handing it to inductor directly (as
+    ``torch._inductor.compile`` does) skips Dynamo's trace of the graph module's ``forward`` at
+    compile time and its guards at every call. The caller keeps each graph to one input shape."""
+
+    def __init__(self, traced: torch.fx.GraphModule):
+        self.traced, self.compiled = traced, None
+
+    def __call__(self, *inputs):
+        if self.compiled is None:
+            self.compiled = inductor(self.traced, list(inputs))
+        return self.compiled(*inputs)
+
+
+def _listed_isas() -> list:
+    """Inductor's candidate instruction sets that the processor lists, x86 only (elsewhere none): the
+    ones :func:`valid_vec_isa_list` would test one after another. Testing one (``bool(isa)``) builds
+    and loads its programs once; the answer is cached on the object."""
+    import platform
+    from torch._inductor import cpu_vec_isa
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    listed = cpu_vec_isa.x86_isa_checker()
+    return [isa for isa in cpu_vec_isa.supported_vec_isa_list if all(flag in listed for flag in str(isa).split())]
+
+
 def inductor(graph: torch.fx.GraphModule, example_inputs) -> object:
-    """``torch.compile``'s backend for the traced steps: inductor, with :func:`_cpu_decompositions`
+    """The compiler of the traced steps: inductor, with :func:`_cpu_decompositions`
     where every input lives on the CPU (on a GPU ``log1p`` is as fast as ``log``)."""
+    from torch._inductor.compile_fx import compile_fx  # a second of imports, while the search may still run
+
     for probe in _PROBES:
         probe.join()
-    from torch._inductor.compile_fx import compile_fx
 
     if not all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor)):
         return compile_fx(graph, example_inputs)

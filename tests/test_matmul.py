@@ -106,7 +106,7 @@ def test_a_stack_of_latents_trains_through_onednn_and_compiles_as_one_graph():
 def _traced_graph(traced: TracedLoss):
     """The fx graph ``traced`` compiled (its compiler's input)."""
     graph = traced.graph
-    return getattr(graph, "_orig_mod", graph)
+    return getattr(graph, "traced", graph)
 
 
 def test_measuring_leaves_the_run_as_it_was():
