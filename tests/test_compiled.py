@@ -501,6 +501,7 @@ def test_the_compiler_probe_runs_once_in_the_background_and_compiling_waits_for_
         release.wait(10)
         return []
     monkeypatch.setattr(compiled, "_PROBES", [])
+    monkeypatch.setattr(compiled, "_listed_isas", lambda: [])
     monkeypatch.setattr(isa, "valid_vec_isa_list", search)
     compiled.probe_compiler()
     compiled.probe_compiler()
@@ -509,3 +510,62 @@ def test_the_compiler_probe_runs_once_in_the_background_and_compiling_waits_for_
     threading.Timer(0.2, release.set).start()
     assert compiled.inductor(None, [torch.zeros(1)]) == "compiled"
     assert not compiled._PROBES[0].is_alive() and calls == ["inductor-vector-isa"]
+
+
+def test_the_probe_tests_every_listed_instruction_set_at_once(monkeypatch):
+    """Each instruction set the processor lists is tested on a thread of its own: two tests that
+    each wait for the other finish only if they run side by side. Inductor's own search comes after
+    them and finds their answers."""
+    import threading
+    import torch._inductor.cpu_vec_isa as isa
+    from pyrovae import compiled
+
+    both = threading.Barrier(2, timeout=10)
+    met, order = [], []
+
+    class Listed:
+        def __bool__(self):
+            met.append(both.wait())  # a BrokenBarrierError, and no entry, if tested one after another
+            return True
+    monkeypatch.setattr(compiled, "_PROBES", [])
+    monkeypatch.setattr(compiled, "_listed_isas", lambda: [Listed(), Listed()])
+    monkeypatch.setattr(isa, "valid_vec_isa_list", lambda: order.append(len(met)) or [])
+    compiled.probe_compiler()
+    compiled._PROBES[0].join(20)
+    assert sorted(met) == [0, 1] and order == [2]
+
+
+def test_a_traced_graph_compiles_once_for_its_first_inputs(monkeypatch):
+    """compile_at_first_call hands the traced graph to the backend at the first call, with that
+    call's inputs, and runs the compiled function for every call after it."""
+    from pyrovae import compiled
+
+    calls = []
+
+    def backend(graph, inputs):
+        calls.append((graph, [t.clone() for t in inputs]))
+        return lambda *values: graph(*values) * 2
+    monkeypatch.setattr(compiled, "inductor", backend)
+    graph = torch.fx.symbolic_trace(lambda a, b: a + b)
+    run = compiled.compile_at_first_call(graph)
+    assert calls == [] and run.traced is graph
+    a, b = torch.ones(3), torch.arange(3.0)
+    assert torch.equal(run(a, b), 2 * (a + b)) and torch.equal(run(b, b), 4 * b)
+    assert len(calls) == 1 and calls[0][0] is graph and torch.equal(calls[0][1][1], b)
+
+
+def test_the_listed_instruction_sets_are_those_the_processor_names():
+    """On x86 the candidates are inductor's, filtered by the processor's flags; elsewhere none."""
+    import platform
+    from torch._inductor import cpu_vec_isa
+    from pyrovae.compiled import _listed_isas
+
+    listed = _listed_isas()
+    if platform.machine() not in ("x86_64", "AMD64"):
+        assert listed == []
+        return
+    flags = cpu_vec_isa.x86_isa_checker()
+    assert all(isa in cpu_vec_isa.supported_vec_isa_list for isa in listed)
+    assert all(all(flag in flags for flag in str(isa).split()) for isa in listed)
+    missing = [isa for isa in cpu_vec_isa.supported_vec_isa_list if isa not in listed]
+    assert all(not all(flag in flags for flag in str(isa).split()) for isa in missing)
