@@ -70,11 +70,17 @@ class TracedLoss(torch.nn.Module):
         self.key, self.failed, self.seconds, self._first = None, False, None, False  # seconds: trace and compile
         object.__setattr__(self, "graph", None)
         self.whole: _WholeStep | None = None  # the whole step's graph (:meth:`step`), once traced
-        self.whole_failed = False
+        self.whole_failed, self._said_alone = False, False
         self._weights: dict[tuple, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor, kl_weight=1.0) -> torch.Tensor:
         key = (tuple(x.shape), x.dtype, x.device, self.module.training)
+        alone = getattr(self.module, "whole_step_only", None)  # an objective whose loss graph alone is wrong
+        if alone:
+            if not self._said_alone:
+                self._said_alone = True
+                self.log(f"note: train.compile: {alone}; the loss alone stays eager")
+            return self.module(x, kl_weight=kl_weight)
         if not self.failed and self.key is None and self.whole is None:  # the whole step's batches need no loss graph
             self._trace(x, kl_weight, key)
         if not self.failed and key == self.key:
@@ -382,9 +388,6 @@ def faster_loss(t, loss_fn: torch.nn.Module, device: torch.device, steps: int, l
     (:func:`compile_loss`) where it is asked for (true, or auto on the CPU for a long enough run),
     else ``loss_fn`` itself."""
     if t.compile is True or (t.compile == "auto" and device.type == "cpu" and steps >= AUTO_COMPILE_MIN_STEPS):
-        if getattr(loss_fn, "eager_only", None):
-            log(f"note: train.compile: {loss_fn.eager_only}; training in eager mode")
-            return loss_fn
         if device.type == "cpu":
             probe_compiler()  # inductor's search of the CPU, beside the first steps and the trace
         return compile_loss(loss_fn, log)

@@ -209,9 +209,9 @@ class _Stepper:
     def __init__(self, t: TrainConfig, loss_fn, optimizer, full: int, device: torch.device, log):
         self.t, self.loss_fn, self.optimizer, self.full, self.log = t, loss_fn, optimizer, full, log
         self.graph = t.cuda_graph in (True, "auto") and device.type == "cuda"
-        eager_only = getattr(getattr(loss_fn, "module", loss_fn), "eager_only", None)  # DDP wraps as .module
-        if self.graph and eager_only:
-            log(f"note: train.cuda_graph: {eager_only}; this run takes eager steps")
+        whole_only = getattr(getattr(loss_fn, "module", loss_fn), "whole_step_only", None)  # DDP wraps as .module
+        if self.graph and whole_only:  # such a capture has not been checked on a GPU yet
+            log("note: train.cuda_graph: this objective's steps are not captured yet; this run takes eager steps")
             self.graph = False
         self.replayed = None  # captured again when the learning rate (a constant of the graph) changes
         from pyrovae.compiled import TracedLoss

@@ -116,8 +116,8 @@ class OneDNNLoss(torch.nn.Module):
         self.module = loss_fn
 
     @property
-    def eager_only(self):  # a reason the wrapped objective gives for never being traced, or None
-        return getattr(self.module, "eager_only", None)
+    def whole_step_only(self):  # a reason the wrapped objective gives for never being traced alone, or None
+        return getattr(self.module, "whole_step_only", None)
 
     def forward(self, x: torch.Tensor, kl_weight=1.0) -> torch.Tensor:
         with OneDNNLinear():

@@ -127,11 +127,14 @@ class PyroDReG(PyroIWAE):
     ``functional_call`` with detached parameters, and log p the model replayed on them. Every guide
     site must be reparameterized. Parameters the guide shares with the model (the top-down stack's
     conditionals, the VampPrior's encoder) take the IWAE gradient where they enter log p and the DReG
-    one through z. The backward reads a tensor set after the forward pass, which a traced or captured
-    graph would not see, so this objective always runs eagerly (``eager_only``).
+    one through z. The backward reads a tensor set after the forward pass. A trace of the loss alone
+    would not see it (its backward is derived from the forward operations), but a trace of the whole
+    step, forward and backward together, records the rescaling as it runs: the compiled whole step
+    takes this objective, and the loss alone is never traced (``whole_step_only``).
     """
 
-    eager_only = "doubly reparameterized gradients rescale the gradient at each z by weights set after the forward pass"
+    whole_step_only = ("doubly reparameterized gradients rescale the gradient at each z by weights set after the "
+                       "forward pass, which only a trace of the whole step sees")
 
     def __init__(self, vae: nn.Module, particles: int = 5):
         super().__init__(vae, particles)

@@ -354,7 +354,7 @@ def test_a_run_plans_its_steps_from_its_budget():
 
 @pytest.mark.parametrize("objective,clip", [("meanfield", {}), ("manual_analytic", {}), ("iwae", {}),
                                             ("meanfield", {"grad_clip": 50.0, "skip_norm": 400.0}),
-                                            ("meanfield stack", {})])
+                                            ("meanfield stack", {}), ("iwae_dreg", {}), ("iwae_dreg stack", {})])
 def test_the_whole_step_as_one_graph_trains_like_the_eager_step(objective, clip):
     """The whole step traced and compiled (the loss, its gradients, the guard; then torch's fused Adam
     on the graph's output) against the eager step from the same start, with the same noise: KL

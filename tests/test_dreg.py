@@ -99,12 +99,26 @@ def test_doubly_reparameterized_gradients_have_a_smaller_spread(capsys):
     assert ratio > 2
 
 
-def test_dreg_needs_a_reparameterized_guide_and_says_it_runs_eagerly():
-    from pyrovae.compiled import faster_loss
+def test_compiled_dreg_keeps_its_loss_alone_eager_and_says_so_once():
+    """A trace of the loss alone would carry IWAE's gradient, not DReG's (the rescaling lives in the
+    backward pass): compiled, the loss called on its own is the eager objective's, value and
+    gradients bit for bit, with one line saying why. The whole step is traced instead
+    (tests/test_compiled.py)."""
+    from pyrovae.compiled import TracedLoss, faster_loss
     from pyrovae.config import TrainConfig
 
-    vae = _vae()
-    loss_fn = build_objective("iwae_dreg", vae, 3)
+    vae, x = _vae(), _image().expand(6, *SHAPE)
     lines = []
-    assert faster_loss(TrainConfig(compile=True), loss_fn, torch.device("cpu"), 10, lines.append) is loss_fn
-    assert len(lines) == 1 and "training in eager mode" in lines[0]
+    compiled = faster_loss(TrainConfig(compile=True), build_objective("iwae_dreg", vae, 5), torch.device("cpu"), 10,
+                           lines.append)
+    assert isinstance(compiled, TracedLoss)
+    eager = _grads(vae, "iwae_dreg", x, 5, 3)
+    for _ in range(2):
+        vae.zero_grad(set_to_none=True)
+        pyro.set_rng_seed(3)
+        loss = compiled(x, kl_weight=1.0)
+        loss.backward()
+        assert torch.equal(loss.detach(), eager[0])
+        assert all(torch.equal(p.grad, eager[1][n]) for n, p in vae.named_parameters() if p.grad is not None)
+    assert compiled.graph is None and len(lines) == 1
+    assert "only a trace of the whole step sees" in lines[0] and "the loss alone stays eager" in lines[0]
