@@ -53,13 +53,13 @@ class TracedLoss(torch.nn.Module):
     sees, with the module's parameters and buffers as the graph's inputs (so the graph follows their
     values); Pyro's effect handlers, the distributions' Python and the objective's bookkeeping all
     run once, while tracing, and never again. Inductor then compiles that graph
-    (:func:`compile_at_first_call`), fusing its elementwise work around the matrix products, forward and backward. The compiled
-    code draws its noise from torch's own generators (inductor's ``fallback_random``, set here for
-    the process), in the eager order, so runs and resumes are those of the eager step to float
-    rounding. Batches of another shape (the last of an epoch), or the module in the other
-    train/eval mode, take the eager module. A loss that reads a value back to the host while
-    tracing (stock ``Trace_ELBO``'s ``.item()`` calls) cannot be a graph: it,
-    and any failure to trace or compile, falls back to eager with one line saying why.
+    (:func:`compile_at_first_call`), fusing its elementwise work around the matrix products, forward
+    and backward. The compiled code draws its noise from torch's own generators (inductor's
+    ``fallback_random``, set here for the process), in the eager order, so runs and resumes are
+    those of the eager step to float rounding. Batches of another shape (the last of an epoch), or
+    the module in the other train/eval mode, take the eager module. A loss that reads a value back
+    to the host while tracing (stock ``Trace_ELBO``'s ``.item()`` calls) cannot be a graph: it, and
+    any failure to trace or compile, falls back to eager with one line saying why.
     """
 
     def __init__(self, loss_fn: torch.nn.Module, log=print, compiler=None):
@@ -236,10 +236,10 @@ def probe_compiler() -> None:
     Before its first CPU kernel inductor compiles and runs a test program for each instruction set
     the processor lists (AVX-512, AVX2, ...): about 5 s on two cores with an empty compile cache,
     one program after another, nothing once the cache holds them. Here each instruction set is
-    tested on its own thread, so the compilers run side by side. A run that is about to compile on the CPU starts it, so that
-    the compiler works while the first steps run and the step is traced; :func:`inductor` waits for
-    it, and so does the interpreter's exit (a test program half-written to the cache would stay
-    there). Where torch has no such search, this does nothing."""
+    tested on its own thread, so the compilers run side by side. A run that is about to compile on
+    the CPU starts it, so that the compiler works while the first steps run and the step is traced;
+    :func:`inductor` waits for it, and so does the interpreter's exit (a test program half-written
+    to the cache would stay there). Where torch has no such search, this does nothing."""
     if _PROBES:
         return
     try:  # imported here, on the calling thread: two threads importing the compiler at once may clash
