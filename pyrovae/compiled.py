@@ -71,16 +71,16 @@ class TracedLoss(torch.nn.Module):
         object.__setattr__(self, "graph", None)
         self.whole: _WholeStep | None = None  # the whole step's graph (:meth:`step`), once traced
         self.whole_failed, self._said_alone = False, False
+        self.alone = getattr(loss_fn, "whole_step_only", None)  # why the loss alone must not be traced, or None
         self._weights: dict[tuple, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor, kl_weight=1.0) -> torch.Tensor:
-        key = (tuple(x.shape), x.dtype, x.device, self.module.training)
-        alone = getattr(self.module, "whole_step_only", None)  # an objective whose loss graph alone is wrong
-        if alone:
+        if self.alone:
             if not self._said_alone:
                 self._said_alone = True
-                self.log(f"note: train.compile: {alone}; the loss alone stays eager")
+                self.log(f"note: train.compile: {self.alone}; the loss alone stays eager")
             return self.module(x, kl_weight=kl_weight)
+        key = (tuple(x.shape), x.dtype, x.device, self.module.training)
         if not self.failed and self.key is None and self.whole is None:  # the whole step's batches need no loss graph
             self._trace(x, kl_weight, key)
         if not self.failed and key == self.key:
