@@ -1020,6 +1020,27 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path, delay):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
 
 
+@faults("a Ctrl-C caught after it left code run from a string (a dataclass being built) still exits 130")
+@pytest.mark.parametrize("where", ["command", "start-up"])
+def test_an_interrupt_that_left_a_string_exec_still_exits_130(tmp_path, where):
+    """Deterministic form of the start-up case: the interrupt is raised inside ``exec`` of a string,
+    as it is when it lands in dataclasses' ``__init__`` builder, and caught by the command (or by
+    ``__main__`` while ``pyrovae.cli`` loads). Under ``python -m``, CPython then used to end the
+    process by SIGINT (-2) after it had printed its line."""
+    (tmp_path / "interrupted_run.py").write_text(
+        "import runpy, sys\n"
+        "def interrupted(*args):\n"
+        "    exec('raise KeyboardInterrupt', {})\n"
+        + ("import pyrovae.cli\npyrovae.cli._guarded = interrupted\n" if where == "command" else
+           "import builtins\nreal = builtins.__import__\n"
+           "builtins.__import__ = lambda name, *a, **k: interrupted() if name == 'pyrovae.cli' else real(name, *a, **k)\n")
+        + "runpy.run_module('pyrovae', run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-m", "interrupted_run"], cwd=tmp_path, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr == "pyrovae: interrupted\n"
+
+
 def test_an_interrupt_while_the_libraries_load_is_held_until_they_have():
     """Inside the held block a SIGINT raises nothing (the import goes on); it is raised as
     KeyboardInterrupt when the block ends, and the previous handler is back."""
