@@ -201,6 +201,17 @@ def fit(config: Config, vae, loss_fn, optimizer, data: Prepared, state: TrainSta
     return state
 
 
+def _whole_step_only(loss_fn) -> str | None:
+    """Why the objective must not be traced alone, or None: asked of each wrapper in turn (DDP,
+    :class:`~pyrovae.compiled.TracedLoss` and the oneDNN one each keep what they wrap as ``.module``)."""
+    while loss_fn is not None:
+        reason = getattr(loss_fn, "whole_step_only", None)
+        if reason:
+            return reason
+        loss_fn = getattr(loss_fn, "module", None)
+    return None
+
+
 class _Stepper:
     """One optimizer step on a batch: the step replayed as a CUDA graph where ``train.cuda_graph``
     allows it and the batch has the full size; the whole step as one compiled graph where the loss
@@ -209,8 +220,7 @@ class _Stepper:
     def __init__(self, t: TrainConfig, loss_fn, optimizer, full: int, device: torch.device, log):
         self.t, self.loss_fn, self.optimizer, self.full, self.log = t, loss_fn, optimizer, full, log
         self.graph = t.cuda_graph in (True, "auto") and device.type == "cuda"
-        whole_only = getattr(getattr(loss_fn, "module", loss_fn), "whole_step_only", None)  # DDP wraps as .module
-        if self.graph and whole_only:  # such a capture has not been checked on a GPU yet
+        if self.graph and _whole_step_only(loss_fn):  # such a capture has not been checked on a GPU yet
             log("note: train.cuda_graph: this objective's steps are not captured yet; this run takes eager steps")
             self.graph = False
         self.replayed = None  # captured again when the learning rate (a constant of the graph) changes

@@ -122,3 +122,23 @@ def test_compiled_dreg_keeps_its_loss_alone_eager_and_says_so_once():
         assert all(torch.equal(p.grad, eager[1][n]) for n, p in vae.named_parameters() if p.grad is not None)
     assert compiled.graph is None and len(lines) == 1
     assert "only a trace of the whole step sees" in lines[0] and "the loss alone stays eager" in lines[0]
+
+
+def test_a_cuda_graph_leaves_dreg_eager_through_any_wrapper():
+    """The CUDA-graph step is not taken for DReG, however the objective is wrapped (compiled, then
+    wrapped again as DDP wraps it): one line says why. Only the device's type is read here."""
+    from types import SimpleNamespace
+
+    from pyrovae.compiled import TracedLoss
+    from pyrovae.config import TrainConfig
+    from pyrovae.engine import _Stepper
+
+    dreg = build_objective("iwae_dreg", _vae(), 5)
+    for loss_fn in (dreg, TracedLoss(dreg, log=lambda line: None),
+                    SimpleNamespace(module=TracedLoss(dreg, log=lambda line: None))):
+        lines = []
+        stepper = _Stepper(TrainConfig(cuda_graph=True), loss_fn, None, 6, torch.device("cuda"), lines.append)
+        assert not stepper.graph and len(lines) == 1 and "not captured yet" in lines[0], lines
+    lines = []
+    assert _Stepper(TrainConfig(cuda_graph=True), build_objective("iwae", _vae(), 5), None, 6,
+                    torch.device("cuda"), lines.append).graph and not lines
