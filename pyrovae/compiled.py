@@ -46,6 +46,18 @@ class CaptureUnsupported(RuntimeError):
     """The step reads a value back to the host, which a CUDA graph cannot hold; it stays eager."""
 
 
+def whole_step_only(loss_fn) -> str | None:
+    """Why the objective must not be traced alone (``whole_step_only``, as DReG declares it), or
+    None: asked of each wrapper in turn, since DDP, :class:`TracedLoss` and the oneDNN wrapper each
+    keep what they wrap as ``.module``."""
+    while loss_fn is not None:
+        reason = getattr(loss_fn, "whole_step_only", None)
+        if reason:
+            return reason
+        loss_fn = getattr(loss_fn, "module", None)
+    return None
+
+
 class TracedLoss(torch.nn.Module):
     """The loss module traced once below Python, then compiled: Pyro's handlers run only in the trace.
 
@@ -71,7 +83,7 @@ class TracedLoss(torch.nn.Module):
         object.__setattr__(self, "graph", None)
         self.whole: _WholeStep | None = None  # the whole step's graph (:meth:`step`), once traced
         self.whole_failed, self._said_alone = False, False
-        self.alone = getattr(loss_fn, "whole_step_only", None)  # why the loss alone must not be traced, or None
+        self.alone = whole_step_only(loss_fn)  # why the loss alone must not be traced, or None
         self._weights: dict[tuple, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor, kl_weight=1.0) -> torch.Tensor:

@@ -201,30 +201,20 @@ def fit(config: Config, vae, loss_fn, optimizer, data: Prepared, state: TrainSta
     return state
 
 
-def _whole_step_only(loss_fn) -> str | None:
-    """Why the objective must not be traced alone, or None: asked of each wrapper in turn (DDP,
-    :class:`~pyrovae.compiled.TracedLoss` and the oneDNN one each keep what they wrap as ``.module``)."""
-    while loss_fn is not None:
-        reason = getattr(loss_fn, "whole_step_only", None)
-        if reason:
-            return reason
-        loss_fn = getattr(loss_fn, "module", None)
-    return None
-
-
 class _Stepper:
     """One optimizer step on a batch: the step replayed as a CUDA graph where ``train.cuda_graph``
     allows it and the batch has the full size; the whole step as one compiled graph where the loss
     is compiled (:meth:`pyrovae.compiled.TracedLoss.step`, one process); else :func:`train_step`."""
 
     def __init__(self, t: TrainConfig, loss_fn, optimizer, full: int, device: torch.device, log):
+        from pyrovae.compiled import TracedLoss, whole_step_only
+
         self.t, self.loss_fn, self.optimizer, self.full, self.log = t, loss_fn, optimizer, full, log
         self.graph = t.cuda_graph in (True, "auto") and device.type == "cuda"
-        if self.graph and _whole_step_only(loss_fn):  # such a capture has not been checked on a GPU yet
+        if self.graph and whole_step_only(loss_fn):  # such a capture has not been checked on a GPU yet
             log("note: train.cuda_graph: this objective's steps are not captured yet; this run takes eager steps")
             self.graph = False
         self.replayed = None  # captured again when the learning rate (a constant of the graph) changes
-        from pyrovae.compiled import TracedLoss
         self.whole = isinstance(loss_fn, TracedLoss) and not self.graph  # a CUDA graph captures the step itself
 
     def __call__(self, x: torch.Tensor, kl_weight: float) -> StepResult:

@@ -115,10 +115,6 @@ class OneDNNLoss(torch.nn.Module):
         super().__init__()
         self.module = loss_fn
 
-    @property
-    def whole_step_only(self):  # a reason the wrapped objective gives for never being traced alone, or None
-        return getattr(self.module, "whole_step_only", None)
-
     def forward(self, x: torch.Tensor, kl_weight=1.0) -> torch.Tensor:
         with OneDNNLinear():
             return self.module(x, kl_weight=kl_weight)

@@ -132,10 +132,13 @@ def test_a_cuda_graph_leaves_dreg_eager_through_any_wrapper():
     from pyrovae.compiled import TracedLoss
     from pyrovae.config import TrainConfig
     from pyrovae.engine import _Stepper
+    from pyrovae.matmul import OneDNNLoss
 
     dreg = build_objective("iwae_dreg", _vae(), 5)
-    for loss_fn in (dreg, TracedLoss(dreg, log=lambda line: None),
-                    SimpleNamespace(module=TracedLoss(dreg, log=lambda line: None))):
+    for loss_fn in (dreg, TracedLoss(dreg, log=lambda line: None), OneDNNLoss(dreg),
+                    SimpleNamespace(module=TracedLoss(OneDNNLoss(dreg), log=lambda line: None))):
+        if isinstance(loss_fn, SimpleNamespace):
+            assert loss_fn.module.alone == dreg.whole_step_only  # the compiled wrapper sees it through oneDNN's
         lines = []
         stepper = _Stepper(TrainConfig(cuda_graph=True), loss_fn, None, 6, torch.device("cuda"), lines.append)
         assert not stepper.graph and len(lines) == 1 and "not captured yet" in lines[0], lines
