@@ -83,6 +83,8 @@ class ModelConfig:
                             flag=True)
     latent_hidden: tuple[int, ...] | None = option(None, "hidden widths between two latent layers; None: two layers "
                                                          "as wide as the lower one; empty: affine")
+    decoder_skip: bool = option(False, "a stack's decoder also reads the top-down path, the features of p(z1 | z2): "
+                                       "p(x | z1, h(z2)) as in NVAE and Tomczak and Welling's HVAE")
 
     def __post_init__(self) -> None:  # types and ranges only: names meet their registries in pyrovae.parts
         if not isinstance(self.plugins, tuple) or not all(isinstance(m, str) and m for m in self.plugins):
@@ -119,6 +121,9 @@ def _check_stack(c: ModelConfig) -> None:
             isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in widths)):
         raise ConfigError(f"model.latent_hidden must be hidden widths such as [100, 100], empty for affine maps, or "
                           f"None; got {widths!r}")
+    if not isinstance(c.decoder_skip, bool) or (c.decoder_skip and not c.latents):
+        raise ConfigError(f"model.decoder_skip must be true or false, and true only for a stack of layers "
+                          f"(model.latents such as [100, 50]); got {c.decoder_skip!r} with latents {c.latents!r}")
     if c.latents:
         object.__setattr__(c, "z_dim", c.latents[0])
 

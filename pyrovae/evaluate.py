@@ -226,7 +226,7 @@ def iwae_chunks(vae, images: torch.Tensor) -> tuple[int, int]:
         return 100, 4096
     free, total = torch.cuda.mem_get_info(images.device)
     with torch.no_grad():
-        outputs = vae.decoder(vae.encode(images[:1]))  # one row
+        outputs = vae.outputs(vae.encode(images[:1]))  # one row
     per_row = 24 * outputs.numel() + 16 * 1024
     budget = min(GPU_IWAE_MEMORY_SHARE * total, 0.8 * free)
     rows = int(min(GPU_IWAE_ROWS, max(4096, budget // per_row)))

@@ -6,6 +6,13 @@ Generative story, top-down, for each image n in the data plate (L layers, ``mode
     z_l ~ N(mu_l(z_{l+1}), diag(sigma_l(z_{l+1})^2)),   l = L-1, ..., 1
     x   ~ p(x | decoder(z_1))                   the likelihood: any registered one
 
+With ``model.decoder_skip`` the decoder also reads the top-down path: the hidden features h(z_2)
+that p(z_1 | z_2) is computed from enter the decoder's first layer beside z_1, so
+x ~ p(x | decoder(z_1, h(z_2))). The upper layer then reaches the data without passing through
+z_1's noise, as in NVAE's and VDVAE's decoders, whose top-down state feeds the output, and in
+Tomczak and Welling's (2018) two-level HVAE, p(x | z_1, z_2). The code the decoder reads
+(:meth:`HierarchicalVAE.encode`, ``decode``) is then z_1 and z_2 joined.
+
 Each layer is one sample site, ``z1`` (next to the data) to ``zL`` (the top). The guide q(z|x) is
 one of two factorizations, ``model.inference``:
 
@@ -159,14 +166,33 @@ class HierarchicalVAE(VAE):
         posterior: the guide's networks (:class:`StackEncoder`).
         image_shape: (C, H, W) of one image.
         latents: the layer sizes, bottom first.
+        skip: the top-down path's features h(z_2) (the third output of ``conditionals[0]``) -> the
+            decoder's ``context``; None: the decoder reads z_1 alone.
     """
 
     def __init__(self, prior: nn.Module, conditionals: list[GaussianNet], decoder: nn.Module, likelihood: nn.Module,
-                 posterior: StackEncoder, image_shape: tuple[int, ...], latents: tuple[int, ...]):
+                 posterior: StackEncoder, image_shape: tuple[int, ...], latents: tuple[int, ...],
+                 skip: nn.Module | None = None):
         super().__init__(prior=prior, decoder=decoder, likelihood=likelihood, posterior=posterior,
                          image_shape=image_shape)
         self.conditionals = nn.ModuleList(conditionals)
         self.latents = tuple(latents)
+        self.skip = skip
+
+    def _outputs(self, z1: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        """The decoder's raw outputs given z_1 and the features p(z_1 | z_2) was computed from."""
+        return self.decoder(z1) if self.skip is None else self.decoder(z1, self.skip(features))
+
+    def _code(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        """The code the decoder reads: z_1, or z_1 and z_2 joined under the skip."""
+        return z1 if self.skip is None else torch.cat([z1, z2], dim=-1)
+
+    def outputs(self, code: torch.Tensor) -> torch.Tensor:
+        """The decoder's raw outputs for a code of :meth:`encode`'s form."""
+        if self.skip is None:
+            return self.decoder(code)
+        z1, z2 = code.split(list(self.latents[:2]), dim=-1)
+        return self._outputs(z1, self.conditionals[0](z2)[2])
 
     @property
     def inference(self) -> str:
@@ -184,9 +210,9 @@ class HierarchicalVAE(VAE):
             with _kl_scale(kl_weight):
                 z = pyro.sample(self.site(len(self.latents)), self.prior())  # (batch, latents[-1])
                 for layer in range(len(self.latents) - 1, 0, -1):
-                    loc, scale, _ = self.conditionals[layer - 1](z)
+                    loc, scale, features = self.conditionals[layer - 1](z)
                     z = pyro.sample(self.site(layer), _normal(loc, scale))  # (batch, latents[layer - 1])
-            pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)  # (batch, C, H, W)
+            pyro.sample("x", self.likelihood(self._outputs(z, features)), obs=x)  # (batch, C, H, W)
         return z
 
     @pyro_method
@@ -242,12 +268,12 @@ class HierarchicalVAE(VAE):
 
         layers = self.walk_guide(x, draw)
         top = len(self.latents)
-        out = {}
-        for layer in range(top, 0, -1):  # the model's order, from the top down
+        out = {self.site(top): (*layers[self.site(top)], self.prior())}
+        for layer in range(top - 1, 0, -1):  # the model's order, from the top down
             z, q = layers[self.site(layer)]
-            parent = None if layer == top else layers[self.site(layer + 1)][0]
-            out[self.site(layer)] = (z, q, self.conditional(layer, parent))
-        log_px_z = self.likelihood(self.decoder(layers[self.site(1)][0])).log_prob(x)
+            loc, scale, features = self.conditionals[layer - 1](layers[self.site(layer + 1)][0])
+            out[self.site(layer)] = (z, q, _normal(loc, scale))
+        log_px_z = self.likelihood(self._outputs(layers[self.site(1)][0], features)).log_prob(x)
         return {"reconstruction": log_px_z, "layers": out}
 
     def log_weights(self, x: torch.Tensor, particles: int, kl_weight: float = 1.0) -> torch.Tensor:
@@ -267,20 +293,23 @@ class HierarchicalVAE(VAE):
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """The code the decoder reads, z_1, by the guide's means: (batch, latents[0])."""
-        return self.encode_layers(x)[self.site(1)]
+        """The code the decoder reads by the guide's means: z_1, (batch, latents[0]), or under the skip
+        z_1 and z_2 joined, (batch, latents[0] + latents[1])."""
+        layers = self.encode_layers(x)
+        return self._code(layers[self.site(1)], layers[self.site(2)])
 
     @torch.no_grad()
     def sample_layers(self, n: int, top: torch.Tensor | None = None) -> torch.Tensor:
-        """z_1 of n draws from the model, top-down; ``top`` (n, latents[-1]) fixes the top layer."""
+        """The code (as :meth:`encode`'s) of n draws from the model, top-down; ``top`` (n, latents[-1])
+        fixes the top layer."""
         z = self.prior().sample((n,)) if top is None else top
         for layer in range(len(self.latents) - 1, 0, -1):
-            z = self.conditional(layer, z).sample()
-        return z
+            parent, z = z, self.conditional(layer, z).sample()
+        return self._code(z, parent)
 
     @torch.no_grad()
     def sample(self, n: int, top: torch.Tensor | None = None) -> torch.Tensor:
-        """E[x | z_1] for n draws of the stack from the model (the top layer fixed if given): (n, C, H, W)."""
+        """E[x | code] for n draws of the stack from the model (the top layer fixed if given): (n, C, H, W)."""
         return self.decode(self.sample_layers(n, top))
 
 
@@ -305,5 +334,9 @@ def build_hierarchical(c, image_shape: tuple[int, ...], likelihood: nn.Module, m
                     for layer in range(1, len(latents))]
     decoder = MLPDecoder(latents[0], (image_shape[0] * likelihood.outputs_per_pixel, *image_shape[1:]),
                          tuple(reversed(c.hidden)), act)
+    skip = None
+    if c.decoder_skip:  # h(z_2), the last hidden layer of p(z_1 | z_2), into the decoder's first layer
+        features = between[0][0] if between[0] else latents[1]
+        skip = nn.Linear(features, decoder.net[0].out_features)
     prior = make_prior(latents[-1], posterior)
-    return HierarchicalVAE(prior, conditionals, decoder, likelihood, posterior, image_shape, latents)
+    return HierarchicalVAE(prior, conditionals, decoder, likelihood, posterior, image_shape, latents, skip)

@@ -14,7 +14,10 @@ Networks, all residual:
 - inference, top-down only (``top_down`` or ``top_down_residual``, see :mod:`pyrovae.hierarchy`): the residual encoder's
   features at z_1's resolution give the data's estimate of z_1, and each layer above halves those
   features (a stride-2 unit and a residual block) for its own estimate. A global arrangement (the
-  digit, the scene layout) can then sit in the coarse layers, the texture in the fine one.
+  digit, the scene layout) can then sit in the coarse layers, the texture in the fine one;
+- with ``model.decoder_skip``, the features p(z_1 | z_2) is computed from (width channels at z_1's
+  grid) pass an activation and a 3x3 convolution and are added to the decoder's first convolution of
+  z_1, so the coarse layers shape the image directly.
 """
 
 from __future__ import annotations
@@ -119,5 +122,9 @@ def build_resnet_stack(c, image_shape: tuple[int, ...], likelihood: nn.Module, m
         nets.append(SpatialGaussianNet(width, low_size, width, up_c, up_size, flat_input=False, **common))
         conditionals.append(SpatialGaussianNet(up_c, up_size, width, low_c, low_size, flat_input=True, **common))
     posterior = StackEncoder(nets, c.inference, len(image_shape), flatten=False)
+    skip = None
+    if c.decoder_skip:  # the features p(z_1 | z_2) is computed from, into the decoder's first convolution
+        conv = nn.Conv2d(width, decoder.dense.out_channels, 3, padding=1)
+        skip = nn.Sequential(ACTIVATIONS[c.activation](), _with_weight_norm(conv, common["weight_norm"]))
     prior = make_prior(c.latents[-1], posterior)
-    return HierarchicalVAE(prior, conditionals, decoder, likelihood, posterior, image_shape, tuple(c.latents))
+    return HierarchicalVAE(prior, conditionals, decoder, likelihood, posterior, image_shape, tuple(c.latents), skip)

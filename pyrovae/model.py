@@ -116,10 +116,14 @@ class VAE(PyroModule):
         """The mean of q(z|x): (batch, z_dim)."""
         return self.posterior.location(x)
 
+    def outputs(self, z: torch.Tensor) -> torch.Tensor:
+        """The decoder's raw outputs for a code z, what the likelihood reads: (batch, C', H, W)."""
+        return self.decoder(z)
+
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """E[x|z]: (batch, C, H, W)."""
-        return self.likelihood.mean(self.decoder(z))
+        return self.likelihood.mean(self.outputs(z))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

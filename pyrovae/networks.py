@@ -83,8 +83,9 @@ class MLPDecoder(nn.Module):
         self.image_shape = tuple(image_shape)
         self.net = _mlp([z_dim, *hidden, math.prod(self.image_shape)], activation)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        out = self.net(z)  # (batch, prod(image_shape))
+    def forward(self, z: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """``context``: added to the first layer's pre-activation, (batch, hidden[0]) (a stack's skip)."""
+        out = self.net(z) if context is None else self.net[1:](self.net[0](z) + context)  # (batch, prod(image_shape))
         return out.unflatten(-1, self.image_shape)  # (batch, *image_shape)
 
 
@@ -350,14 +351,16 @@ class ResNetDecoder(nn.Module):
         layers.append(_unit(widths[0], out_channels, kernel=1, **options))
         self.convs = nn.Sequential(*layers)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """``context`` (spatial latent only): added to the first convolution's output, (n, widths[-1],
+        H_L, W_L) with the batch dims flattened into n (a stack's skip from the top-down path)."""
         batch = z.shape[:-1]  # any leading batch dims (e.g. particles, batch)
         z = z.reshape(-1, z.shape[-1])
         if self.spatial:
             z = z.unflatten(-1, self.start)  # (n, c, H_L, W_L)
             if self.channels_last:
                 z = z.contiguous(memory_format=torch.channels_last)
-            h = self.dense(z)  # (n, widths[-1], H_L, W_L), in the memory format of z
+            h = self.dense(z) if context is None else self.dense(z) + context  # (n, widths[-1], H_L, W_L)
         else:
             h = self.dense(z).unflatten(-1, self.start)  # (n, widths[-1], H_L, W_L)
             if self.channels_last:

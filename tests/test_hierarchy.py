@@ -27,10 +27,10 @@ INFERENCES = ("top_down", "top_down_residual", "bottom_up")
 EXACT = ("top_down", "bottom_up")  # the guides whose family holds the linear-Gaussian model's posterior
 
 
-def _stack(inference="top_down", prior="normal", likelihood="bernoulli", latents=(3, 2), seed=0):
+def _stack(inference="top_down", prior="normal", likelihood="bernoulli", latents=(3, 2), seed=0, skip=False):
     torch.manual_seed(seed)
     config = ModelConfig(latents=latents, hidden=(8,), latent_hidden=(6,), inference=inference, prior=prior,
-                         likelihood=likelihood, prior_options=small_options(PRIORS[prior]))
+                         likelihood=likelihood, prior_options=small_options(PRIORS[prior]), decoder_skip=skip)
     return build_vae(config, SHAPE)
 
 
@@ -106,20 +106,23 @@ def test_the_residual_top_down_guide_shifts_and_scales_the_model_conditional():
 
 
 # --- the objectives against stock Pyro ---------------------------------------------------------------
-@pytest.mark.parametrize("inference, prior", [("top_down", "normal"), ("top_down", "vamp"), ("top_down_residual", "normal"),
-                                              ("top_down_residual", "vamp"), ("bottom_up", "normal"),
-                                              ("bottom_up", "mog"), ("bottom_up", "vamp")])
-def test_traced_and_hand_coded_objectives_equal_trace_elbo_under_the_same_noise(inference, prior):
-    vae, x = _stack(inference, prior), _images()
+@pytest.mark.parametrize("inference, prior, skip", [
+    ("top_down", "normal", False), ("top_down", "vamp", False), ("top_down_residual", "normal", False),
+    ("top_down_residual", "vamp", False), ("bottom_up", "normal", False), ("bottom_up", "mog", False),
+    ("bottom_up", "vamp", False), ("top_down_residual", "vamp", True), ("bottom_up", "vamp", True),
+    ("top_down", "normal", True)])
+def test_traced_and_hand_coded_objectives_equal_trace_elbo_under_the_same_noise(inference, prior, skip):
+    vae, x = _stack(inference, prior, skip=skip), _images()
     stock = _loss_and_grads(lambda x, kl_weight: Trace_ELBO().differentiable_loss(vae.model, vae.guide, x,
                                                                                   kl_weight=kl_weight), vae, x)
     _assert_same(_loss_and_grads(TracedELBO(vae, "mc"), vae, x), stock)
     _assert_same(_loss_and_grads(build_objective("manual_mc", vae), vae, x), stock)
 
 
-@pytest.mark.parametrize("inference", ["top_down", "top_down_residual"])
-def test_top_down_closed_form_kl_equals_trace_mean_field_elbo_and_the_hand_coded_one(inference):
-    vae, x = _stack(inference), _images()
+@pytest.mark.parametrize("inference, skip", [("top_down", False), ("top_down_residual", False),
+                                             ("top_down_residual", True)])
+def test_top_down_closed_form_kl_equals_trace_mean_field_elbo_and_the_hand_coded_one(inference, skip):
+    vae, x = _stack(inference, skip=skip, latents=(3, 2, 2)), _images()
     stock = _loss_and_grads(lambda x, kl_weight: TraceMeanField_ELBO().differentiable_loss(
         vae.model, vae.guide, x, kl_weight=kl_weight), vae, x)
     _assert_same(_loss_and_grads(TracedELBO(vae, "analytic"), vae, x), stock)
@@ -145,9 +148,10 @@ def test_bottom_up_takes_the_kl_in_closed_form_only_for_the_top_layer():
         PyroELBO(vae, TraceMeanField_ELBO())
 
 
-@pytest.mark.parametrize("inference", INFERENCES)
-def test_iwae_on_the_stack_equals_the_hand_coded_iwae(inference):
-    vae, x = _stack(inference), _images()
+@pytest.mark.parametrize("inference, skip", [(i, False) for i in INFERENCES] + [("bottom_up", True),
+                                                                                ("top_down_residual", True)])
+def test_iwae_on_the_stack_equals_the_hand_coded_iwae(inference, skip):
+    vae, x = _stack(inference, skip=skip), _images()
     _assert_same(_loss_and_grads(build_objective("iwae", vae, 4), vae, x),
                  _loss_and_grads(build_objective("manual_iwae", vae, 4), vae, x))
 
@@ -161,9 +165,9 @@ def test_every_prior_sits_on_top_and_every_likelihood_on_the_data(prior, likelih
     assert torch.isfinite(stock[0]) and vae.sample(2).shape == (2, *SHAPE)
 
 
-@pytest.mark.parametrize("inference", INFERENCES)
-def test_the_traced_graph_gives_the_eager_loss_bit_for_bit(inference):
-    vae, x = _stack(inference), _images(8)
+@pytest.mark.parametrize("inference, skip", [(i, False) for i in INFERENCES] + [("top_down_residual", True)])
+def test_the_traced_graph_gives_the_eager_loss_bit_for_bit(inference, skip):
+    vae, x = _stack(inference, skip=skip), _images(8)
     loss_fn = build_objective("meanfield", vae)
     assert_traced_equals_eager(loss_fn, TracedLoss(loss_fn, compiler=lambda graph: graph), vae, x)
 
@@ -280,6 +284,8 @@ def test_one_layer_stays_the_default_and_a_stack_replaces_z_dim():
     ({"latents": (5, 3), "posterior": "iaf"}, "cannot take model.posterior = 'iaf'"),
     ({"latents": (5, 3), "network": "conv"}, "cannot take model.network = 'conv'"),
     ({"latent_hidden": (4, -1)}, "model.latent_hidden must be hidden widths"),
+    ({"decoder_skip": True}, "true only for a stack of layers"),
+    ({"latents": (5, 3), "decoder_skip": "yes"}, "model.decoder_skip must be true or false"),
 ])
 def test_a_stack_it_cannot_build_is_refused_with_the_reason(fields, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -343,11 +349,12 @@ def test_free_bits_floor_each_layer_kl_and_leave_layers_above_it_alone():
 COLOUR = (3, 8, 8)
 
 
-def _resnet_stack(latents=(32, 8, 4), seed=0):
+def _resnet_stack(latents=(32, 8, 4), seed=0, skip=False):
     """z1: 2 channels at 4x4, z2: 2 at 2x2, z3: 4 at 1x1, with an 8-bit likelihood."""
     torch.manual_seed(seed)
     config = ModelConfig(latents=latents, network="resnet", activation="elu", likelihood="discretized_logistic",
-                         network_options={"width": 4, "blocks": 1, "stages": 1, "latent_channels": 2})
+                         network_options={"width": 4, "blocks": 1, "stages": 1, "latent_channels": 2},
+                         decoder_skip=skip)
     return build_vae(config, COLOUR)
 
 
@@ -355,8 +362,9 @@ def _colour_images(n=4):
     return torch.randint(0, 256, (n, *COLOUR), generator=torch.Generator().manual_seed(1)).float() / 255
 
 
-def test_the_residual_stack_is_the_same_pyro_program_at_several_resolutions():
-    vae, x = _resnet_stack(), _colour_images()
+@pytest.mark.parametrize("skip", [False, True])
+def test_the_residual_stack_is_the_same_pyro_program_at_several_resolutions(skip):
+    vae, x = _resnet_stack(skip=skip), _colour_images()
     guide = poutine.trace(vae.guide).get_trace(x)
     assert [guide.nodes[f"z{i}"]["value"].shape[-1] for i in (1, 2, 3)] == [32, 8, 4]
     stock = _loss_and_grads(lambda x, kl_weight: Trace_ELBO().differentiable_loss(vae.model, vae.guide, x,
@@ -399,6 +407,7 @@ def test_a_residual_stack_that_does_not_fit_its_grids_is_refused(fields, message
 
 
 @pytest.mark.parametrize("name", ["cifar10_ladder.toml", "cifar10_ladder_residual.toml", "cifar10_ladder_free_bits.toml",
+                                  "cifar10_ladder_skip.toml",
                                   "lfw_ladder.toml"])
 def test_the_shipped_ladder_configs_build_and_score_a_batch(name):
     from pathlib import Path
@@ -439,3 +448,39 @@ def test_a_vamp_prior_on_a_bottom_up_stack_mixes_q_of_the_top_layer_along_the_gu
     z = torch.randn(7, 2)
     expected = torch.logsumexp(component.log_prob(z.unsqueeze(1)), 1) - math.log(u.shape[0])
     torch.testing.assert_close(vae.prior().log_prob(z), expected, rtol=1e-5, atol=1e-5)
+
+
+# --- the decoder that reads the top-down path ---------------------------------------------------------
+@pytest.mark.parametrize("build", [lambda skip: _stack("top_down_residual", latents=(3, 2, 2), skip=skip),
+                                   lambda skip: _resnet_stack(skip=skip)], ids=["mlp", "resnet"])
+def test_a_skip_with_zero_weights_is_the_stack_without_it(build):
+    """The skip only adds to the decoder's first layer: zeroed, the model is the plain stack with the
+    same weights, so every objective gives the same loss and the same gradients for the shared weights."""
+    plain, skipped = build(False), build(True)
+    missing, unexpected = skipped.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(name.startswith("skip.") for name in missing)
+    with torch.no_grad():
+        for name, p in skipped.skip.named_parameters():
+            if not name.endswith("original1"):  # a weight-normed convolution: zero its norm, keep the direction
+                p.zero_()
+    x = _colour_images() if plain.image_shape[0] == 3 else _images()
+    for name in ("meanfield", "manual_mc"):
+        a = _loss_and_grads(build_objective(name, plain), plain, x)
+        b = _loss_and_grads(build_objective(name, skipped), skipped, x)
+        _assert_same(a, (b[0], {k: v for k, v in b[1].items() if not k.startswith("skip.")}), rtol=1e-6)
+    assert skipped.encode(x).shape[-1] == plain.latents[0] + plain.latents[1]
+    torch.testing.assert_close(skipped.reconstruct(x), plain.reconstruct(x))
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_with_the_skip_the_upper_layer_reaches_the_data_past_z1(skip):
+    """log p(x | z1, h(z2)) moves with z2 at a fixed z1 exactly when the decoder reads the path; the
+    code the decoder reads (encode, decode, sample) carries z2 then."""
+    vae, x = _stack("top_down_residual", skip=skip), _images()
+    z1, z2 = torch.randn(5, 3), torch.randn(5, 2)
+    code = (lambda a, b: vae._code(a, b))
+    moved = vae.outputs(code(z1, z2 + 1.0)) - vae.outputs(code(z1, z2))
+    assert (moved.abs().max() > 1e-4) == skip
+    layers = vae.encode_layers(x)
+    torch.testing.assert_close(vae.encode(x), code(layers["z1"], layers["z2"]))
+    assert vae.sample_layers(4).shape == (4, 3 + 2 * skip) and vae.sample(4).shape == (4, *SHAPE)
