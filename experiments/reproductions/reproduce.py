@@ -17,6 +17,7 @@ Each reproduction is a config in ``experiments/configs/`` and a resumable run in
     two_layer_vamp_residual  the residual top-down guide, a VampPrior and IWAE (K=5)   to beat: 82.5
     two_layer_vamp_iwae5     the bottom-up guide, a VampPrior and IWAE (K=5)           to beat: 82.5
     two_layer_vamp_dreg5     two_layer_vamp_iwae5 with doubly reparameterized gradients (DReG)
+    two_layer_vamp_dreg5_skip  the same, its decoder reading z1 and the top-down path, p(x | z1, h(z2))
 
 Train (or continue, from the last epoch's checkpoint) one of them, for as long as the budget allows;
 a run stopped by Ctrl-C, SIGTERM or a crash continues from where it was with the same command:
@@ -68,6 +69,7 @@ PUBLISHED = {
     "two_layer_vamp_residual": ("Burda et al. 2015, Table 1, two layers, IWAE k=50 (the target: 82.5)", 82.90),
     "two_layer_vamp_iwae5": ("Burda et al. 2015, Table 1, two layers, IWAE k=50 (the target: 82.5)", 82.90),
     "two_layer_vamp_dreg5": ("Burda et al. 2015, Table 1, two layers, IWAE k=50 (the target: 82.5)", 82.90),
+    "two_layer_vamp_dreg5_skip": ("Burda et al. 2015, Table 1, two layers, IWAE k=50 (the target: 82.5)", 82.90),
 }
 MARKERS = ("<!-- reproduce:begin -->", "<!-- reproduce:end -->")
 
