@@ -478,7 +478,7 @@ def test_with_the_skip_the_upper_layer_reaches_the_data_past_z1(skip):
     code the decoder reads (encode, decode, sample) carries z2 then."""
     vae, x = _stack("top_down_residual", skip=skip), _images()
     z1, z2 = torch.randn(5, 3), torch.randn(5, 2)
-    code = (lambda a, b: vae._code(a, b))
+    code = vae._code
     moved = vae.outputs(code(z1, z2 + 1.0)) - vae.outputs(code(z1, z2))
     assert (moved.abs().max() > 1e-4) == skip
     layers = vae.encode_layers(x)
